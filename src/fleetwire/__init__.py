@@ -1,0 +1,1 @@
+"""fleetwire: device management for IoT fleets."""

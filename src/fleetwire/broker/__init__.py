@@ -1,0 +1,1 @@
+"""Moving events and node-to-node messages: the Broker seam, memory:// and redis://."""

@@ -1,0 +1,50 @@
+"""The Broker seam: how events and node-addressed messages reach every node of a cluster.
+
+Contract of every implementation:
+- `publish(batch)` hands the batch to the `on_events` handler of every started node,
+  this one included, at most once. Batches from one publishing node arrive in publish
+  order, and each batch in its own order; nothing is promised across publishers (the
+  hub restores per-device `seq` order).
+- `send(node, message)` hands a JSON-able dict to `on_message` of that one node, if it is
+  running, at most once; to an absent node it is dropped (callers own retries/timeouts).
+- Handlers run on the node's event loop and must not block; a handler exception is
+  logged and does not stop delivery.
+- While the backend is unreachable, `publish`/`send` raise BrokerUnavailableError and
+  `ping` raises; the implementation reconnects on its own with backoff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class BrokerUnavailableError(Exception):
+    """The broker backend cannot be reached."""
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """One event as it travels between nodes: routing fields plus the encoded frame payload."""
+
+    device_id: str
+    seq: int
+    event_class: str  # presence, status, telemetry, command, registry
+    payload: bytes  # the `{"type": "event", ...}` JSON, encoded once at the source
+
+
+EventsHandler = Callable[[Sequence[Published]], None]
+MessageHandler = Callable[[dict[str, Any]], None]
+
+
+class Broker(Protocol):
+    async def start(self, node_id: str, on_events: EventsHandler, on_message: MessageHandler) -> None: ...
+
+    async def publish(self, batch: Sequence[Published]) -> None: ...
+
+    async def send(self, node_id: str, message: dict[str, Any]) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""The rules of fleetwire with no I/O: devices, telemetry, commands, events, errors."""

@@ -1,0 +1,190 @@
+"""The command lifecycle (contract §2.3): a state machine and request validation, no I/O.
+
+pending ──deliver──▶ sent ──result ok──▶ succeeded
+   │                  ├──result !ok──▶ failed
+   │                  └──timeout─────▶ timed_out
+   └──timeout──────────────────────▶ expired   (never delivered)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final
+
+import orjson
+
+from fleetwire.domain.clock import format_optional
+from fleetwire.domain.devices import NAME
+from fleetwire.domain.errors import invalid
+
+
+class CommandState(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    EXPIRED = "expired"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES: Final = frozenset(
+    {CommandState.SUCCEEDED, CommandState.FAILED, CommandState.TIMED_OUT, CommandState.EXPIRED}
+)
+# For each target state, the states it may be reached from. Anything else is a conflict.
+ALLOWED_FROM: Final[dict[CommandState, frozenset[CommandState]]] = {
+    CommandState.SENT: frozenset({CommandState.PENDING}),
+    CommandState.SUCCEEDED: frozenset({CommandState.SENT}),
+    CommandState.FAILED: frozenset({CommandState.SENT}),
+    CommandState.TIMED_OUT: frozenset({CommandState.SENT}),
+    CommandState.EXPIRED: frozenset({CommandState.PENDING}),
+}
+MAX_PARAMS_BYTES: Final = 64 * 1024
+MAX_TIMEOUT_S: Final = 3600
+DEFAULT_TIMEOUT_S: Final = 30
+MAX_IDEMPOTENCY_KEY: Final = 128
+_REQUEST_FIELDS: Final = frozenset({"device_id", "name", "params", "timeout_s", "queue", "idempotency_key"})
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRequest:
+    device_id: str
+    name: str
+    params: dict[str, Any]
+    timeout_s: int
+    queue: bool
+    idempotency_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    id: str
+    device_id: str
+    name: str
+    params: dict[str, Any]
+    state: CommandState
+    issued_at_ms: int
+    expires_at_ms: int
+    issuer: str  # the principal's sub
+    issuer_node: str | None = None  # where the issuing WebSocket session lives, if any
+    issuer_session: str | None = None
+    idempotency_key: str | None = None
+    sent_at_ms: int | None = None
+    completed_at_ms: int | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    timeout_s: int = DEFAULT_TIMEOUT_S
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def device_message(self) -> dict[str, Any]:
+        """What the device receives (contract §2.2)."""
+        return {
+            "type": "command",
+            "command_id": self.id,
+            "name": self.name,
+            "params": self.params,
+            "issued_at": format_optional(self.issued_at_ms),
+            "expires_at": format_optional(self.expires_at_ms),
+        }
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "command_id": self.id,
+            "device_id": self.device_id,
+            "name": self.name,
+            "params": self.params,
+            "state": self.state.value,
+            "result": self.result,
+            "error": self.error,
+            "issuer": self.issuer,
+            "idempotency_key": self.idempotency_key,
+            "timeout_s": self.timeout_s,
+            "issued_at": format_optional(self.issued_at_ms),
+            "sent_at": format_optional(self.sent_at_ms),
+            "completed_at": format_optional(self.completed_at_ms),
+            "expires_at": format_optional(self.expires_at_ms),
+        }
+
+    def event_data(self) -> dict[str, Any]:
+        """`command.updated` event data (contract §2.3)."""
+        return {
+            "command_id": self.id,
+            "name": self.name,
+            "state": self.state.value,
+            "result": self.result,
+            "error": self.error,
+        }
+
+
+def parse_request(message: dict[str, Any], envelope: frozenset[str]) -> CommandRequest:
+    """Validate a `command` request's fields (shared by WebSocket and REST)."""
+    problems: list[dict[str, Any]] = []
+    for extra in message.keys() - _REQUEST_FIELDS - envelope:
+        problems.append({"loc": [extra], "msg": "unknown field"})
+    device_id = message.get("device_id")
+    if not isinstance(device_id, str) or not device_id:
+        problems.append({"loc": ["device_id"], "msg": "required string"})
+    name = message.get("name")
+    if not isinstance(name, str) or not NAME.match(name):
+        problems.append({"loc": ["name"], "msg": "must match ^[A-Za-z0-9_.:-]{1,64}$"})
+    params = message.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        problems.append({"loc": ["params"], "msg": "must be an object"})
+    elif len(orjson.dumps(params)) > MAX_PARAMS_BYTES:
+        problems.append({"loc": ["params"], "msg": "larger than 64 KiB"})
+    timeout_s = message.get("timeout_s", DEFAULT_TIMEOUT_S)
+    if type(timeout_s) is not int or not 1 <= timeout_s <= MAX_TIMEOUT_S:
+        problems.append({"loc": ["timeout_s"], "msg": f"must be an integer 1..{MAX_TIMEOUT_S}"})
+    queue = message.get("queue", False)
+    if type(queue) is not bool:
+        problems.append({"loc": ["queue"], "msg": "must be a boolean"})
+    key = message.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY):
+        problems.append({"loc": ["idempotency_key"], "msg": "must be a string of 1..128 chars"})
+    if problems:
+        raise invalid("invalid command", problems)
+    return CommandRequest(device_id, name, params, timeout_s, queue, key)  # type: ignore[arg-type]
+
+
+def parse_result(
+    message: dict[str, Any], envelope: frozenset[str]
+) -> tuple[str, bool, dict[str, Any] | None, dict[str, Any] | None]:
+    """Validate a device's `command_result`: (command_id, ok, result, error)."""
+    problems: list[dict[str, Any]] = []
+    for extra in message.keys() - {"command_id", "ok", "result", "error"} - envelope:
+        problems.append({"loc": [extra], "msg": "unknown field"})
+    command_id = message.get("command_id")
+    if not isinstance(command_id, str) or not 1 <= len(command_id) <= 64:
+        problems.append({"loc": ["command_id"], "msg": "required string"})
+    ok = message.get("ok")
+    if type(ok) is not bool:
+        problems.append({"loc": ["ok"], "msg": "required boolean"})
+    result = message.get("result")
+    if result is not None and not isinstance(result, dict):
+        problems.append({"loc": ["result"], "msg": "must be an object"})
+    error = message.get("error")
+    if error is not None:
+        if (
+            not isinstance(error, dict)
+            or not isinstance(error.get("code"), str)
+            or not isinstance(error.get("message", ""), str)
+        ):
+            problems.append({"loc": ["error"], "msg": "must be {code: string, message: string}"})
+    elif ok is False:
+        problems.append({"loc": ["error"], "msg": "required when ok is false"})
+    if problems:
+        raise invalid("invalid command_result", problems)
+    return command_id, ok, result, error  # type: ignore[return-value]
+
+
+def new_command_id(now_ms: int) -> str:
+    """Time-ordered (sorts by issue time, so it doubles as a page cursor) and unguessable."""
+    import secrets
+
+    return f"{now_ms:012x}{secrets.token_hex(10)}"

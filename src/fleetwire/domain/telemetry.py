@@ -1,0 +1,175 @@
+"""Telemetry records (contract §2.2): validation and normalisation, no I/O."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import fastjsonschema
+import orjson
+
+from fleetwire.domain.clock import format_ms, parse_rfc3339
+from fleetwire.domain.devices import NAME
+from fleetwire.domain.errors import FleetwireError, invalid
+
+MAX_KEYS: Final = 256
+MAX_STRING: Final = 1024
+MAX_BATCH: Final = 1000
+_RECORD_FIELDS: Final = frozenset({"ts", "data"})
+# Epoch-millisecond inputs outside these bounds are surely seconds or garbage.
+_MIN_TS_MS: Final = 0
+_MAX_TS_MS: Final = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+
+Value = float | int | bool | str
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    ts_ms: int
+    values: dict[str, Value]
+
+    def event_data(self) -> dict[str, Any]:
+        return {"ts": format_ms(self.ts_ms), "values": self.values}
+
+
+def _check_value(value: object) -> str | None:
+    """Return why a telemetry value is refused, or None if it is acceptable."""
+    kind = type(value)
+    if kind is bool or kind is int:
+        return None
+    if kind is float:
+        return None if math.isfinite(value) else "must be a finite number"  # type: ignore[arg-type]
+    if kind is str:
+        return None if len(value) <= MAX_STRING else f"string longer than {MAX_STRING}"  # type: ignore[arg-type]
+    if value is None:
+        return "null is not a telemetry value"
+    return "must be a number, a boolean or a string (no objects or arrays)"
+
+
+def _parse_ts(raw: object, now_ms: int, max_skew_ms: int) -> tuple[int | None, str | None]:
+    if raw is None:
+        return now_ms, None
+    if type(raw) is int:
+        ts = raw
+    elif type(raw) is str:
+        try:
+            ts = parse_rfc3339(raw)
+        except ValueError:
+            return None, "must be RFC 3339 with an offset, or integer epoch milliseconds"
+    else:
+        return None, "must be RFC 3339 with an offset, or integer epoch milliseconds"
+    if not _MIN_TS_MS <= ts <= _MAX_TS_MS:
+        return None, "out of range for epoch milliseconds"
+    if ts > now_ms + max_skew_ms:
+        return None, f"more than {max_skew_ms // 1000} s in the future"
+    return ts, None
+
+
+def _record(
+    raw: object,
+    loc: tuple[str | int, ...],
+    now_ms: int,
+    max_skew_ms: int,
+    problems: list[dict[str, Any]],
+) -> Record | None:
+    if not isinstance(raw, dict):
+        problems.append({"loc": list(loc), "msg": "must be an object with `data`"})
+        return None
+    before = len(problems)
+    for extra in raw.keys() - _RECORD_FIELDS:
+        problems.append({"loc": [*loc, extra], "msg": "unknown field"})
+    ts, why = _parse_ts(raw.get("ts"), now_ms, max_skew_ms)
+    if why is not None:
+        problems.append({"loc": [*loc, "ts"], "msg": why})
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        problems.append({"loc": [*loc, "data"], "msg": "must be an object of values"})
+        return None
+    if not 1 <= len(data) <= MAX_KEYS:
+        problems.append({"loc": [*loc, "data"], "msg": f"must have 1..{MAX_KEYS} keys"})
+    for key, value in data.items():
+        if not NAME.match(key):
+            problems.append(
+                {"loc": [*loc, "data", key[:80]], "msg": "key must match ^[A-Za-z0-9_.:-]{1,64}$"}
+            )
+            continue
+        why = _check_value(value)
+        if why is not None:
+            problems.append({"loc": [*loc, "data", key], "msg": why})
+    if len(problems) != before or ts is None:
+        return None
+    return Record(ts, data)
+
+
+def parse_single(
+    message: Mapping[str, Any], now_ms: int, max_skew_ms: int, extra_fields: frozenset[str]
+) -> list[Record]:
+    """A `telemetry` message: `{ts?, data}` plus envelope fields (`type`, `id`)."""
+    problems: list[dict[str, Any]] = []
+    body = {k: v for k, v in message.items() if k not in extra_fields}
+    record = _record(body, (), now_ms, max_skew_ms, problems)
+    if record is None:
+        raise invalid("invalid telemetry", problems)
+    return [record]
+
+
+def parse_batch(raw_records: object, now_ms: int, max_skew_ms: int) -> list[Record]:
+    """`telemetry_batch` records: atomic, every bad record named by index in `details`."""
+    if not isinstance(raw_records, list) or not 1 <= len(raw_records) <= MAX_BATCH:
+        raise invalid(
+            f"`records` must be a list of 1..{MAX_BATCH} records",
+            [{"loc": ["records"], "msg": f"must be a list of 1..{MAX_BATCH} records"}],
+        )
+    problems: list[dict[str, Any]] = []
+    records = [
+        _record(raw, ("records", index), now_ms, max_skew_ms, problems)
+        for index, raw in enumerate(raw_records)
+    ]
+    if problems:
+        raise invalid(f"{len({p['loc'][1] for p in problems})} invalid record(s); none stored", problems)
+    return [r for r in records if r is not None]
+
+
+class SchemaCache:
+    """Compiled telemetry JSON Schemas, keyed by their canonical text, built once each."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._compiled: dict[bytes, Callable[[Any], Any]] = {}
+        self._limit = limit
+
+    def validator(self, schema: Mapping[str, Any]) -> Callable[[Any], Any]:
+        key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+        found = self._compiled.get(key)
+        if found is None:
+            if len(self._compiled) >= self._limit:
+                self._compiled.pop(next(iter(self._compiled)))
+            found = fastjsonschema.compile(dict(schema))
+            self._compiled[key] = found
+        return found
+
+    def check(self, schema: Mapping[str, Any], records: list[Record], batch: bool) -> None:
+        validate = self.validator(schema)
+        problems: list[dict[str, Any]] = []
+        for index, record in enumerate(records):
+            try:
+                validate(record.values)
+            except fastjsonschema.JsonSchemaValueException as exc:
+                loc: list[str | int] = ["records", index, "data"] if batch else ["data"]
+                problems.append({"loc": loc, "msg": f"telemetry schema: {exc.message}"})
+        if problems:
+            raise invalid("telemetry does not match the device's schema; none stored", problems)
+
+
+def check_schema(schema: object) -> None:
+    """Refuse a telemetry_schema that is not a compilable JSON Schema object."""
+    if not isinstance(schema, dict):
+        raise invalid("telemetry_schema must be a JSON Schema object")
+    try:
+        fastjsonschema.compile(schema)
+    except (fastjsonschema.JsonSchemaDefinitionException, TypeError, ValueError) as exc:
+        raise invalid(f"telemetry_schema is not a valid JSON Schema: {exc}") from exc
+
+
+__all__ = ["FleetwireError", "Record", "SchemaCache", "check_schema", "parse_batch", "parse_single"]

@@ -1,0 +1,1 @@
+"""Who is connected where: the Presence seam, in memory and in Redis."""

@@ -1,0 +1,88 @@
+"""The one Settings class (contract §4). Nothing else in fleetwire reads ``os.environ``."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute)\s*$")
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Configuration from ``FLEETWIRE_*`` environment variables (a ``.env`` file may mirror it)."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEETWIRE_", env_file=None, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("./.fleetwire")
+    database_url: str | None = None
+    broker_url: str = "memory://"
+
+    jwt_secret: str | None = None
+    jwt_algorithms: str = "HS256"
+    jwt_public_key: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_s: float = 0.0
+    jwks_cache_s: float = 300.0
+
+    heartbeat_s: float = 20.0
+    token_warning_s: float = 60.0
+    allowed_origins: str = ""
+    max_message_bytes: int = Field(default=262_144, ge=1024)
+    max_connections: int = Field(default=100_000, ge=1)
+    rate_limit: str = "200/s"
+    rate_limit_close_after: int = Field(default=100, ge=1)
+    send_queue: int = Field(default=1000, ge=1)
+    node_id: str = Field(default_factory=_default_node_id)
+
+    # Not in the contract's table; each is a limit the contract implies (see docs/protocol.md).
+    max_clock_skew_s: float = 300.0
+    handshake_timeout_s: float = 10.0
+    max_header_bytes: int = 16_000
+    event_history: int = Field(default=1000, ge=1)
+    telemetry_retention_days: float = 30.0
+    purge_interval_s: float = 3600.0
+    write_queue: int = Field(default=10_000, ge=1)
+    write_batch: int = Field(default=500, ge=1)
+    command_sweep_s: float = 1.0
+    log_level: str = "info"
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate(cls, value: str) -> str:
+        if not _RATE.match(value):
+            raise ValueError("rate_limit must look like '200/s' or '6000/min'")
+        return value
+
+    @property
+    def rate_per_second(self) -> float:
+        match = _RATE.match(self.rate_limit)
+        assert match is not None  # checked by the validator
+        amount = float(match.group(1))
+        return amount if match.group(2).startswith("s") else amount / 60.0
+
+    @property
+    def algorithms(self) -> list[str]:
+        return [a.strip() for a in self.jwt_algorithms.split(",") if a.strip()]
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(o.strip() for o in self.allowed_origins.split(",") if o.strip())
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'fleetwire.db').resolve()}"

@@ -1,0 +1,1 @@
+"""Durable state: the Store seam and its one SQL implementation (SQLite and PostgreSQL)."""

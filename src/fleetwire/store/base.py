@@ -1,0 +1,158 @@
+"""The Store seam: the registry, the numbered event log, telemetry and commands.
+
+Contract of every implementation:
+- `write` applies a group of operations in ONE transaction and returns one WriteResult per
+  operation, in order. Each produced event gets the device's next `seq` (strictly +1 per
+  device, also across processes sharing the database: the counter lives in the device row).
+  Nothing of a group is visible or durable before `write` returns, and all of it is after.
+- An operation on a device that does not exist produces no event and changes nothing
+  (WriteResult.missing); the rest of the group still commits.
+- Telemetry events are kept as the telemetry rows themselves (each row carries its seq);
+  every other event is kept in the event history, at most `history` per device (`purge`).
+- `transition_command` is a compare-and-set: it succeeds only from the states that
+  domain.commands.ALLOWED_FROM permits, so exactly one of several racing nodes wins.
+- Errors reaching the database raise StoreUnavailableError (retryable) and change nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fleetwire.domain.commands import Command, CommandState
+from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
+from fleetwire.domain.events import Event
+from fleetwire.domain.telemetry import Record, Value
+
+
+class StoreUnavailableError(Exception):
+    """The database cannot be reached or refused the transaction; retry later."""
+
+
+class DuplicateError(Exception):
+    """A unique key (device id, command id) exists already."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventWrite:
+    """Record one event (presence, command.updated, registry)."""
+
+    device_id: str
+    name: str
+    at_ms: int
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryWrite:
+    """Store records; each becomes one `device.telemetry` event."""
+
+    device_id: str
+    records: Sequence[Record]
+
+
+@dataclass(frozen=True, slots=True)
+class StatusWrite:
+    """Set the device status; only a change produces `device.status`."""
+
+    device_id: str
+    status: str
+    source: str  # "device" or "api"
+    at_ms: int
+
+
+WriteOp = EventWrite | TelemetryWrite | StatusWrite
+
+
+@dataclass(slots=True)
+class WriteResult:
+    events: list[Event] = field(default_factory=list)
+    missing: bool = False  # the device does not exist; nothing was written
+    changed: bool = False  # StatusWrite: the status differed from the stored one
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryPoint:
+    key: str
+    ts_ms: int
+    seq: int
+    value: Value
+
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect and bring the schema up to date (Alembic)."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailableError unless a trivial query succeeds."""
+
+    # -- registry ------------------------------------------------------------------------
+    async def create_device(self, device: Device) -> Device:
+        """Insert; raise DuplicateError for an existing id. Returns the stored device."""
+
+    async def get_device(self, device_id: str) -> Device | None: ...
+
+    async def list_devices(self, where: DeviceFilter, limit: int, after: str | None = None) -> list[Device]:
+        """Devices ordered by id, ids greater than `after`; `where.patterns` are globs."""
+
+    async def update_device(self, device_id: str, changes: DeviceChanges) -> Device | None:
+        """Apply the given fields (never status, never seq); None if the device is absent."""
+
+    async def delete_device(self, device_id: str) -> Device | None:
+        """Delete with its history, telemetry and commands; returns it as it was."""
+
+    # -- event log -----------------------------------------------------------------------
+    async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]: ...
+
+    async def events(self, device_id: str, after_seq: int, limit: int) -> list[Event]:
+        """History with seq > after_seq, ascending, telemetry events included."""
+
+    async def purge(self, telemetry_before_ms: int, history: int) -> None: ...
+
+    # -- telemetry -----------------------------------------------------------------------
+    async def telemetry(
+        self,
+        device_id: str,
+        *,
+        key: str | None,
+        from_ms: int | None,
+        to_ms: int | None,
+        limit: int,
+        before: tuple[int, int, str] | None = None,
+    ) -> list[TelemetryPoint]:
+        """Newest first by (ts, seq, key); `before` is the last row of the previous page."""
+
+    async def latest_telemetry(self, device_id: str) -> dict[str, TelemetryPoint]: ...
+
+    # -- commands ------------------------------------------------------------------------
+    async def create_command(self, command: Command) -> Command: ...
+
+    async def get_command(self, command_id: str) -> Command | None: ...
+
+    async def find_command(self, issuer: str, idempotency_key: str, since_ms: int) -> Command | None:
+        """The newest command by this issuer with this key issued at or after since_ms."""
+
+    async def transition_command(
+        self,
+        command_id: str,
+        state: CommandState,
+        at_ms: int,
+        *,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> Command | None:
+        """Compare-and-set to `state`; None when the current state does not allow it."""
+
+    async def pending_commands(self, device_id: str, now_ms: int) -> list[Command]:
+        """Pending, unexpired commands of a device, oldest first."""
+
+    async def list_commands(
+        self, device_id: str, state: CommandState | None, limit: int, after: str | None = None
+    ) -> list[Command]:
+        """Newest first; `after` is the last command id of the previous page."""
+
+    async def due_commands(self, now_ms: int, limit: int) -> list[Command]:
+        """Non-final commands whose expires_at is at or before now."""
