@@ -1,0 +1,68 @@
+"""Request dependencies: the node, the caller's principal and role checks."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any
+
+import orjson
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from fleetwire.auth.principal import AuthError, Principal, Role
+from fleetwire.domain.errors import ErrorCode, FleetwireError, invalid
+from fleetwire.realtime.node import Node
+
+_bearer = HTTPBearer(auto_error=False, description="A fleetwire JWT (contract §1)")
+
+
+def get_node(request: Request) -> Node:
+    node: Node = request.app.state.node
+    return node
+
+
+NodeDep = Annotated[Node, Depends(get_node)]
+
+
+async def get_principal(
+    node: NodeDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise FleetwireError(ErrorCode.UNAUTHORIZED, "a bearer token is required")
+    try:
+        return await node.verify(credentials.credentials)
+    except AuthError as exc:
+        raise FleetwireError(ErrorCode.UNAUTHORIZED, str(exc) or "token refused") from exc
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require(principal: Principal, role: Role) -> None:
+    if not principal.at_least(role):
+        raise FleetwireError(ErrorCode.FORBIDDEN, f"this needs the {role.value} role")
+
+
+def require_device_access(principal: Principal, device_id: str, role: Role = Role.VIEWER) -> None:
+    """Clients by role and `devices` claim; a device only for itself (where allowed)."""
+    if principal.role is Role.DEVICE:
+        if device_id != principal.sub:
+            raise FleetwireError(ErrorCode.FORBIDDEN, "a device may only act for itself")
+        return
+    require(principal, role)
+    if not principal.may_see(device_id):
+        raise FleetwireError(ErrorCode.FORBIDDEN, "device outside your `devices` claim")
+
+
+def encode_cursor(value: Any) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(value)).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> Any:
+    if cursor is None:
+        return None
+    try:
+        return orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, orjson.JSONDecodeError) as exc:
+        raise invalid("bad cursor", [{"loc": ["query", "cursor"], "msg": "not a cursor"}]) from exc

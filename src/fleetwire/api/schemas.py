@@ -1,0 +1,53 @@
+"""REST request bodies (responses are the domain objects' `public()` shapes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fleetwire.domain.devices import DEVICE_ID, STATUS
+
+
+class DeviceCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=DEVICE_ID.pattern)
+    name: str | None = Field(default=None, max_length=256)
+    type: str | None = Field(default=None, max_length=128)
+    tags: list[str] = Field(default_factory=list, max_length=64)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    telemetry_schema: dict[str, Any] | None = None
+
+
+class DeviceUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=256)
+    type: str | None = Field(default=None, max_length=128)
+    status: str | None = Field(default=None, pattern=STATUS.pattern)
+    tags: list[str] | None = Field(default=None, max_length=64)
+    metadata: dict[str, Any] | None = None
+    telemetry_schema: dict[str, Any] | None = None
+    disabled: bool | None = None
+
+
+class CommandCreate(BaseModel):
+    """Same fields as the WebSocket `command` (contract §2.3); the device comes from the path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: int = 30
+    queue: bool = False
+    idempotency_key: str | None = None
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sub: str = Field(min_length=1, max_length=128)
+    role: str = Field(pattern="^(device|viewer|operator|admin)$")
+    ttl_s: int = Field(ge=1, le=366 * 86400)
+    devices: list[str] | None = Field(default=None, max_length=256)

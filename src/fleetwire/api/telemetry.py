@@ -1,0 +1,107 @@
+"""Telemetry over REST: the same rules as the WebSocket messages (contract §3)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query
+
+from fleetwire.api.deps import NodeDep, PrincipalDep, decode_cursor, encode_cursor, require_device_access
+from fleetwire.auth.principal import Role
+from fleetwire.domain import telemetry
+from fleetwire.domain.clock import format_ms, now_ms, parse_rfc3339
+from fleetwire.domain.errors import ErrorCode, FleetwireError, invalid
+from fleetwire.realtime.protocol import ENVELOPE
+
+router = APIRouter(tags=["telemetry"])
+
+
+@router.post("/devices/{device_id}/telemetry")
+async def post_telemetry(
+    device_id: str,
+    node: NodeDep,
+    principal: PrincipalDep,
+    body: Annotated[
+        dict[str, Any],
+        Body(
+            openapi_examples={
+                "single": {"value": {"ts": "2026-11-25T18:00:00Z", "data": {"temp": 21.5}}},
+                "batch": {"value": {"records": [{"data": {"temp": 21.5}}, {"data": {"temp": 21.6}}]}},
+            }
+        ),
+    ],
+) -> dict[str, Any]:
+    """`{ts?, data}` like `telemetry`, or `{records: [...]}` like `telemetry_batch`."""
+    require_device_access(principal, device_id, Role.ADMIN)
+    device = await node.store.get_device(device_id)
+    if device is None:
+        raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
+    skew = int(node.settings.max_clock_skew_s * 1000)
+    if "records" in body:
+        if body.keys() - {"records"}:
+            raise invalid(
+                "unknown field(s)", [{"loc": [k], "msg": "unknown field"} for k in body.keys() - {"records"}]
+            )
+        records = telemetry.parse_batch(body["records"], now_ms(), skew)
+        batch = True
+    else:
+        records = telemetry.parse_single(body, now_ms(), skew, ENVELOPE - {"type", "id"})
+        batch = False
+    accepted = await node.store_telemetry(device, records, batch=batch)
+    return {"accepted": accepted}
+
+
+def _time(value: str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if value.lstrip("-").isdigit():
+        return int(value)
+    try:
+        return parse_rfc3339(value)
+    except ValueError as exc:
+        raise invalid(
+            f"`{name}` must be RFC 3339 or epoch milliseconds", [{"loc": ["query", name], "msg": "bad time"}]
+        ) from exc
+
+
+@router.get("/devices/{device_id}/telemetry")
+async def get_telemetry(
+    device_id: str,
+    node: NodeDep,
+    principal: PrincipalDep,
+    key: str | None = None,
+    from_: Annotated[str | None, Query(alias="from")] = None,
+    to: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """Stored points, newest first; `from`/`to` are inclusive bounds."""
+    require_device_access(principal, device_id)
+    if await node.store.get_device(device_id) is None:
+        raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
+    before = decode_cursor(cursor)
+    if before is not None:
+        if not (isinstance(before, list) and len(before) == 3):
+            raise invalid("bad cursor")
+        before = (int(before[0]), int(before[1]), str(before[2]))
+    points = await node.store.telemetry(
+        device_id, key=key, from_ms=_time(from_, "from"), to_ms=_time(to, "to"), limit=limit, before=before
+    )
+    items = [{"key": p.key, "ts": format_ms(p.ts_ms), "seq": p.seq, "value": p.value} for p in points]
+    last = points[-1] if points else None
+    next_cursor = encode_cursor([last.ts_ms, last.seq, last.key]) if last and len(points) == limit else None
+    return {"items": items, "next_cursor": next_cursor}
+
+
+@router.get("/devices/{device_id}/telemetry/latest")
+async def latest_telemetry(device_id: str, node: NodeDep, principal: PrincipalDep) -> dict[str, Any]:
+    require_device_access(principal, device_id)
+    if await node.store.get_device(device_id) is None:
+        raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
+    latest = await node.store.latest_telemetry(device_id)
+    return {
+        "device_id": device_id,
+        "values": {
+            k: {"value": p.value, "ts": format_ms(p.ts_ms), "seq": p.seq} for k, p in sorted(latest.items())
+        },
+    }

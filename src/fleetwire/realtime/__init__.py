@@ -1,0 +1,1 @@
+"""Real-time sessions: wire protocol, connections, the hub, the transport adapter."""

@@ -1,0 +1,203 @@
+"""CommandService: issue, route, answer and time out commands (contract §2.3, issue 5).
+
+The store holds the lifecycle (a compare-and-set per transition, so exactly one node wins
+a race between a result and a timeout). Routing goes through Presence (which node holds
+the device) and the Broker (node-addressed messages); the issuer learns the end through a
+`command_result` message, subscribers through `command.updated` events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from fleetwire.auth.principal import Principal, Role
+from fleetwire.domain.clock import format_ms, now_ms
+from fleetwire.domain.commands import Command, CommandRequest, CommandState, new_command_id
+from fleetwire.domain.errors import ErrorCode, FleetwireError
+from fleetwire.store.base import EventWrite
+
+if TYPE_CHECKING:
+    from fleetwire.realtime.node import Node
+
+log = logging.getLogger(__name__)
+
+
+class CommandService:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+
+    # -- issuing -------------------------------------------------------------------------------
+    async def issue(
+        self,
+        principal: Principal,
+        request: CommandRequest,
+        *,
+        issuer_node: str | None = None,
+        issuer_session: str | None = None,
+    ) -> Command:
+        node = self.node
+        if not principal.at_least(Role.OPERATOR):
+            raise FleetwireError(ErrorCode.FORBIDDEN, "sending commands needs the operator role")
+        if not principal.may_see(request.device_id):
+            raise FleetwireError(ErrorCode.FORBIDDEN, "device outside your `devices` claim")
+        device = await node.store.get_device(request.device_id)
+        if device is None:
+            raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
+        now = now_ms()
+        if request.idempotency_key is not None:
+            earlier = await node.store.find_command(
+                principal.sub, request.idempotency_key, now - request.timeout_s * 1000
+            )
+            if earlier is not None:
+                return earlier
+        if device.disabled:
+            raise FleetwireError(ErrorCode.FORBIDDEN, "device is disabled")
+        session = await node.presence.get(request.device_id)
+        if session is None and not request.queue:
+            raise FleetwireError(ErrorCode.DEVICE_OFFLINE, "device is not connected")
+        command = Command(
+            id=new_command_id(now),
+            device_id=request.device_id,
+            name=request.name,
+            params=request.params,
+            state=CommandState.PENDING,
+            issued_at_ms=now,
+            expires_at_ms=now + request.timeout_s * 1000,
+            issuer=principal.sub,
+            issuer_node=issuer_node,
+            issuer_session=issuer_session,
+            idempotency_key=request.idempotency_key,
+            timeout_s=request.timeout_s,
+        )
+        command = await node.store.create_command(command)
+        self.arm(command)
+        if session is not None:
+            sent = await node.store.transition_command(command.id, CommandState.SENT, now_ms())
+            if sent is not None:
+                command = sent
+                await node.route_to_device(session.node, session.session_id, command)
+        return command
+
+    # -- device side --------------------------------------------------------------------------
+    async def deliver_queued(self, device_id: str, send: Callable[[bytes], None]) -> None:
+        """Right after `welcome`: every pending command, in issue order."""
+        for command in await self.node.store.pending_commands(device_id, now_ms()):
+            sent = await self.node.store.transition_command(command.id, CommandState.SENT, now_ms())
+            if sent is not None:
+                send(orjson.dumps(sent.device_message()))
+                await self.updated(sent)
+
+    async def result(
+        self,
+        device_id: str,
+        command_id: str,
+        ok: bool,
+        result: dict[str, Any] | None,
+        error: dict[str, Any] | None,
+    ) -> Command:
+        store = self.node.store
+        command = await store.get_command(command_id)
+        if command is None or command.device_id != device_id:
+            raise FleetwireError(ErrorCode.NOT_FOUND, "no such command for this device")
+        state = CommandState.SUCCEEDED if ok else CommandState.FAILED
+        done = await store.transition_command(command_id, state, now_ms(), result=result, error=error)
+        if done is None:
+            current = await store.get_command(command_id)
+            shown = current.state.value if current is not None else "gone"
+            raise FleetwireError(ErrorCode.CONFLICT, f"command is {shown}; the result was not applied")
+        await self.finished(done)
+        return done
+
+    # -- ends ------------------------------------------------------------------------------------
+    def arm(self, command: Command) -> None:
+        """A precise local timer; the periodic sweep covers restarts and other nodes' commands."""
+        loop = asyncio.get_running_loop()
+        delay = max((command.expires_at_ms - now_ms()) / 1000, 0.0)
+        self._timers[command.id] = loop.call_later(delay, self._expire_soon, command.id)
+
+    def _expire_soon(self, command_id: str) -> None:
+        self._timers.pop(command_id, None)
+        self.node.spawn(self.expire(command_id))
+
+    async def expire(self, command_id: str) -> None:
+        store = self.node.store
+        command = await store.get_command(command_id)
+        if command is None or command.state.final:
+            return
+        state = CommandState.TIMED_OUT if command.state is CommandState.SENT else CommandState.EXPIRED
+        done = await store.transition_command(command_id, state, now_ms())
+        if done is None:  # a result (or another node) got there first
+            return
+        await self.finished(done)
+
+    async def sweep(self) -> None:
+        for command in await self.node.store.due_commands(now_ms(), 500):
+            await self.expire(command.id)
+
+    async def updated(self, command: Command) -> None:
+        await self.node.writer.submit(
+            EventWrite(command.device_id, "command.updated", now_ms(), command.event_data())
+        )
+
+    async def finished(self, command: Command) -> None:
+        timer = self._timers.pop(command.id, None)
+        if timer is not None:
+            timer.cancel()
+        await self.updated(command)
+        if command.issuer_node is not None and command.issuer_session is not None:
+            message = {
+                "type": "command_result",
+                "command_id": command.id,
+                "device_id": command.device_id,
+                "state": command.state.value,
+                "result": command.result,
+                "error": command.error,
+                "at": format_ms(command.completed_at_ms or now_ms()),
+            }
+            await self.node.route_to_session(command.issuer_node, command.issuer_session, message)
+
+    # -- REST `?wait=true` ---------------------------------------------------------------------
+    async def wait(self, command_id: str, timeout_s: float) -> Command | None:
+        """Until the command is final or the timeout passes; works whichever node ends it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            command = await self.node.store.get_command(command_id)
+            if command is None or command.state.final:
+                return command
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return command
+            future: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(command_id, []).append(future)
+            try:
+                await asyncio.wait_for(future, min(remaining, 1.0))
+            except TimeoutError:
+                pass
+            finally:
+                waiters = self._waiters.get(command_id)
+                if waiters is not None and future in waiters:
+                    waiters.remove(future)
+                    if not waiters:
+                        del self._waiters[command_id]
+
+    def on_event(self, command_id: str) -> None:
+        for future in self._waiters.pop(command_id, []):
+            if not future.done():
+                future.set_result(None)
+
+    @property
+    def has_waiters(self) -> bool:
+        return bool(self._waiters)
+
+    def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()

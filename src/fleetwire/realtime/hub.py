@@ -1,0 +1,185 @@
+"""The Hub: which local client connections receive which events, delivered in `seq` order.
+
+Every event reaches every node (see broker.base); the hub of each node frames it once and
+writes the same bytes to each local subscriber. Routing per device is computed once and
+cached until subscriptions change, so a delivery costs one set lookup and one transport
+write per subscriber.
+
+Ordering: events of one device may reach a node out of `seq` order when two nodes commit
+them concurrently. The hub remembers the last `seq` delivered per device, drops repeats,
+and holds an event that leaves a gap for up to `gap_wait_s`, releasing held events in
+order when the gap fills or the wait ends (a lost event is then skipped; `resume` and the
+history API still have it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Protocol
+
+from fleetwire.broker.base import Published
+from fleetwire.realtime.transport import text_frame
+
+if TYPE_CHECKING:
+    from fleetwire.auth.principal import Principal
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    id: str
+    exact: frozenset[str]
+    patterns: tuple[str, ...]
+    events: frozenset[str]
+
+    def covers(self, device_id: str) -> bool:
+        return device_id in self.exact or any(fnmatchcase(device_id, p) for p in self.patterns)
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a client connection."""
+
+    principal: Principal
+    subscriptions: dict[str, Subscription]
+
+    def deliver(self, device_id: str, seq: int, frame: bytes) -> None: ...
+
+
+def is_pattern(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+class Hub:
+    def __init__(self, gap_wait_s: float = 0.5) -> None:
+        self._exact: dict[str, set[Subscriber]] = {}
+        self._pattern_subscribers: set[Subscriber] = set()
+        self._routes: dict[str, list[tuple[Subscriber, frozenset[str]]]] = {}
+        self._last_seq: dict[str, int] = {}
+        self._held: dict[str, list[tuple[int, Published]]] = {}
+        self._gap_wait_s = gap_wait_s
+        self.listeners: list[Callable[[Published], None]] = []  # e.g. REST `?wait=true` waiters
+        self.delivered = 0
+
+    # -- subscriptions ---------------------------------------------------------------------
+    def add(self, subscriber: Subscriber, subscription: Subscription) -> None:
+        subscriber.subscriptions[subscription.id] = subscription
+        for device_id in subscription.exact:
+            self._exact.setdefault(device_id, set()).add(subscriber)
+        if subscription.patterns:
+            self._pattern_subscribers.add(subscriber)
+        self._routes.clear()
+
+    def remove(self, subscriber: Subscriber, subscription_id: str) -> bool:
+        subscription = subscriber.subscriptions.pop(subscription_id, None)
+        if subscription is None:
+            return False
+        self._reindex(subscriber, subscription.exact)
+        return True
+
+    def drop(self, subscriber: Subscriber) -> None:
+        """Forget a closed connection."""
+        exact = frozenset().union(*(s.exact for s in subscriber.subscriptions.values()))
+        subscriber.subscriptions.clear()
+        self._reindex(subscriber, exact)
+
+    def _reindex(self, subscriber: Subscriber, exact: Iterable[str]) -> None:
+        for device_id in exact:
+            if not any(device_id in s.exact for s in subscriber.subscriptions.values()):
+                members = self._exact.get(device_id)
+                if members is not None:
+                    members.discard(subscriber)
+                    if not members:
+                        del self._exact[device_id]
+        if not any(s.patterns for s in subscriber.subscriptions.values()):
+            self._pattern_subscribers.discard(subscriber)
+        self._routes.clear()
+
+    def routes_changed(self) -> None:
+        """A subscriber's principal changed (token refresh): recompute visibility."""
+        self._routes.clear()
+
+    def _route(self, device_id: str) -> list[tuple[Subscriber, frozenset[str]]]:
+        route = self._routes.get(device_id)
+        if route is None:
+            route = []
+            candidates = self._exact.get(device_id, set()) | self._pattern_subscribers
+            for subscriber in candidates:
+                if not subscriber.principal.may_see(device_id):
+                    continue
+                classes: frozenset[str] = frozenset()
+                for subscription in subscriber.subscriptions.values():
+                    if subscription.covers(device_id):
+                        classes |= subscription.events
+                if classes:
+                    route.append((subscriber, classes))
+            self._routes[device_id] = route
+        return route
+
+    # -- delivery ----------------------------------------------------------------------------
+    def on_events(self, batch: Sequence[Published]) -> None:
+        last_seq = self._last_seq
+        for event in batch:
+            last = last_seq.get(event.device_id)
+            if last is not None:
+                if event.seq <= last:
+                    continue
+                if event.seq > last + 1:
+                    self._hold(event)
+                    continue
+            self._deliver(event)
+            if event.device_id in self._held:
+                self._release(event.device_id, force=False)
+
+    def _deliver(self, event: Published) -> None:
+        device_id = event.device_id
+        if event.event_class == "registry" and b'"event":"device.deleted"' in event.payload:
+            # A re-registered device starts again at seq 1.
+            self._last_seq.pop(device_id, None)
+            self._routes.pop(device_id, None)
+        else:
+            self._last_seq[device_id] = event.seq
+        for listener in self.listeners:
+            listener(event)
+        route = self._route(device_id)
+        if not route:
+            return
+        frame = text_frame(event.payload)
+        cls = event.event_class
+        count = 0
+        for subscriber, classes in route:
+            if cls in classes:
+                subscriber.deliver(device_id, event.seq, frame)
+                count += 1
+        self.delivered += count
+
+    def _hold(self, event: Published) -> None:
+        held = self._held.get(event.device_id)
+        if held is None:
+            held = self._held[event.device_id] = []
+            asyncio.get_running_loop().call_later(self._gap_wait_s, self._release, event.device_id, True)
+        heapq.heappush(held, (event.seq, event))
+
+    def _release(self, device_id: str, force: bool) -> None:
+        held = self._held.get(device_id)
+        while held:
+            seq, event = held[0]
+            last = self._last_seq.get(device_id, 0)
+            if seq <= last:
+                heapq.heappop(held)
+                continue
+            if seq != last + 1 and not force:
+                return
+            heapq.heappop(held)
+            self._deliver(event)
+        self._held.pop(device_id, None)
+
+    def forget_device(self, device_id: str) -> None:
+        self._last_seq.pop(device_id, None)
+        self._routes.pop(device_id, None)
+
+    def seed_seq(self, device_id: str, seq: int) -> None:
+        """Start ordering a device at a known seq (from a snapshot) if it has none yet."""
+        self._last_seq.setdefault(device_id, seq)

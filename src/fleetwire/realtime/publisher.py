@@ -1,0 +1,88 @@
+"""EventPublisher: committed events, encoded once, handed to the Broker in commit order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Iterable
+
+from fleetwire.broker.base import Broker, BrokerUnavailableError, Published
+from fleetwire.domain.events import Event
+
+log = logging.getLogger(__name__)
+
+
+def published(event: Event) -> Published:
+    return Published(event.device_id, event.seq, event.event_class, event.wire())
+
+
+class EventPublisher:
+    """A bounded, ordered outbox between the group writer and the Broker.
+
+    The writer calls `submit` synchronously after each commit, so the outbox order is the
+    commit order. One task drains it in batches. Overflow policy: when more than
+    `max_pending` events wait (the broker is down or slower than the writer), the oldest are
+    dropped and counted; they stay in the store's history, where `resume` and
+    `GET /devices/{id}/events` find them.
+    """
+
+    def __init__(self, broker: Broker, max_pending: int = 100_000, batch: int = 1000) -> None:
+        self._broker = broker
+        self._outbox: deque[Published] = deque()
+        self._max_pending = max_pending
+        self._batch = batch
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+        self.published = 0
+
+    def submit(self, events: Iterable[Event]) -> None:
+        outbox = self._outbox
+        for event in events:
+            outbox.append(published(event))
+        overflow = len(outbox) - self._max_pending
+        if overflow > 0:
+            for _ in range(overflow):
+                outbox.popleft()
+            self.dropped += overflow
+            log.warning("event outbox full: dropped %d events (kept in history)", overflow)
+        self._wakeup.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="event-publisher")
+
+    async def _run(self) -> None:
+        outbox = self._outbox
+        backoff = 0.05
+        while True:
+            if not outbox:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            count = min(len(outbox), self._batch)
+            batch = [outbox[i] for i in range(count)]
+            try:
+                await self._broker.publish(batch)
+            except BrokerUnavailableError:
+                await asyncio.sleep(backoff)  # the broker reconnects on its own; keep the outbox
+                backoff = min(backoff * 2, 2.0)
+                continue
+            except Exception:
+                log.exception("publishing events failed; dropping %d", count)
+            backoff = 0.05
+            for _ in range(count):
+                outbox.popleft()
+            self.published += count
+
+    async def flush(self, timeout: float) -> None:
+        """Wait until the outbox is empty (or the timeout passes): used at shutdown."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._outbox and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
