@@ -1,0 +1,157 @@
+"""The `fleetwire` command: serve, token, device, simulate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from fleetwire.settings import Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from fleetwire.app import create_app
+    from fleetwire.realtime.server import serve
+
+    overrides: dict[str, Any] = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    settings = Settings(**overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings)
+    asyncio.run(serve(app, settings))
+    return 0
+
+
+def _local_token(settings: Settings, sub: str, role: str, ttl: float, devices: list[str] | None) -> str:
+    from fleetwire.app import _signing_secret
+    from fleetwire.auth.jwt import mint_token
+
+    secret = _signing_secret(settings)
+    if secret is None:
+        raise SystemExit("this server verifies external tokens (no HS* algorithm): mint tokens elsewhere")
+    algorithm = next(a for a in settings.algorithms if a.startswith("HS"))
+    token, _ = mint_token(
+        secret=secret,
+        algorithm=algorithm,
+        sub=sub,
+        role=role,
+        ttl_s=ttl,
+        devices=devices,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+    )
+    return token
+
+
+def _token(args: argparse.Namespace) -> int:
+    devices = [d for d in args.devices.split(",") if d] if args.devices else None
+    print(_local_token(Settings(), args.sub, args.role, args.ttl, devices))
+    return 0
+
+
+def _device(args: argparse.Namespace) -> int:
+    """Talks to a running server over REST, with a short-lived admin token from the local secret."""
+    import httpx
+
+    settings = Settings()
+    url = args.url or f"http://{settings.host}:{settings.port}"
+    token = args.token or _local_token(settings, "fleetwire-cli", "admin", 300, None)
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=f"{url}/api/v1", headers=headers, timeout=10) as client:
+        if args.action == "add":
+            body: dict[str, Any] = {"id": args.id}
+            if args.name:
+                body["name"] = args.name
+            if args.type:
+                body["type"] = args.type
+            if args.tags:
+                body["tags"] = [t for t in args.tags.split(",") if t]
+            response = client.post("/devices", json=body)
+        elif args.action == "list":
+            response = client.get("/devices", params={"limit": args.limit})
+        elif args.action == "show":
+            response = client.get(f"/devices/{args.id}")
+        else:
+            response = client.delete(f"/devices/{args.id}")
+    if response.content:
+        print(json.dumps(response.json(), indent=2))
+    if response.is_error:
+        return 1
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from fleetwire.simulate import run
+
+    return asyncio.run(run(args))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from benchmarks.run import main as bench_main  # type: ignore[import-not-found]
+
+    return int(bench_main(args.rest))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleetwire", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server (configuration from FLEETWIRE_* variables)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.set_defaults(run=_serve)
+
+    token = sub.add_parser("token", help="mint a token with the local secret")
+    token.add_argument("--sub", required=True)
+    token.add_argument("--role", required=True, choices=["device", "viewer", "operator", "admin"])
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    token.add_argument("--devices", default=None, help="comma-separated device id globs")
+    token.set_defaults(run=_token)
+
+    device = sub.add_parser("device", help="manage the registry of a running server")
+    device.add_argument("action", choices=["add", "list", "show", "rm"])
+    device.add_argument("id", nargs="?")
+    device.add_argument("--name")
+    device.add_argument("--type")
+    device.add_argument("--tags", help="comma-separated")
+    device.add_argument("--limit", type=int, default=100)
+    device.add_argument("--url", help="server base URL (default http://FLEETWIRE_HOST:FLEETWIRE_PORT)")
+    device.add_argument("--token", help="an admin token (default: minted from the local secret)")
+    device.set_defaults(run=_device)
+
+    simulate = sub.add_parser("simulate", help="connect simulated devices that send telemetry")
+    simulate.add_argument("--devices", type=int, default=10)
+    simulate.add_argument("--interval", type=float, default=1.0, help="seconds between records")
+    simulate.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = until Ctrl-C")
+    simulate.add_argument("--prefix", default="sim-")
+    simulate.add_argument("--url", help="server base URL (default http://FLEETWIRE_HOST:FLEETWIRE_PORT)")
+    simulate.set_defaults(run=_simulate)
+
+    bench = sub.add_parser("bench", help="run a benchmark scenario (see benchmarks/README.md)")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "device" and args.action != "list" and not args.id:
+        print("fleetwire device: an id is required", file=sys.stderr)
+        return 2
+    result: int = args.run(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
