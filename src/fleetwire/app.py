@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from fleetwire.realtime.server import FleetwireServer
 
 from fleetwire.api import commands, devices, errors, health, telemetry, tokens
 from fleetwire.auth.principal import TokenVerifier
@@ -90,3 +96,33 @@ def create_app(
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(health.router)
     return app
+
+
+def build_node_server(
+    app: FastAPI,
+    *,
+    port: int | None = None,
+    on_started: Callable[[int], None] | None = None,
+    log_level: str | None = None,
+) -> FleetwireServer:
+    """REST and WebSocket on one port (the app's settings give host, port and limits)."""
+    from fleetwire.realtime.picows_transport import TransportLimits
+    from fleetwire.realtime.server import build_server
+
+    settings: Settings = app.state.settings
+    node: Node = app.state.node
+    limits = TransportLimits(
+        max_message_bytes=settings.max_message_bytes,
+        send_queue=settings.send_queue,
+        max_header_bytes=settings.max_header_bytes,
+        handshake_timeout_s=settings.handshake_timeout_s,
+    )
+    return build_server(
+        app,
+        node.handshake,
+        host=settings.host,
+        port=settings.port if port is None else port,
+        limits=limits,
+        log_level=log_level or settings.log_level,
+        on_started=on_started,
+    )

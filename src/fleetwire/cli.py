@@ -15,8 +15,7 @@ from fleetwire.settings import Settings
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from fleetwire.app import create_app
-    from fleetwire.realtime.server import serve
+    from fleetwire.app import build_node_server, create_app
 
     overrides: dict[str, Any] = {}
     if args.host is not None:
@@ -28,8 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(settings)
-    asyncio.run(serve(app, settings))
+    server = build_node_server(create_app(settings))
+    server.run()
     return 0
 
 

@@ -1,0 +1,369 @@
+"""Real-time sessions over real sockets (issue 3, contract §2): handshake, presence, status,
+subscriptions, token lifecycle, limits, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+from collections.abc import Callable
+
+import httpx
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from tests.integration.harness import TIMEOUT, Node, Session
+
+pytestmark = pytest.mark.anyio
+
+
+async def refused(node: Node, path: str, headers: dict[str, str]) -> tuple[int, dict[str, object]]:
+    """Open a raw upgrade request and return the HTTP status and JSON body of the refusal."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    head = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "\r\n"
+    )
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", node.port), TIMEOUT)
+    writer.write(head.encode())
+    raw = await asyncio.wait_for(reader.read(65536), TIMEOUT)
+    writer.close()
+    status_line, _, rest = raw.partition(b"\r\n")
+    body = rest.split(b"\r\n\r\n", 1)[1]
+    return int(status_line.split()[1]), json.loads(body)
+
+
+async def test_handshake_refusals_before_upgrade(node: Node) -> None:
+    """Every refusal is an HTTP response with the contract's status and a JSON error body."""
+    await node.register("d1")
+    await node.register("d2")
+    async with node.rest() as rest:
+        assert (await rest.patch("/devices/d2", json={"disabled": True})).status_code == 200
+    bearer = lambda token: {"Authorization": f"Bearer {token}"}  # noqa: E731
+    cases = [
+        ("/ws/device", {}, 401),
+        ("/ws/device", bearer("garbage"), 401),
+        ("/ws/device", bearer(node.token("d1", "device", ttl_s=-10)), 401),
+        ("/ws/device", bearer(node.token("d1", "viewer")), 403),
+        ("/ws/device", bearer(node.token("nope", "device")), 403),
+        ("/ws/device", bearer(node.token("d2", "device")), 403),
+        ("/ws/client", bearer(node.token("d1", "device")), 403),
+        ("/ws/client", {**bearer(node.token("a", "viewer")), "Origin": "https://evil.example"}, 403),
+    ]
+    for path, headers, status in cases:
+        got, body = await refused(node, path, headers)
+        assert (got, path, headers) == (status, path, headers)
+        assert set(body) == {"error", "message"}
+        assert body["error"] == {401: "unauthorized", 403: "forbidden"}[status]
+
+
+async def test_browser_style_token_in_query_and_allowed_origin(make_node: Callable[..., Node]) -> None:
+    """Browsers pass `access_token` in the query and an Origin that must be listed exactly."""
+    node = make_node(allowed_origins="https://app.example.com")
+    await node.register("d1")
+    token = node.token("app", "viewer")
+    from websockets.asyncio.client import connect
+
+    url = f"{node.ws_url}/ws/client?access_token={token}"
+    async with connect(url, origin="https://app.example.com") as ws:  # type: ignore[arg-type]
+        welcome = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+        assert welcome["type"] == "welcome"
+        assert welcome["role"] == "viewer"
+    for origin in ("https://app.example.com.evil.io", "null", "https://app.example.com:8443"):
+        with pytest.raises(InvalidStatus) as info:
+            await asyncio.wait_for(connect(url, origin=origin), TIMEOUT)  # type: ignore[arg-type]
+        assert info.value.response.status_code == 403
+
+
+async def test_presence_events_registry_and_snapshot(node: Node) -> None:
+    """Connect and disconnect produce events with session, node, reason and duration; the
+    connection registry and the subscribe snapshot show the live session."""
+    await node.register("d1", "d2")
+    client = await node.client()
+    ack = await client.request({"type": "subscribe", "devices": ["d1"]})
+    assert ack["type"] == "ack"
+    assert ack["snapshot"] == [
+        {"device_id": "d1", "connected": False, "connected_at": None, "last_seen_at": None,
+         "status": None, "status_at": None, "seq": 1}
+    ]
+    device = await node.device("d1")
+    assert set(device.welcome) == {"type", "device_id", "session_id", "server_time", "token_expires_at",
+                                   "heartbeat_s"}
+    connected = await client.event("device.connected")
+    assert connected["device_id"] == "d1"
+    assert connected["seq"] == 2
+    assert connected["data"] == {"session_id": device.welcome["session_id"], "node": node.settings.node_id}
+    async with node.rest("viewer") as rest:
+        listing = (await rest.get("/connections")).json()
+        assert [c["device_id"] for c in listing["items"]] == ["d1"]
+        block = (await rest.get("/devices/d1/connection")).json()
+        assert block["connected"] is True
+        assert block["session_id"] == device.welcome["session_id"]
+        assert (await rest.get("/devices/d2/connection")).json()["connected"] is False
+    await device.close()
+    gone = await client.event("device.disconnected")
+    assert gone["seq"] == 3
+    assert gone["data"]["reason"] == "closed"
+    assert gone["data"]["session_id"] == device.welcome["session_id"]
+    assert gone["data"]["connected_for_s"] >= 0
+    async with node.rest("viewer") as rest:
+        assert (await rest.get("/connections")).json()["items"] == []
+
+
+async def test_replacement_closes_old_with_4009_and_orders_events(node: Node) -> None:
+    """A second connection of a device wins: the first gets 4009, and subscribers see
+    disconnected(replaced) before connected."""
+    await node.register("d1")
+    client = await node.client()
+    await client.request({"type": "subscribe", "devices": ["d1"]})
+    first = await node.device("d1")
+    await client.event("device.connected")
+    second = await node.device("d1")
+    assert await first.closed() == (4009, "replaced")
+    gone = await client.event("device.disconnected")
+    back = await client.event("device.connected")
+    assert gone["data"]["reason"] == "replaced"
+    assert gone["data"]["session_id"] == first.welcome["session_id"]
+    assert back["data"]["session_id"] == second.welcome["session_id"]
+    assert back["seq"] == gone["seq"] + 1
+    async with node.rest("viewer") as rest:
+        block = (await rest.get("/devices/d1/connection")).json()
+        assert block["session_id"] == second.welcome["session_id"]
+
+
+async def test_status_changes_publish_only_on_change(node: Node) -> None:
+    """Device and API status changes publish device.status with source; a repeat does not."""
+    await node.register("d1")
+    client = await node.client()
+    await client.request({"type": "subscribe", "devices": ["d1"], "events": ["status"]})
+    device = await node.device("d1")
+    assert (await device.request({"type": "status", "status": "online"}))["changed"] is True
+    assert (await device.request({"type": "status", "status": "online"}))["changed"] is False
+    event = await client.event("device.status")
+    assert event["data"] == {"status": "online", "previous_status": None, "source": "device"}
+    async with node.rest("operator") as rest:
+        response = await rest.patch("/devices/d1", json={"status": "maintenance"})
+        assert response.status_code == 200
+        assert response.json()["status"] == "maintenance"
+    event = await client.event("device.status")
+    assert event["data"] == {"status": "maintenance", "previous_status": "online", "source": "api"}
+    assert event["seq"] > 1
+    # Nothing else arrives for the repeated status.
+    with pytest.raises(TimeoutError):
+        await client.event("device.status", timeout=0.3)
+
+
+async def test_subscriptions_patterns_claims_and_once_delivery(node: Node) -> None:
+    """Patterns cover later registrations; the `devices` claim narrows patterns and refuses
+    explicit ids; overlapping subscriptions deliver an event once."""
+    await node.register("site-a.1", "site-b.1")
+    client = await node.client(devices=["site-a.*"])
+    denied = await client.request({"type": "subscribe", "devices": ["site-b.1"]})
+    assert (denied["type"], denied["code"]) == ("error", "forbidden")
+    missing = await client.request({"type": "subscribe", "devices": ["site-a.404"]})
+    assert missing["code"] == "not_found"
+    first = await client.request({"type": "subscribe", "devices": ["*"], "events": ["presence"]})
+    assert [s["device_id"] for s in first["snapshot"]] == ["site-a.1"]
+    second = await client.request({"type": "subscribe", "devices": ["site-a.1"], "events": ["presence"]})
+    assert second["subscription_id"] != first["subscription_id"]
+    await node.register("site-a.2", "site-b.2")
+    for device_id in ("site-b.2", "site-a.2", "site-a.1"):
+        session = await node.device(device_id)
+        await session.close()
+    seen = []
+    for _ in range(4):
+        event = await client.recv()
+        seen.append((event["device_id"], event["event"]))
+    assert seen == [
+        ("site-a.2", "device.connected"),
+        ("site-a.2", "device.disconnected"),
+        ("site-a.1", "device.connected"),
+        ("site-a.1", "device.disconnected"),
+    ]
+    assert (await client.request({"type": "unsubscribe", "subscription_id": "nope"}))["code"] == "not_found"
+    assert (await client.request({"type": "unsubscribe", "subscription_id": first["subscription_id"]}))[
+        "type"
+    ] == "ack"
+
+
+async def test_bad_messages_keep_the_connection_open(node: Node) -> None:
+    """Invalid JSON, unknown types and binary frames get errors; the session goes on."""
+    await node.register("d1")
+    device = await node.device("d1")
+    await device.ws.send("{oops")
+    assert (await device.recv())["code"] == "invalid_json"
+    assert (await device.request({"type": "dance"}))["code"] == "unknown_type"
+    assert (await device.request({"type": "subscribe", "devices": ["*"]}))["code"] == "forbidden"
+    await device.ws.send(b"\x00\x01")
+    assert (await device.recv())["code"] == "invalid_message"
+    assert (await device.request({"type": "status", "status": "ok"}))["type"] == "ack"
+
+
+async def test_token_expiry_warns_then_closes_4001(make_node: Callable[..., Node]) -> None:
+    """token_expiring comes token_warning_s before exp; at exp the session closes with 4001
+    and subscribers see reason token_expired."""
+    node = make_node(token_warning_s=1.0)
+    await node.register("d1")
+    client = await node.client()
+    await client.request({"type": "subscribe", "devices": ["d1"]})
+    device = await node.device("d1", token=node.token("d1", "device", ttl_s=2))
+    warning = await device.next_of("token_expiring", timeout=3)
+    assert warning["expires_at"] == device.welcome["token_expires_at"]
+    assert await device.closed(timeout=4) == (4001, "token_expired")
+    gone = await client.event("device.disconnected")
+    assert gone["data"]["reason"] == "token_expired"
+
+
+async def test_auth_refresh_extends_the_session(make_node: Callable[..., Node]) -> None:
+    """An in-band `auth` with a fresh token for the same sub and role keeps the session; a
+    token for another role is refused and the old expiry stands."""
+    node = make_node(token_warning_s=1.0)
+    await node.register("d1")
+    device = await node.device("d1", token=node.token("d1", "device", ttl_s=2))
+    wrong = await device.request({"type": "auth", "token": node.token("d1", "viewer")})
+    assert wrong["code"] == "forbidden"
+    bad = await device.request({"type": "auth", "token": "garbage"})
+    assert bad["code"] == "unauthorized"
+    ok = await device.request({"type": "auth", "token": node.token("d1", "device", ttl_s=60)})
+    assert ok["type"] == "ack"
+    assert ok["token_expires_at"] > device.welcome["token_expires_at"]
+    await asyncio.sleep(2.5)  # past the first token's expiry: the session must still be open
+    assert (await device.request({"type": "status", "status": "alive"}))["type"] == "ack"
+
+
+async def test_disable_and_delete_close_with_4003(node: Node) -> None:
+    """Disabling or deleting a connected device closes its session with 4003."""
+    await node.register("d1", "d2")
+    one = await node.device("d1")
+    two = await node.device("d2")
+    async with node.rest() as rest:
+        assert (await rest.patch("/devices/d1", json={"disabled": True})).status_code == 200
+        assert (await rest.delete("/devices/d2")).status_code == 204
+    assert await one.closed() == (4003, "forbidden")
+    assert await two.closed() == (4003, "forbidden")
+
+
+async def test_message_size_limit_closes_1009(make_node: Callable[..., Node]) -> None:
+    """A message over FLEETWIRE_MAX_MESSAGE_BYTES closes the session with 1009."""
+    node = make_node(max_message_bytes=4096)
+    await node.register("d1")
+    device = await node.device("d1")
+    await device.send({"type": "status", "status": "x", "pad": "y" * 5000})
+    code, _ = await device.closed()
+    assert code == 1009
+
+
+async def test_rate_limit_then_4029_others_unaffected(make_node: Callable[..., Node]) -> None:
+    """Above the rate, messages get rate_limited, then 4029; another device is unaffected."""
+    node = make_node(rate_limit="20/s", rate_limit_close_after=5)
+    await node.register("d1", "d2")
+    flood = await node.device("d1")
+    calm = await node.device("d2")
+    for _ in range(40):
+        await flood.send({"type": "status", "status": "x"})
+    codes = []
+    try:
+        while True:
+            codes.append((await flood.recv())["type"])
+    except Exception:  # noqa: BLE001 - the close ends the loop
+        pass
+    assert "error" in codes
+    assert flood.ws.close_rcvd is not None
+    assert flood.ws.close_rcvd.code == 4029
+    assert (await calm.request({"type": "status", "status": "fine"}))["type"] == "ack"
+
+
+async def test_connection_limit_answers_503(make_node: Callable[..., Node]) -> None:
+    """Past FLEETWIRE_MAX_CONNECTIONS, handshakes get 503."""
+    node = make_node(max_connections=2)
+    await node.register("d1", "d2", "d3")
+    await node.device("d1")
+    await node.device("d2")
+    status, body = await refused(node, "/ws/device", {"Authorization": f"Bearer {node.token('d3', 'device')}"})
+    assert status == 503
+    assert body["error"] == "unavailable"
+
+
+async def test_resume_replays_missed_events_before_live_ones(node: Node) -> None:
+    """subscribe with resume replays events after last_seq in order, then live ones."""
+    await node.register("d1")
+    device = await node.device("d1")
+    for status in ("a", "b", "c"):
+        await device.request({"type": "status", "status": status})
+    client = await node.client()
+    ack = await client.request(
+        {"type": "subscribe", "devices": ["d1"], "events": ["status"], "resume": {"d1": 3}}
+    )
+    assert ack["recovered"] == {"d1": True}
+    replayed = [await client.recv() for _ in range(2)]
+    assert [(e["seq"], e["data"]["status"]) for e in replayed] == [(4, "b"), (5, "c")]
+    await device.request({"type": "status", "status": "d"})
+    live = await client.event("device.status")
+    assert (live["seq"], live["data"]["status"]) == (6, "d")
+    async with node.rest("viewer") as rest:
+        history = (await rest.get("/devices/d1/events", params={"since": 3})).json()
+        assert [e["seq"] for e in history["items"]] == [4, 5, 6]
+
+
+async def test_slow_consumer_is_closed_4008_others_get_everything(make_node: Callable[..., Node]) -> None:
+    """A subscriber that stops reading is closed with 4008; another gets every event in order."""
+    node = make_node(send_queue=50, rate_limit="100000/s")
+    await node.register("d1")
+    slow = await node.client(max_size=None)
+    fast = await node.client()
+    for session in (slow, fast):
+        await session.request({"type": "subscribe", "devices": ["d1"], "events": ["telemetry"]})
+    slow.ws.transport.pause_reading()  # type: ignore[attr-defined]
+    device = await node.device("d1")
+    big = "x" * 1000
+    for batch in range(20):
+        ack = await device.request(
+            {"type": "telemetry_batch", "records": [{"data": {"i": batch * 100 + i, "pad": big}} for i in range(100)]}
+        )
+        assert ack["accepted"] == 100
+    seqs = [(await fast.event("device.telemetry"))["seq"] for _ in range(2000)]
+    assert seqs == list(range(seqs[0], seqs[0] + 2000))
+    slow.ws.transport.resume_reading()  # type: ignore[attr-defined]
+    code, _ = await slow.closed(timeout=10)
+    assert code == 4008
+
+
+async def test_graceful_shutdown_sends_1001(make_node: Callable[..., Node]) -> None:
+    """Stopping the server closes every session with 1001 server_shutdown."""
+    node = make_node()
+    await node.register("d1")
+    device = await node.device("d1")
+    client = await node.client()
+    stopper = asyncio.get_running_loop().run_in_executor(None, node.stop)
+    assert await device.closed(timeout=10) == (1001, "server_shutdown")
+    assert (await client.closed(timeout=10))[0] == 1001
+    await asyncio.wait_for(stopper, 30)
+
+
+async def test_heartbeat_drops_a_silent_peer(make_node: Callable[..., Node]) -> None:
+    """A peer that stops answering pings is dropped with reason timeout."""
+    node = make_node(heartbeat_s=0.5)
+    await node.register("d1")
+    client = await node.client()
+    await client.request({"type": "subscribe", "devices": ["d1"]})
+    silent = await node.device("d1", ping_interval=None)
+    await client.event("device.connected")
+    silent.ws.transport.pause_reading()  # type: ignore[attr-defined]  # pings go unanswered
+    gone = await client.event("device.disconnected", timeout=5)
+    assert gone["data"]["reason"] == "timeout"
+
+
+async def test_rest_without_token_is_401_with_challenge(node: Node) -> None:
+    """REST refuses a missing token with 401, WWW-Authenticate and a problem document."""
+    async with httpx.AsyncClient(base_url=node.http_url, timeout=TIMEOUT) as http:
+        response = await http.get("/api/v1/connections")
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["code"] == "unauthorized"
+
+
+__all__ = ["Session"]
