@@ -83,6 +83,7 @@ class CommandService:
             if sent is not None:
                 command = sent
                 await node.route_to_device(session.node, session.session_id, command)
+        await self.updated(command)
         return command
 
     # -- device side --------------------------------------------------------------------------
