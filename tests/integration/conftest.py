@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from tests.integration.harness import Node
 
 
 @pytest.fixture
-def make_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+async def make_node(tmp_path: Path) -> AsyncIterator[Callable[..., Node]]:
     started: list[Node] = []
 
     def make(**overrides: Any) -> Node:
@@ -21,8 +22,10 @@ def make_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
         return node
 
     yield make
+    loop = asyncio.get_running_loop()
     for node in reversed(started):
-        node.stop()
+        await node.close_sessions()
+        await asyncio.wait_for(loop.run_in_executor(None, node.stop), 40)
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ class Node:
         self._server = build_node_server(self.app, port=0, on_started=self._on_started)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.sessions: list[Session] = []  # closed at teardown
 
     def _on_started(self, port: int) -> None:
         self.port = port
@@ -82,11 +83,20 @@ class Node:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    def token(self, sub: str, role: str, ttl_s: float = 3600, devices: list[str] | None = None) -> str:
-        token, _ = mint_token(secret=SECRET, sub=sub, role=role, ttl_s=ttl_s, devices=devices)
+    def token(
+        self,
+        sub: str,
+        role: str,
+        ttl_s: float = 3600,
+        devices: list[str] | None = None,
+        now: float | None = None,
+    ) -> str:
+        token, _ = mint_token(secret=SECRET, sub=sub, role=role, ttl_s=ttl_s, devices=devices, now=now)
         return token
 
-    def rest(self, role: str = "admin", sub: str = "tester", devices: list[str] | None = None) -> httpx.AsyncClient:
+    def rest(
+        self, role: str = "admin", sub: str = "tester", devices: list[str] | None = None
+    ) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             base_url=f"{self.http_url}/api/v1",
             headers={"Authorization": f"Bearer {self.token(sub, role, devices=devices)}"},
@@ -101,13 +111,24 @@ class Node:
 
     async def device(self, device_id: str, **kwargs: Any) -> Session:
         token = kwargs.pop("token", None) or self.token(device_id, "device")
-        return await Session.open(f"{self.ws_url}/ws/device", token, **kwargs)
+        session = await Session.open(f"{self.ws_url}/ws/device", token, **kwargs)
+        self.sessions.append(session)
+        return session
 
     async def client(
         self, role: str = "viewer", sub: str = "app", devices: list[str] | None = None, **kwargs: Any
     ) -> Session:
         token = kwargs.pop("token", None) or self.token(sub, role, devices=devices)
-        return await Session.open(f"{self.ws_url}/ws/client", token, **kwargs)
+        session = await Session.open(f"{self.ws_url}/ws/client", token, **kwargs)
+        self.sessions.append(session)
+        return session
+
+    async def close_sessions(self) -> None:
+        for session in self.sessions:
+            session.ws.transport.abort()
+        for session in self.sessions:
+            await asyncio.wait_for(session.ws.wait_closed(), TIMEOUT)
+        self.sessions.clear()
 
 
 class Session:
@@ -192,7 +213,7 @@ class Session:
         except Exception:  # noqa: BLE001 - any ending is what we wait for
             pass
         await asyncio.wait_for(self.ws.wait_closed(), timeout)
-        rcvd = self.ws.close_rcvd
+        rcvd = self.ws.protocol.close_rcvd
         return (rcvd.code, rcvd.reason) if rcvd is not None else (None, "")
 
     async def close(self) -> None:

@@ -20,13 +20,16 @@ async def test_success_reaches_issuer_and_subscribers(node: Node) -> None:
     watcher = await node.client()
     await watcher.request({"type": "subscribe", "devices": ["d1"], "events": ["command"]})
     operator = await node.client("operator")
-    ack = await operator.request({"type": "command", "device_id": "d1", "name": "reboot", "params": {"delay": 1}})
+    ack = await operator.request(
+        {"type": "command", "device_id": "d1", "name": "reboot", "params": {"delay": 1}}
+    )
     assert (ack["type"], ack["state"]) == ("ack", "sent")
     command = await device.next_of("command")
     assert command["command_id"] == ack["command_id"]
     assert (command["name"], command["params"]) == ("reboot", {"delay": 1})
-    done = await device.request({"type": "command_result", "command_id": ack["command_id"], "ok": True,
-                                 "result": {"uptime": 0}})
+    done = await device.request(
+        {"type": "command_result", "command_id": ack["command_id"], "ok": True, "result": {"uptime": 0}}
+    )
     assert done["type"] == "ack"
     result = await operator.next_of("command_result")
     assert result["state"] == "succeeded"
@@ -49,7 +52,9 @@ async def test_failure_carries_error_details(node: Node) -> None:
     ack = await operator.request({"type": "command", "device_id": "d1", "name": "x"})
     await device.next_of("command")
     error = {"code": "busy", "message": "try later"}
-    await device.request({"type": "command_result", "command_id": ack["command_id"], "ok": False, "error": error})
+    await device.request(
+        {"type": "command_result", "command_id": ack["command_id"], "ok": False, "error": error}
+    )
     result = await operator.next_of("command_result")
     assert (result["state"], result["error"]) == ("failed", error)
 
@@ -80,7 +85,9 @@ async def test_offline_refusal_queue_delivery_and_expiry(node: Node) -> None:
     device = await node.device("d1")
     got = [await device.next_of("command"), await device.next_of("command")]
     assert [c["command_id"] for c in got] == [first["command_id"], second["command_id"]]
-    doomed = await operator.request({"type": "command", "device_id": "d2", "name": "c", "queue": True, "timeout_s": 1})
+    doomed = await operator.request(
+        {"type": "command", "device_id": "d2", "name": "c", "queue": True, "timeout_s": 1}
+    )
     result = await operator.next_of("command_result", timeout=4, command_id=doomed["command_id"])
     assert result["state"] == "expired"
 
@@ -96,9 +103,16 @@ async def test_permissions_and_validation(node: Node) -> None:
     narrow = await node.client("operator", devices=["d2"])
     assert (await narrow.request({"type": "command", "device_id": "d1", "name": "a"}))["code"] == "forbidden"
     operator = await node.client("operator")
-    assert (await operator.request({"type": "command", "device_id": "zz", "name": "a"}))["code"] == "not_found"
-    for bad in ({"name": "bad name"}, {"name": "a", "timeout_s": 0}, {"name": "a", "params": [1]},
-                {"name": "a", "params": {"x": "y" * 70000}}, {"name": "a", "extra": 1}):
+    assert (await operator.request({"type": "command", "device_id": "zz", "name": "a"}))[
+        "code"
+    ] == "not_found"
+    for bad in (
+        {"name": "bad name"},
+        {"name": "a", "timeout_s": 0},
+        {"name": "a", "params": [1]},
+        {"name": "a", "params": {"x": "y" * 70000}},
+        {"name": "a", "extra": 1},
+    ):
         reply = await operator.request({"type": "command", "device_id": "d1", **bad})
         assert reply["code"] == "invalid_message", bad
     ack = await operator.request({"type": "command", "device_id": "d1", "name": "a"})
@@ -128,8 +142,9 @@ async def test_rest_commands_with_and_without_wait(node: Node) -> None:
 
     async def answer() -> None:
         command = await device.next_of("command")
-        await device.send({"type": "command_result", "command_id": command["command_id"], "ok": True,
-                           "result": {"v": 1}})
+        await device.send(
+            {"type": "command_result", "command_id": command["command_id"], "ok": True, "result": {"v": 1}}
+        )
 
     async with node.rest("operator") as rest:
         responder = asyncio.create_task(answer())
@@ -150,7 +165,9 @@ async def test_queued_command_survives_restart(make_node: Callable[..., Node], t
     first = make_node()
     await first.register("d1")
     operator = await first.client("operator")
-    ack = await operator.request({"type": "command", "device_id": "d1", "name": "a", "queue": True, "timeout_s": 60})
+    ack = await operator.request(
+        {"type": "command", "device_id": "d1", "name": "a", "queue": True, "timeout_s": 60}
+    )
     await operator.close()
     first.stop()
     second = make_node(data_dir=first.settings.data_dir)

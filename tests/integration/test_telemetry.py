@@ -26,7 +26,9 @@ async def test_single_and_batch_are_acked_stored_and_streamed(node: Node) -> Non
     device = await node.device("d1")
     ack = await device.request({"type": "telemetry", "ts": "2026-11-25T18:00:00.5+01:00", "data": {"t": 1.5}})
     assert (ack["type"], ack["accepted"]) == ("ack", 1)
-    records = [{"ts": 1_700_000_000_000 + i, "data": {"t": i, "ok": i % 2 == 0, "s": f"v{i}"}} for i in range(1000)]
+    records = [
+        {"ts": 1_700_000_000_000 + i, "data": {"t": i, "ok": i % 2 == 0, "s": f"v{i}"}} for i in range(1000)
+    ]
     ack = await device.request({"type": "telemetry_batch", "records": records})
     assert ack["accepted"] == 1000
     first = await client.event("device.telemetry")
@@ -53,7 +55,10 @@ async def test_invalid_batch_stores_nothing_and_keeps_connection(node: Node) -> 
     )
     assert reply["type"] == "error"
     assert reply["code"] == "invalid_message"
-    assert [d["loc"] for d in reply["details"]] == [["records", 1, "data", "a"], ["records", 3, "data", "b b"]]
+    assert [d["loc"] for d in reply["details"]] == [
+        ["records", 1, "data", "a"],
+        ["records", 3, "data", "b b"],
+    ]
     assert await stored(node, "d1") == []
     assert (await device.request({"type": "telemetry", "data": {"a": 3}}))["accepted"] == 1
 
@@ -82,7 +87,9 @@ async def test_rest_parity_and_device_scope(node: Node) -> None:
     async with node.rest("device", sub="d1") as rest:
         ok = await rest.post("/devices/d1/telemetry", json={"data": {"t": 1}})
         assert (ok.status_code, ok.json()) == (200, {"accepted": 1})
-        batch = await rest.post("/devices/d1/telemetry", json={"records": [{"data": {"t": 2}}, {"data": {"t": 3}}]})
+        batch = await rest.post(
+            "/devices/d1/telemetry", json={"records": [{"data": {"t": 2}}, {"data": {"t": 3}}]}
+        )
         assert batch.json() == {"accepted": 2}
         other = await rest.post("/devices/d2/telemetry", json={"data": {"t": 1}})
         assert other.status_code == 403
@@ -102,7 +109,9 @@ async def test_query_ranges_and_pagination(node: Node) -> None:
     records = [{"ts": base + i * 1000, "data": {"v": i}} for i in range(50)]
     assert (await device.request({"type": "telemetry_batch", "records": records}))["accepted"] == 50
     async with node.rest("viewer") as rest:
-        window = (await rest.get("/devices/d1/telemetry", params={"from": base + 10_000, "to": base + 19_000})).json()
+        window = (
+            await rest.get("/devices/d1/telemetry", params={"from": base + 10_000, "to": base + 19_000})
+        ).json()
         assert [p["value"] for p in window["items"]] == list(range(19, 9, -1))
         values: list[int] = []
         cursor = None

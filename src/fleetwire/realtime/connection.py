@@ -165,6 +165,7 @@ class DeviceConnection(Connection):
         super().__init__(node, principal, session)
         self.device_id = principal.sub
         self.device = device  # kept current from `device.updated` events (telemetry schema)
+        self.online: asyncio.Task[None] | None = None  # recording presence and `device.connected`
 
     def welcome(self) -> bytes:
         return orjson.dumps(

@@ -42,8 +42,10 @@ class Subscription:
 class Subscriber(Protocol):
     """What the hub needs of a client connection."""
 
-    principal: Principal
     subscriptions: dict[str, Subscription]
+
+    @property
+    def principal(self) -> Principal: ...
 
     def deliver(self, device_id: str, seq: int, frame: bytes) -> None: ...
 

@@ -113,10 +113,11 @@ class Node:
         await self.broker.close()
         await self.presence.close()
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._guard(coro))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     @staticmethod
     async def _guard(coro: Coroutine[Any, Any, None]) -> None:
@@ -189,7 +190,7 @@ class Node:
                 # The newer connection wins (contract §2); its own arrival tells the world.
                 previous.event_suppressed = True
                 previous.close(Close.REPLACED)
-            self.spawn(self._device_online(conn, previous))
+            conn.online = self.spawn(self._device_online(conn, previous))
 
     async def _device_online(self, conn: DeviceConnection, local_previous: DeviceConnection | None) -> None:
         info = SessionInfo(conn.device_id, conn.session_id, self.node_id, conn.connected_at_ms, now_ms())
@@ -223,8 +224,6 @@ class Node:
                     },
                 )
             )
-        if conn.socket is None or conn.socket.closed:
-            return  # gone already; closed() removes it from presence
         await self.writer.submit(
             EventWrite(
                 conn.device_id,
@@ -249,6 +248,8 @@ class Node:
         self.spawn(self._device_offline(conn, reason))
 
     async def _device_offline(self, conn: DeviceConnection, reason: str) -> None:
+        if conn.online is not None:
+            await asyncio.wait([conn.online])  # connected is recorded before disconnected
         if not await self.presence.remove(conn.device_id, conn.session_id):
             return  # replaced meanwhile: the successor reported this session's end
         at = now_ms()
