@@ -166,6 +166,7 @@ class DeviceConnection(Connection):
         self.device_id = principal.sub
         self.device = device  # kept current from `device.updated` events (telemetry schema)
         self.online: asyncio.Task[None] | None = None  # recording presence and `device.connected`
+        self.announced = False  # `device.connected` is recorded
 
     def welcome(self) -> bytes:
         return orjson.dumps(

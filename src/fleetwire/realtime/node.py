@@ -9,6 +9,7 @@ liveness and lost-node claims, command sweeps and retention.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -86,12 +87,15 @@ class Node:
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.presence.start()
+        if hasattr(self.broker, "on_reconnect"):  # RedisBroker: after an outage, reconcile
+            self.broker.on_reconnect = self.reconcile
         await self.broker.start(self.node_id, self.hub.on_events, self.on_message)
         self.publisher.start()
         self.writer.start()
         loop = asyncio.get_running_loop()
         self._loops = [
             loop.create_task(self._every(self.settings.heartbeat_s, self._heartbeat), name="heartbeat"),
+            loop.create_task(self._every(self.settings.heartbeat_s / 2, self._liveness), name="liveness"),
             loop.create_task(self._every(1.0, self._flush_presence), name="presence"),
             loop.create_task(self._every(self.settings.command_sweep_s, self.commands.sweep), name="sweep"),
             loop.create_task(self._every(self.settings.purge_interval_s, self._purge), name="purge"),
@@ -108,7 +112,8 @@ class Node:
         await asyncio.gather(*self._loops, return_exceptions=True)
         self.commands.close()
         await self.writer.stop()
-        await self.publisher.flush(2.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.publisher.drained(), 2.0)
         await self.publisher.stop()
         await self.broker.close()
         await self.presence.close()
@@ -195,43 +200,17 @@ class Node:
     async def _device_online(self, conn: DeviceConnection, local_previous: DeviceConnection | None) -> None:
         info = SessionInfo(conn.device_id, conn.session_id, self.node_id, conn.connected_at_ms, now_ms())
         previous = await self.presence.add(info)
-        at = now_ms()
         if previous is not None and previous.session_id != conn.session_id:
             if previous.node != self.node_id:
                 await self.route_close(previous.node, previous.session_id, Close.REPLACED)
-            await self.writer.submit(
-                EventWrite(
-                    conn.device_id,
-                    "device.disconnected",
-                    at,
-                    {
-                        "session_id": previous.session_id,
-                        "reason": "replaced",
-                        "connected_for_s": round((at - previous.connected_at_ms) / 1000, 3),
-                    },
-                )
+            await self._write_disconnected(
+                conn.device_id, previous.session_id, previous.connected_at_ms, "replaced"
             )
         elif local_previous is not None:
-            await self.writer.submit(
-                EventWrite(
-                    conn.device_id,
-                    "device.disconnected",
-                    at,
-                    {
-                        "session_id": local_previous.session_id,
-                        "reason": "replaced",
-                        "connected_for_s": round((at - local_previous.connected_at_ms) / 1000, 3),
-                    },
-                )
+            await self._write_disconnected(
+                conn.device_id, local_previous.session_id, local_previous.connected_at_ms, "replaced"
             )
-        await self.writer.submit(
-            EventWrite(
-                conn.device_id,
-                "device.connected",
-                conn.connected_at_ms,
-                {"session_id": conn.session_id, "node": self.node_id},
-            )
-        )
+        await self._announce(conn)
         await self.commands.deliver_queued(conn.device_id, conn.send)
 
     def closed(self, conn: Connection, code: int | None) -> None:
@@ -252,16 +231,21 @@ class Node:
             await asyncio.wait([conn.online])  # connected is recorded before disconnected
         if not await self.presence.remove(conn.device_id, conn.session_id):
             return  # replaced meanwhile: the successor reported this session's end
+        await self._write_disconnected(conn.device_id, conn.session_id, conn.connected_at_ms, reason)
+
+    async def _write_disconnected(
+        self, device_id: str, session_id: str, connected_at_ms: int, reason: str
+    ) -> None:
         at = now_ms()
         await self.writer.submit(
             EventWrite(
-                conn.device_id,
+                device_id,
                 "device.disconnected",
                 at,
                 {
-                    "session_id": conn.session_id,
+                    "session_id": session_id,
                     "reason": reason,
-                    "connected_for_s": round((at - conn.connected_at_ms) / 1000, 3),
+                    "connected_for_s": round((at - connected_at_ms) / 1000, 3),
                 },
             )
         )
@@ -462,20 +446,55 @@ class Node:
             elif conn.socket is not None:
                 conn.awaiting_pong = True
                 conn.socket.ping()
-        await self.presence.heartbeat(self.node_id, 3 * self.settings.heartbeat_s)
+
+    async def _liveness(self) -> None:
+        """Keep this node alive in Presence; declare lapsed nodes' sessions lost (contract §5).
+
+        The liveness TTL is 2 × heartbeat_s and checks run every heartbeat_s / 2, so a dead
+        node's sessions are declared `node_lost` within 2.5 × heartbeat_s (contract: 3×).
+        """
+        await self.presence.heartbeat(self.node_id, 2 * self.settings.heartbeat_s)
         for lost in await self.presence.claim_lost(self.node_id):
-            await self.writer.submit(
-                EventWrite(
-                    lost.device_id,
-                    "device.disconnected",
-                    now_ms(),
-                    {
-                        "session_id": lost.session_id,
-                        "reason": "node_lost",
-                        "connected_for_s": round((now_ms() - lost.connected_at_ms) / 1000, 3),
-                    },
-                )
+            await self._write_disconnected(lost.device_id, lost.session_id, lost.connected_at_ms, "node_lost")
+
+    async def reconcile(self) -> None:
+        """After a broker/presence outage: put back local sessions that Presence lost, close
+        the ones another node took over meanwhile, announce any never announced."""
+        await self.presence.heartbeat(self.node_id, 2 * self.settings.heartbeat_s)
+        for device_id, conn in list(self.devices.items()):
+            current = await self.presence.get(device_id)
+            if current is None:
+                info = SessionInfo(device_id, conn.session_id, self.node_id, conn.connected_at_ms, now_ms())
+                await self.presence.add(info)
+                if not conn.announced:
+                    await self._announce(conn)
+            elif current.session_id != conn.session_id:
+                conn.event_suppressed = True  # the newer session's node reported the replacement
+                conn.close(Close.REPLACED)
+        # Sessions that ended here while Presence was unreachable: remove the ghosts.
+        after: str | None = None
+        while True:
+            page = await self.presence.list_sessions(500, after)
+            for info in page:
+                ghost = info.node == self.node_id and info.session_id not in self.connections
+                if ghost and await self.presence.remove(info.device_id, info.session_id):
+                    await self._write_disconnected(
+                        info.device_id, info.session_id, info.connected_at_ms, "closed"
+                    )
+            if len(page) < 500:
+                break
+            after = page[-1].device_id
+
+    async def _announce(self, conn: DeviceConnection) -> None:
+        await self.writer.submit(
+            EventWrite(
+                conn.device_id,
+                "device.connected",
+                conn.connected_at_ms,
+                {"session_id": conn.session_id, "node": self.node_id},
             )
+        )
+        conn.announced = True
 
     async def _flush_presence(self) -> None:
         pairs = [(d, c.session_id) for d, c in self.devices.items()]

@@ -33,6 +33,8 @@ class EventPublisher:
         self._max_pending = max_pending
         self._batch = batch
         self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
         self.published = 0
@@ -47,7 +49,9 @@ class EventPublisher:
                 outbox.popleft()
             self.dropped += overflow
             log.warning("event outbox full: dropped %d events (kept in history)", overflow)
-        self._wakeup.set()
+        if outbox:
+            self._drained.clear()
+            self._wakeup.set()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="event-publisher")
@@ -73,13 +77,12 @@ class EventPublisher:
             for _ in range(count):
                 outbox.popleft()
             self.published += count
+            if not outbox:
+                self._drained.set()
 
-    async def flush(self, timeout: float) -> None:
-        """Wait until the outbox is empty (or the timeout passes): used at shutdown."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self._outbox and loop.time() < deadline:
-            await asyncio.sleep(0.01)
+    async def drained(self) -> None:
+        """Until the outbox is empty: used at shutdown (bound it with a timeout)."""
+        await self._drained.wait()
 
     async def stop(self) -> None:
         if self._task is not None:
