@@ -1,0 +1,142 @@
+"""Run the ASGI app (REST) and the WebSocketApp (picows) on ONE port with uvicorn.
+
+    server = build_server(asgi_app, ws_app, host="127.0.0.1", port=0, on_started=print)
+    await server.serve()          # in a running (uvloop) loop; or server.run() to own the loop
+
+`serve(...)` does both in one call. Shutdown (`server.should_exit = True`, SIGINT/SIGTERM)
+reaches WebSocket connections: each gets close 1001 `server_shutdown` and its Handler
+`on_closed(1001)`; uvicorn waits for them (at most `close_grace_s`) before the lifespan shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import uvicorn
+
+from fleetwire.realtime.picows_transport import TransportLimits, make_ws_protocol, redact_access_token
+from fleetwire.realtime.transport import WebSocketApp
+
+__all__ = ["FleetwireServer", "RedactAccessToken", "build_server", "install_log_redaction", "serve"]
+
+REDACTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "fleetwire.realtime.transport")
+
+
+class RedactAccessToken(logging.Filter):
+    """Replaces `access_token=<value>` in a record's message and string arguments (contract §2:
+    the query-string token never reaches the logs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact_access_token(record.msg)
+        args = record.args
+        if isinstance(args, tuple):
+            if any(isinstance(arg, str) and "access_token" in arg.lower() for arg in args):
+                record.args = tuple(redact_access_token(a) if isinstance(a, str) else a for a in args)
+        elif isinstance(args, Mapping):
+            record.args = {k: redact_access_token(v) if isinstance(v, str) else v for k, v in args.items()}
+        return True
+
+
+def install_log_redaction() -> None:
+    """Idempotent: one `RedactAccessToken` filter on each logger that can see a request target.
+    Logger filters apply to records logged on that logger itself, hence the explicit list."""
+    for name in REDACTED_LOGGERS:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, RedactAccessToken) for f in target.filters):
+            target.addFilter(RedactAccessToken())
+
+
+class FleetwireServer(uvicorn.Server):
+    """uvicorn.Server that reports the port it bound (port 0 in tests) once it listens."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[int], None] | None = None) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+
+    @property
+    def port(self) -> int | None:
+        for server in getattr(self, "servers", []):
+            for sock in server.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    return int(sock.getsockname()[1])
+        return None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            install_log_redaction()  # again: Config may have re-run dictConfig meanwhile
+            port = self.port
+            if self._on_started is not None and port is not None:
+                self._on_started(port)
+
+
+def build_server(
+    asgi_app: Any,
+    ws_app: WebSocketApp,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: TransportLimits | None = None,
+    log_level: str | int | None = "info",
+    access_log: bool = True,
+    on_started: Callable[[int], None] | None = None,
+    **uvicorn_options: Any,
+) -> FleetwireServer:
+    """A uvicorn server: httptools + uvloop, lifespan on, picows for `Upgrade: websocket`."""
+    options: dict[str, Any] = {"timeout_graceful_shutdown": 30, **uvicorn_options}
+    config = uvicorn.Config(
+        asgi_app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        ws=make_ws_protocol(ws_app, limits or TransportLimits()),
+        ws_per_message_deflate=False,
+        lifespan="on",
+        log_level=log_level,
+        access_log=access_log,
+        **options,
+    )
+    install_log_redaction()
+    return FleetwireServer(config, on_started=on_started)
+
+
+async def serve(
+    asgi_app: Any,
+    ws_app: WebSocketApp,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: TransportLimits | None = None,
+    log_level: str | int | None = "info",
+    access_log: bool = True,
+    on_started: Callable[[int], None] | None = None,
+    sockets: list[socket.socket] | None = None,
+) -> None:
+    """Serve until shutdown, in the running loop (use uvloop: `uvloop.run(serve(...))`)."""
+    if not isinstance(asyncio.get_running_loop(), _uvloop_loop_type()):
+        logging.getLogger("fleetwire.realtime.server").warning(
+            "serving on a non-uvloop event loop; picows works but slower"
+        )
+    server = build_server(
+        asgi_app,
+        ws_app,
+        host=host,
+        port=port,
+        limits=limits,
+        log_level=log_level,
+        access_log=access_log,
+        on_started=on_started,
+    )
+    await server.serve(sockets=sockets)
+
+
+def _uvloop_loop_type() -> type[asyncio.AbstractEventLoop]:
+    import uvloop
+
+    return uvloop.Loop
