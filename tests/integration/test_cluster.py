@@ -1,0 +1,279 @@
+"""Several `fleetwire serve` processes on one PostgreSQL database and one Redis behave as one
+service (issue 6, contract §5). Real processes, real servers; no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fleetwire.auth.jwt import mint_token
+from tests.integration.harness import SECRET, TIMEOUT, Session
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
+HEARTBEAT_S = 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ProcessNode:
+    """`python -m fleetwire serve` as its own process."""
+
+    def __init__(self, name: str, tmp: Path, database_url: str, broker_url: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.log = tmp / f"{name}.log"
+        env = {
+            **os.environ,
+            "FLEETWIRE_PORT": str(self.port),
+            "FLEETWIRE_DATA_DIR": str(tmp / name),
+            "FLEETWIRE_DATABASE_URL": database_url,
+            "FLEETWIRE_BROKER_URL": broker_url,
+            "FLEETWIRE_JWT_SECRET": SECRET,
+            "FLEETWIRE_NODE_ID": name,
+            "FLEETWIRE_HEARTBEAT_S": str(HEARTBEAT_S),
+            "FLEETWIRE_LOG_LEVEL": "warning",
+        }
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "fleetwire", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        self.sessions: list[Session] = []
+
+    async def ready(self) -> ProcessNode:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        async with httpx.AsyncClient(timeout=1) as http:
+            while loop.time() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
+                try:
+                    if (await http.get(f"http://127.0.0.1:{self.port}/readyz")).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"{self.name} not ready in 30 s: {self.log.read_text()[-2000:]}")
+
+    def token(self, sub: str, role: str) -> str:
+        return mint_token(secret=SECRET, sub=sub, role=role, ttl_s=3600)[0]
+
+    def rest(self, role: str = "admin") -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.port}/api/v1",
+            headers={"Authorization": f"Bearer {self.token('tester', role)}"},
+            timeout=TIMEOUT,
+        )
+
+    async def device(self, device_id: str) -> Session:
+        session = await Session.open(f"ws://127.0.0.1:{self.port}/ws/device", self.token(device_id, "device"))
+        self.sessions.append(session)
+        return session
+
+    async def client(self, role: str = "operator") -> Session:
+        session = await Session.open(f"ws://127.0.0.1:{self.port}/ws/client", self.token("app", role))
+        self.sessions.append(session)
+        return session
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+class RedisServer:
+    """A private redis-server on a free port, for outage tests."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, postgres_url: str, redis_url: str) -> AsyncIterator[Callable[..., Any]]:
+    nodes: list[ProcessNode] = []
+
+    async def start(*names: str, broker_url: str | None = None) -> list[ProcessNode]:
+        fresh = [ProcessNode(n, tmp_path, postgres_url, broker_url or redis_url) for n in names]
+        nodes.extend(fresh)
+        return list(await asyncio.gather(*(n.ready() for n in fresh)))
+
+    yield start
+    for node in nodes:
+        for session in node.sessions:
+            session.ws.transport.abort()
+    await asyncio.get_running_loop().run_in_executor(None, lambda: [n.stop() for n in nodes])
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_events_commands_and_registry_cross_nodes(cluster: Callable[..., Any]) -> None:
+    """A device on A, a client on B: presence, status and telemetry events arrive; a command
+    from B reaches the device on A and its result comes back; B's registry lists the session."""
+    a, b = await cluster("a", "b")
+    async with a.rest() as rest:
+        assert (await rest.post("/devices", json={"id": "d1"})).status_code == 201
+    client = await b.client()
+    await client.request(
+        {"type": "subscribe", "devices": ["d1"], "events": ["presence", "status", "telemetry"]}
+    )
+    device = await a.device("d1")
+    connected = await client.event("device.connected")
+    assert connected["data"]["node"] == "a"
+    await device.request({"type": "status", "status": "online"})
+    await device.request({"type": "telemetry", "data": {"t": 1}})
+    assert (await client.event("device.status"))["data"]["status"] == "online"
+    assert (await client.event("device.telemetry"))["data"]["values"] == {"t": 1}
+    async with b.rest("viewer") as rest:
+        listing = (await rest.get("/connections")).json()
+        assert [(c["device_id"], c["node"]) for c in listing["items"]] == [("d1", "a")]
+    ack = await client.request({"type": "command", "device_id": "d1", "name": "blink"})
+    assert ack["state"] == "sent"
+    command = await device.next_of("command")
+    await device.request({"type": "command_result", "command_id": command["command_id"], "ok": True})
+    result = await client.next_of("command_result")
+    assert (result["command_id"], result["state"]) == (ack["command_id"], "succeeded")
+
+
+async def test_replacement_across_nodes_and_seq(cluster: Callable[..., Any]) -> None:
+    """Connecting on B closes A's session with 4009; events stay in replaced order, and seq
+    rises by one per event whichever node wrote it."""
+    a, b = await cluster("a", "b")
+    async with a.rest() as rest:
+        await rest.post("/devices", json={"id": "d1"})
+    client = await a.client()
+    await client.request({"type": "subscribe", "devices": ["d1"], "events": ["presence", "status"]})
+    first = await a.device("d1")
+    await client.event("device.connected")
+    second = await b.device("d1")
+    assert await first.closed() == (4009, "replaced")
+    gone = await client.event("device.disconnected")
+    back = await client.event("device.connected")
+    assert gone["data"]["reason"] == "replaced"
+    assert back["data"]["node"] == "b"
+    assert back["seq"] == gone["seq"] + 1
+    seqs = [back["seq"]]
+    for i in range(6):
+        node = a if i % 2 else b
+        async with node.rest("operator") as rest:
+            assert (await rest.patch("/devices/d1", json={"status": f"s{i}"})).status_code == 200
+        seqs.append((await client.event("device.status"))["seq"])
+    assert seqs == list(range(seqs[0], seqs[0] + 7))
+    assert second.welcome["device_id"] == "d1"
+
+
+async def test_sigkill_node_lost_exactly_once(cluster: Callable[..., Any]) -> None:
+    """A node killed with SIGKILL has its sessions declared disconnected (node_lost) by the
+    survivors within 3 × heartbeat_s, exactly once."""
+    a, b, c = await cluster("a", "b", "c")
+    async with b.rest() as rest:
+        await rest.post("/devices", json={"id": "d1"})
+    watchers = [await b.client("viewer"), await c.client("viewer")]
+    for watcher in watchers:
+        await watcher.request({"type": "subscribe", "devices": ["d1"]})
+    await a.device("d1")
+    for watcher in watchers:
+        await watcher.event("device.connected")
+    killed_at = time.monotonic()
+    a.kill()
+    for watcher in watchers:
+        lost = await watcher.event("device.disconnected", timeout=3 * HEARTBEAT_S + 2)
+        assert lost["data"]["reason"] == "node_lost"
+    assert time.monotonic() - killed_at <= 3 * HEARTBEAT_S + 1
+    for watcher in watchers:
+        with pytest.raises(TimeoutError):
+            await watcher.event("device.disconnected", timeout=2 * HEARTBEAT_S)
+    async with b.rest("viewer") as rest:
+        assert (await rest.get("/connections")).json()["items"] == []
+
+
+async def test_redis_restart_recovers(cluster: Callable[..., Any], private_redis: RedisServer) -> None:
+    """Redis restarts mid-test: /readyz reports it, nodes keep local sessions, and after it
+    returns events flow across nodes again and the registry shows the live session."""
+    url = f"redis://127.0.0.1:{private_redis.port}/0"
+    a, b = await cluster("a", "b", broker_url=url)
+    async with a.rest() as rest:
+        await rest.post("/devices", json={"id": "d1"})
+    device = await a.device("d1")
+    private_redis.stop()
+    async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+        ready = await http.get(f"http://127.0.0.1:{a.port}/readyz")
+        assert ready.status_code == 503
+    private_redis.start()
+    client = await b.client()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while True:  # wait for both nodes to reconnect and reconcile
+        async with b.rest("viewer") as rest:
+            items = (await rest.get("/connections")).json()["items"]
+        if [i["device_id"] for i in items] == ["d1"]:
+            break
+        assert loop.time() < deadline, "the device session did not come back in the registry"
+        await asyncio.sleep(0.2)
+    await client.request({"type": "subscribe", "devices": ["d1"], "events": ["status"]})
+    for attempt in range(30):
+        await device.request({"type": "status", "status": f"s{attempt}"})
+        try:
+            event = await client.event("device.status", timeout=0.5)
+            break
+        except TimeoutError:
+            continue
+    assert event["data"]["source"] == "device"
