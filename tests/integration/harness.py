@@ -210,7 +210,7 @@ class Session:
         try:
             while True:
                 await asyncio.wait_for(self.ws.recv(), timeout)
-        except Exception:  # noqa: BLE001 - any ending is what we wait for
+        except Exception:
             pass
         await asyncio.wait_for(self.ws.wait_closed(), timeout)
         rcvd = self.ws.protocol.close_rcvd

@@ -74,7 +74,9 @@ def test_valid_requests_are_parsed() -> None:
     assert outcome == Request("status", "s", "online")
     client = session(Role.OPERATOR)
     outcome = client.receive(b'{"type":"subscribe","id":2,"devices":["d1","site-*"]}', 0.0, NOW_MS)
-    assert outcome == Request("subscribe", 2, Subscribe(("d1", "site-*"), frozenset({"presence", "status"}), None))
+    assert outcome == Request(
+        "subscribe", 2, Subscribe(("d1", "site-*"), frozenset({"presence", "status"}), None)
+    )
 
 
 def test_rate_limit_errors_then_closes_4029() -> None:
