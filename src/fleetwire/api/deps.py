@@ -44,11 +44,14 @@ def require(principal: Principal, role: Role) -> None:
         raise FleetwireError(ErrorCode.FORBIDDEN, f"this needs the {role.value} role")
 
 
-def require_device_access(principal: Principal, device_id: str, role: Role = Role.VIEWER) -> None:
-    """Clients by role and `devices` claim; a device only for itself (where allowed)."""
+def require_device_access(
+    principal: Principal, device_id: str, role: Role = Role.VIEWER, *, device_itself: bool = False
+) -> None:
+    """Clients by role and `devices` claim; a device token only where `device_itself` allows
+    it (its own telemetry, contract §1) and only for itself."""
     if principal.role is Role.DEVICE:
-        if device_id != principal.sub:
-            raise FleetwireError(ErrorCode.FORBIDDEN, "a device may only act for itself")
+        if not device_itself or device_id != principal.sub:
+            raise FleetwireError(ErrorCode.FORBIDDEN, "a device token may only use its own telemetry")
         return
     require(principal, role)
     if not principal.may_see(device_id):

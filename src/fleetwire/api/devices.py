@@ -140,8 +140,6 @@ async def update_device(
 ) -> dict[str, Any]:
     given = body.model_fields_set
     require_device_access(principal, device_id, Role.OPERATOR if given <= {"status"} else Role.ADMIN)
-    if principal.role is Role.DEVICE:
-        raise FleetwireError(ErrorCode.FORBIDDEN, "devices report status over the WebSocket")
     await _device(node, device_id)
     if body.telemetry_schema is not None:
         check_schema(body.telemetry_schema)

@@ -32,7 +32,7 @@ async def post_telemetry(
     ],
 ) -> dict[str, Any]:
     """`{ts?, data}` like `telemetry`, or `{records: [...]}` like `telemetry_batch`."""
-    require_device_access(principal, device_id, Role.ADMIN)
+    require_device_access(principal, device_id, Role.ADMIN, device_itself=True)
     device = await node.store.get_device(device_id)
     if device is None:
         raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
@@ -76,7 +76,7 @@ async def get_telemetry(
     cursor: str | None = None,
 ) -> dict[str, Any]:
     """Stored points, newest first; `from`/`to` are inclusive bounds."""
-    require_device_access(principal, device_id)
+    require_device_access(principal, device_id, device_itself=True)
     if await node.store.get_device(device_id) is None:
         raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
     before = decode_cursor(cursor)
@@ -95,7 +95,7 @@ async def get_telemetry(
 
 @router.get("/devices/{device_id}/telemetry/latest")
 async def latest_telemetry(device_id: str, node: NodeDep, principal: PrincipalDep) -> dict[str, Any]:
-    require_device_access(principal, device_id)
+    require_device_access(principal, device_id, device_itself=True)
     if await node.store.get_device(device_id) is None:
         raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
     latest = await node.store.latest_telemetry(device_id)

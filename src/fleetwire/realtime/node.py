@@ -442,7 +442,8 @@ class Node:
         for conn in list(self.connections.values()):
             if conn.awaiting_pong:
                 conn.close_code = _TIMEOUT
-                conn.close(Close.SERVER_SHUTDOWN)
+                if conn.socket is not None:  # unlikely to be read: the peer is not answering
+                    conn.socket.close(int(Close.SERVER_SHUTDOWN), "timeout")
             elif conn.socket is not None:
                 conn.awaiting_pong = True
                 conn.socket.ping()

@@ -299,9 +299,11 @@ class _Connection(WSListener):
         self._sent_code = 4008
         if self._held:
             self._held.clear()
-        # Best effort: the close frame lands behind a full buffer and abort() discards it.
+        # The close frame queues behind what the peer has not read yet; nothing more is added,
+        # so memory stays bounded. A peer that resumes reading within close_grace_s sees 4008;
+        # one that does not is aborted then.
         self._ws.send_close(cast(WSCloseCode, 4008), b"slow_consumer")
-        self._tr.abort()
+        self._disconnect()
 
     def pause_writing(self) -> None:
         self._paused = True
