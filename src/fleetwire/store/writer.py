@@ -1,0 +1,132 @@
+"""GroupWriter: group commit in front of `Store.write` (the ingest hot path).
+
+Contract:
+- `submit(op)` resolves with the op's WriteResult only after the transaction holding it has
+  committed (contract §2.2: an acked record is never lost); if that transaction failed with
+  StoreUnavailableError, every op of it gets that exception and none of it is acked.
+- One writer task takes everything queued (up to `max_batch` ops and about `max_records`
+  telemetry records) and writes it as ONE `store.write` call, so a burst of concurrent
+  submitters costs one transaction, one fsync.
+- `on_committed(events)` is called with all events of a batch, in order, synchronously,
+  after the commit and BEFORE any future of the batch resolves: events are published in
+  commit order, and an acknowledgement never overtakes its event.
+- The queue is bounded (`max_queue` ops). Overflow policy: `submit` waits for space
+  (backpressure towards the connections), it never drops and never grows without bound.
+- `stop()` refuses new submissions, writes everything already queued, then ends the task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Final
+
+from fleetwire.domain.events import Event
+from fleetwire.store.base import Store, StoreUnavailableError, TelemetryWrite, WriteOp, WriteResult
+
+log = logging.getLogger(__name__)
+
+_Item = tuple[WriteOp, "asyncio.Future[WriteResult]"]
+_WAKE: Final = None  # put by stop() into an empty queue to wake the waiting writer
+
+
+class GroupWriter:
+    def __init__(
+        self,
+        store: Store,
+        on_committed: Callable[[list[Event]], None],
+        *,
+        max_queue: int = 10_000,
+        max_batch: int = 500,
+        max_records: int = 10_000,
+    ) -> None:
+        if max_queue < 1 or max_batch < 1 or max_records < 1:
+            raise ValueError("max_queue, max_batch and max_records must be at least 1")
+        self._store = store
+        self._on_committed = on_committed
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue(max_queue)
+        self._max_batch = max_batch
+        self._max_records = max_records
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._stopped = False
+
+    @property
+    def queued(self) -> int:
+        """Ops waiting for a transaction (not counting the batch being written)."""
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="fleetwire-group-writer")
+
+    async def stop(self) -> None:
+        """Write what is queued, then end; later submits raise StoreUnavailableError."""
+        self._closing = True
+        task = self._task
+        if task is not None and not task.done():
+            if self._queue.empty():
+                self._queue.put_nowait(_WAKE)
+            await task
+        self._stopped = True
+        # Items that got in after the writer ended (they waited for space meanwhile).
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None and not item[1].done():
+                item[1].set_exception(StoreUnavailableError("the writer has stopped"))
+
+    async def submit(self, op: WriteOp) -> WriteResult:
+        if self._closing:
+            raise StoreUnavailableError("the writer is stopping")
+        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        await self._queue.put((op, future))  # waits while the queue is full: backpressure
+        if self._stopped and not future.done():
+            raise StoreUnavailableError("the writer has stopped")
+        return await future
+
+    async def _run(self) -> None:
+        queue = self._queue
+        max_batch, max_records = self._max_batch, self._max_records
+        while not (self._closing and queue.empty()):
+            first = await queue.get()
+            if first is None:
+                continue
+            batch = [first]
+            records = _weight(first[0])
+            while len(batch) < max_batch and records < max_records and not queue.empty():
+                item = queue.get_nowait()
+                if item is not None:
+                    batch.append(item)
+                    records += _weight(item[0])
+            await self._write(batch)
+
+    async def _write(self, batch: list[_Item]) -> None:
+        try:
+            results = await self._store.write([op for op, _ in batch])
+        except Exception as exc:  # nothing of the batch committed: nothing is acked
+            if not isinstance(exc, StoreUnavailableError):
+                log.exception("store.write failed on a batch of %d ops", len(batch))
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        if len(results) != len(batch):  # a broken Store; never ack what may not be stored
+            error = RuntimeError(f"store.write returned {len(results)} results for {len(batch)} ops")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        committed = [event for result in results for event in result.events]
+        if committed:
+            try:
+                self._on_committed(committed)
+            except Exception:  # the data is durable; publication is the callee's concern
+                log.exception("on_committed failed for %d events", len(committed))
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():  # a submitter may have been cancelled meanwhile
+                future.set_result(result)
+
+
+def _weight(op: WriteOp) -> int:
+    return len(op.records) if type(op) is TelemetryWrite else 1

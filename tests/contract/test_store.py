@@ -1,0 +1,850 @@
+"""The Store contract (store/base.py), one suite run on SQLite and on PostgreSQL.
+
+Every test opens a fresh database: a file in tmp_path, or a new PostgreSQL database from the
+`postgres_url` fixture (skipped when the server is not reachable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import anyio
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from fleetwire.domain.clock import format_ms
+from fleetwire.domain.commands import Command, CommandState
+from fleetwire.domain.devices import Device, DeviceFilter
+from fleetwire.domain.events import Event
+from fleetwire.domain.telemetry import Record
+from fleetwire.store.base import (
+    DuplicateError,
+    EventWrite,
+    StatusWrite,
+    StoreUnavailableError,
+    TelemetryPoint,
+    TelemetryWrite,
+    WriteResult,
+)
+from fleetwire.store.sql import SqlStore, async_url
+
+pytestmark = pytest.mark.anyio
+
+LIMIT_S = 30  # bound of every test body; the slowest (PostgreSQL, 40 000 ids) takes ~2 s
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fleetwire.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+async def store(url: str) -> AsyncIterator[SqlStore]:
+    opened = SqlStore(url)
+    with anyio.fail_after(LIMIT_S):
+        await opened.open()
+    try:
+        yield opened
+    finally:
+        with anyio.fail_after(LIMIT_S):
+            await opened.close()
+
+
+async def _devices(store: SqlStore, *ids: str) -> None:
+    for device_id in ids:
+        await store.create_device(Device(device_id, created_at_ms=1000, updated_at_ms=1000))
+
+
+def _command(command_id: str, device_id: str = "d1", **fields: object) -> Command:
+    values: dict[str, object] = {
+        "id": command_id,
+        "device_id": device_id,
+        "name": "reboot",
+        "params": {"delay": 5},
+        "state": CommandState.PENDING,
+        "issued_at_ms": 1000,
+        "expires_at_ms": 31_000,
+        "issuer": "alice",
+    }
+    values.update(fields)
+    return Command(**values)  # type: ignore[arg-type]
+
+
+# -- lifecycle -----------------------------------------------------------------------------
+
+
+async def test_open_twice_and_reopen_are_no_ops(store: SqlStore, url: str) -> None:
+    """Migrations are idempotent: opening again, and another store on the same URL, keep data."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1")
+        await store.open()
+        again = SqlStore(url)
+        await again.open()
+        try:
+            assert (await again.get_device("d1")) == await store.get_device("d1")
+            await again.ping()
+        finally:
+            await again.close()
+        assert (await store.get_device("d1")) is not None
+
+
+async def test_concurrent_opens_migrate_once(url: str) -> None:
+    """Several processes starting together: every open succeeds, the schema is made once."""
+    with anyio.fail_after(LIMIT_S):
+        stores = [SqlStore(url) for _ in range(4)]
+        await asyncio.gather(*(s.open() for s in stores))
+        try:
+            await _devices(stores[0], "d1")
+            assert (await stores[3].get_device("d1")) is not None
+            engine = create_async_engine(async_url(url))
+            async with engine.connect() as conn:
+                versions = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).all()
+            await engine.dispose()
+            assert [tuple(v) for v in versions] == [("0001",)]
+        finally:
+            await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_closed_store_is_unavailable(url: str) -> None:
+    """After close() every call raises StoreUnavailableError instead of reconnecting."""
+    with anyio.fail_after(LIMIT_S):
+        closed = SqlStore(url)
+        await closed.open()
+        await closed.ping()
+        await closed.close()
+        with pytest.raises(StoreUnavailableError):
+            await closed.ping()
+        with pytest.raises(StoreUnavailableError):
+            await closed.write([EventWrite("d1", "device.connected", 1, {})])
+
+
+# -- registry ------------------------------------------------------------------------------
+
+
+async def test_create_and_get_round_trip_every_field(store: SqlStore) -> None:
+    """A device comes back exactly as stored, JSON numbers and booleans included."""
+    with anyio.fail_after(LIMIT_S):
+        device = Device(
+            id="site-a.pump_1:x",
+            name="Pump 1",
+            type="pump",
+            tags=("b", "a"),
+            metadata={
+                "floor": 3,
+                "ratio": 0.1,
+                "big": 1e300,
+                "ok": False,
+                "nested": {"list": [1, 2.5, "x", None]},
+            },
+            status="online",
+            status_at_ms=1234,
+            disabled=True,
+            telemetry_schema={"type": "object", "properties": {"t": {"type": "number"}}},
+            created_at_ms=1000,
+            updated_at_ms=2000,
+        )
+        assert await store.create_device(device) == device
+        got = await store.get_device(device.id)
+        assert got == device
+        assert got is not None
+        assert type(got.metadata["floor"]) is int
+        assert type(got.metadata["ratio"]) is float
+        assert got.metadata["big"] == 1e300
+        assert await store.get_device("absent") is None
+
+
+async def test_create_fills_missing_timestamps(store: SqlStore) -> None:
+    """created_at/updated_at of 0 mean "now"; the stored values are returned."""
+    with anyio.fail_after(LIMIT_S):
+        stored = await store.create_device(Device("d1"))
+        assert stored.created_at_ms > 1_600_000_000_000
+        assert stored.updated_at_ms == stored.created_at_ms
+        assert await store.get_device("d1") == stored
+
+
+async def test_duplicate_device_is_refused(store: SqlStore) -> None:
+    """A second create with the same id raises DuplicateError and changes nothing."""
+    with anyio.fail_after(LIMIT_S):
+        await store.create_device(Device("d1", name="first", created_at_ms=1, updated_at_ms=1))
+        with pytest.raises(DuplicateError):
+            await store.create_device(Device("d1", name="second", created_at_ms=1, updated_at_ms=1))
+        got = await store.get_device("d1")
+        assert got is not None
+        assert got.name == "first"
+
+
+async def test_list_filters(store: SqlStore) -> None:
+    """status, tag and type filters, only_ids / exclude_ids, each alone and combined."""
+    with anyio.fail_after(LIMIT_S):
+        for device_id, status, tags, kind in [
+            ("a1", "online", ("x", "y"), "pump"),
+            ("a2", "offline", ("y",), "pump"),
+            ("a3", "online", (), "valve"),
+            ("a4", None, ("x",), None),
+        ]:
+            await store.create_device(
+                Device(device_id, status=status, tags=tags, type=kind, created_at_ms=1, updated_at_ms=1)
+            )
+
+        async def ids(where: DeviceFilter, limit: int = 100) -> list[str]:
+            return [d.id for d in await store.list_devices(where, limit)]
+
+        assert await ids(DeviceFilter()) == ["a1", "a2", "a3", "a4"]
+        assert await ids(DeviceFilter(status="online")) == ["a1", "a3"]
+        assert await ids(DeviceFilter(tag="x")) == ["a1", "a4"]
+        assert await ids(DeviceFilter(tag="y")) == ["a1", "a2"]
+        assert await ids(DeviceFilter(tag="z")) == []
+        assert await ids(DeviceFilter(type="pump")) == ["a1", "a2"]
+        assert await ids(DeviceFilter(only_ids=frozenset({"a2", "a4", "zz"}))) == ["a2", "a4"]
+        assert await ids(DeviceFilter(only_ids=frozenset())) == []
+        assert await ids(DeviceFilter(exclude_ids=frozenset({"a1", "a3"}))) == ["a2", "a4"]
+        assert await ids(DeviceFilter(exclude_ids=frozenset())) == ["a1", "a2", "a3", "a4"]
+        assert await ids(DeviceFilter(status="online", tag="x", type="pump")) == ["a1"]
+        assert await ids(DeviceFilter(tag="y", exclude_ids=frozenset({"a1"}))) == ["a2"]
+        assert await ids(DeviceFilter(patterns=("a[12]",), only_ids=frozenset({"a2", "a3"}))) == ["a2"]
+
+
+async def test_list_patterns_match_like_fnmatchcase(store: SqlStore) -> None:
+    """`patterns` are the `devices` claim globs: the same matches as fnmatch.fnmatchcase."""
+    with anyio.fail_after(LIMIT_S):
+        ids = [
+            "site-a.1",
+            "site-a.2",
+            "site-b.1",
+            "Site-a.3",
+            "site_a.4",
+            "sitexa.5",
+            "d1",
+            "d10",
+            "a%b",
+            "x-y:z",
+        ]
+        await _devices(store, *ids)
+        patterns: list[tuple[str, ...]] = [
+            ("site-a.*",),
+            ("site?a.*",),
+            ("site_a.*",),  # `_` is a literal, not LIKE's any-char
+            ("d1",),
+            ("d1", "site-b.*"),
+            ("*",),
+            ("d[0-9]*",),
+            ("d[!1]",),
+            ("[Ss]ite-a.?",),
+            ("a%b",),
+            ("*:z",),
+            ("nomatch*",),
+        ]
+        for group in patterns:
+            found = [d.id for d in await store.list_devices(DeviceFilter(patterns=group), 100)]
+            expected = sorted(i for i in ids if any(fnmatchcase(i, p) for p in group))
+            assert found == expected, group
+        assert await store.list_devices(DeviceFilter(patterns=()), 100) == []
+
+
+async def test_list_pagination_covers_every_device_once(store: SqlStore) -> None:
+    """Pages of `limit` ordered by id (code-point order on both databases) with `after`."""
+    with anyio.fail_after(LIMIT_S):
+        ids = [f"d{i:02d}" for i in range(23)] + ["B1", "a1", "Z-9", "z_1"]
+        await _devices(store, *reversed(ids))
+        seen: list[str] = []
+        after: str | None = None
+        pages = 0
+        while True:
+            page = await store.list_devices(DeviceFilter(), 10, after)
+            if not page:
+                break
+            pages += 1
+            assert len(page) <= 10
+            seen += [d.id for d in page]
+            after = page[-1].id
+        assert seen == sorted(ids)  # Python's str order is code-point order
+        assert pages == 3
+        filtered = await store.list_devices(DeviceFilter(patterns=("d1*",)), 5, "d11")
+        assert [d.id for d in filtered] == ["d12", "d13", "d14", "d15", "d16"]
+
+
+async def test_list_with_very_many_only_ids(store: SqlStore) -> None:
+    """only_ids / exclude_ids of 40 000 ids (beyond both databases' parameter limits) work."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2", "d3")
+        many = frozenset({f"x{i}" for i in range(40_000)} | {"d2"})
+        assert [d.id for d in await store.list_devices(DeviceFilter(only_ids=many), 10)] == ["d2"]
+        excluded = await store.list_devices(DeviceFilter(exclude_ids=many), 10)
+        assert [d.id for d in excluded] == ["d1", "d3"]
+
+
+async def test_update_device(store: SqlStore) -> None:
+    """Only the given fields change, updated_at moves, status and seq are never touched."""
+    with anyio.fail_after(LIMIT_S):
+        await store.create_device(
+            Device("d1", name="old", status="online", created_at_ms=1000, updated_at_ms=1000)
+        )
+        await store.write([EventWrite("d1", "device.connected", 5, {})])
+        updated = await store.update_device(
+            "d1",
+            {
+                "name": "new",
+                "tags": ["t1"],
+                "metadata": {"k": 1},
+                "disabled": True,
+                "telemetry_schema": {"type": "object"},
+                "type": "pump",
+            },
+        )
+        assert updated is not None
+        assert (updated.name, updated.tags, updated.metadata, updated.disabled) == (
+            "new",
+            ("t1",),
+            {"k": 1},
+            True,
+        )
+        assert (updated.telemetry_schema, updated.type) == ({"type": "object"}, "pump")
+        assert (updated.status, updated.seq, updated.created_at_ms) == ("online", 1, 1000)
+        assert updated.updated_at_ms > 1000
+        assert await store.get_device("d1") == updated
+        cleared = await store.update_device("d1", {"name": None, "telemetry_schema": None})
+        assert cleared is not None
+        assert (cleared.name, cleared.telemetry_schema, cleared.tags) == (None, None, ("t1",))
+        assert await store.update_device("d1", {}) == cleared
+        assert await store.update_device("absent", {"name": "x"}) is None
+        with pytest.raises(ValueError, match="status"):
+            await store.update_device("d1", {"status": "x"})
+
+
+async def test_delete_removes_history_telemetry_and_commands(store: SqlStore) -> None:
+    """delete_device returns the device; nothing of it remains, not even under the same id."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2")
+        await store.write(
+            [
+                EventWrite("d1", "device.connected", 5, {}),
+                TelemetryWrite("d1", [Record(10, {"t": 1.0})]),
+                TelemetryWrite("d2", [Record(10, {"t": 2.0})]),
+            ]
+        )
+        await store.create_command(_command("c1"))
+        deleted = await store.delete_device("d1")
+        assert deleted is not None
+        assert (deleted.id, deleted.seq) == ("d1", 2)
+        assert await store.get_device("d1") is None
+        assert await store.delete_device("d1") is None
+        assert await store.get_command("c1") is None
+        await _devices(store, "d1")
+        assert await store.events("d1", 0, 10) == []
+        assert await store.telemetry("d1", key=None, from_ms=None, to_ms=None, limit=10) == []
+        assert await store.latest_telemetry("d1") == {}
+        assert await store.list_commands("d1", None, 10) == []
+        assert [e.seq for e in await store.events("d2", 0, 10)] == [1]
+
+
+# -- the event log -------------------------------------------------------------------------
+
+
+async def test_write_numbers_a_mixed_group_strictly_plus_one(store: SqlStore) -> None:
+    """Seqs follow op order per device, +1 each, also across groups; results mirror ops."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2")
+        results = await store.write(
+            [
+                TelemetryWrite("d1", [Record(100, {"t": 1.5}), Record(101, {"t": 2.5, "ok": True})]),
+                EventWrite("d2", "device.connected", 7, {"session_id": "s1", "node": "n1"}),
+                StatusWrite("d1", "online", "device", 8),
+                StatusWrite("d1", "online", "device", 9),
+                EventWrite("d1", "command.updated", 10, {"command_id": "c1"}),
+                TelemetryWrite("d2", []),
+            ]
+        )
+        assert results == [
+            WriteResult(
+                events=[
+                    Event("d1", 1, "device.telemetry", 100, {"ts": format_ms(100), "values": {"t": 1.5}}),
+                    Event(
+                        "d1",
+                        2,
+                        "device.telemetry",
+                        101,
+                        {"ts": format_ms(101), "values": {"t": 2.5, "ok": True}},
+                    ),
+                ]
+            ),
+            WriteResult(events=[Event("d2", 1, "device.connected", 7, {"session_id": "s1", "node": "n1"})]),
+            WriteResult(
+                events=[
+                    Event(
+                        "d1",
+                        3,
+                        "device.status",
+                        8,
+                        {"status": "online", "previous_status": None, "source": "device"},
+                    )
+                ],
+                changed=True,
+            ),
+            WriteResult(),
+            WriteResult(events=[Event("d1", 4, "command.updated", 10, {"command_id": "c1"})]),
+            WriteResult(),
+        ]
+        second = await store.write(
+            [EventWrite("d1", "device.disconnected", 11, {}), EventWrite("d2", "x", 12, {})]
+        )
+        assert [e.seq for r in second for e in r.events] == [5, 2]
+        d1 = await store.get_device("d1")
+        assert d1 is not None
+        assert (d1.seq, d1.status, d1.status_at_ms) == (5, "online", 8)
+        d1_events = [e for r in results for e in r.events if e.device_id == "d1"] + second[0].events
+        assert await store.events("d1", 0, 100) == d1_events
+
+
+async def test_status_writes_apply_in_order(store: SqlStore) -> None:
+    """Several StatusWrites for one device in one group: each compared with the previous."""
+    with anyio.fail_after(LIMIT_S):
+        await store.create_device(Device("d1", status="a", status_at_ms=1, created_at_ms=1, updated_at_ms=1))
+        results = await store.write(
+            [
+                StatusWrite("d1", "a", "api", 10),
+                StatusWrite("d1", "b", "api", 11),
+                StatusWrite("d1", "b", "device", 12),
+                StatusWrite("d1", "a", "device", 13),
+            ]
+        )
+        assert [r.changed for r in results] == [False, True, False, True]
+        assert [e.data for r in results for e in r.events] == [
+            {"status": "b", "previous_status": "a", "source": "api"},
+            {"status": "a", "previous_status": "b", "source": "device"},
+        ]
+        assert [e.seq for r in results for e in r.events] == [1, 2]
+        device = await store.get_device("d1")
+        assert device is not None
+        assert (device.status, device.status_at_ms, device.seq) == ("a", 13, 2)
+        unchanged = await store.write([StatusWrite("d1", "a", "api", 20)])
+        assert unchanged == [WriteResult()]
+        device = await store.get_device("d1")
+        assert device is not None
+        assert (device.status_at_ms, device.seq) == (13, 2)
+
+
+async def test_missing_devices_change_nothing_and_the_rest_commits(store: SqlStore) -> None:
+    """Ops on absent devices come back missing; the group's other ops are written."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1")
+        results = await store.write(
+            [
+                TelemetryWrite("ghost", [Record(1, {"t": 1})]),
+                StatusWrite("ghost", "x", "api", 1),
+                EventWrite("ghost", "device.connected", 1, {}),
+                EventWrite("d1", "device.connected", 2, {}),
+                StatusWrite("d1", "on", "api", 3),
+            ]
+        )
+        assert [r.missing for r in results] == [True, True, True, False, False]
+        assert [r.events for r in results[:3]] == [[], [], []]
+        assert [e.seq for r in results for e in r.events] == [1, 2]
+        assert await store.get_device("ghost") is None
+        assert await store.events("ghost", 0, 10) == []
+        assert await store.write([]) == []
+
+
+async def test_concurrent_writers_share_one_counter(url: str) -> None:
+    """Two stores (as two processes) writing the same devices never reuse or skip a seq."""
+    with anyio.fail_after(LIMIT_S):
+        first, second = SqlStore(url), SqlStore(url)
+        await first.open()
+        await second.open()
+        try:
+            await _devices(first, "d1", "d2")
+
+            async def writer(store: SqlStore, n: int) -> list[Event]:
+                out: list[Event] = []
+                for i in range(n):
+                    results = await store.write(
+                        [
+                            TelemetryWrite("d2", [Record(i, {"v": i})]),
+                            EventWrite("d1", "device.connected", i, {}),
+                            TelemetryWrite("d1", [Record(i, {"v": i}), Record(i + 1, {"v": i})]),
+                        ]
+                    )
+                    out += [e for r in results for e in r.events]
+                return out
+
+            events = [
+                e for chunk in await asyncio.gather(writer(first, 15), writer(second, 15)) for e in chunk
+            ]
+            assert sorted(e.seq for e in events if e.device_id == "d1") == list(range(1, 91))
+            assert sorted(e.seq for e in events if e.device_id == "d2") == list(range(1, 31))
+            assert [e.seq for e in await first.events("d1", 0, 1000)] == list(range(1, 91))
+        finally:
+            await first.close()
+            await second.close()
+
+
+async def test_events_merge_history_and_telemetry_in_seq_order(store: SqlStore) -> None:
+    """events() interleaves stored events and telemetry records by seq, paged by after/limit."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1")
+        written: list[Event] = []
+        for group in (
+            [EventWrite("d1", "device.connected", 1, {"session_id": "s"})],
+            [TelemetryWrite("d1", [Record(5, {"a": 1, "b": "x"}), Record(6, {"a": 2})])],
+            [StatusWrite("d1", "online", "device", 7)],
+            [TelemetryWrite("d1", [Record(3, {"z": False})])],  # an older ts, a newer seq
+            [EventWrite("d1", "device.disconnected", 9, {"reason": "closed"})],
+        ):
+            written += [e for r in await store.write(group) for e in r.events]
+        assert [e.seq for e in written] == [1, 2, 3, 4, 5, 6]
+        assert await store.events("d1", 0, 100) == written
+        assert await store.events("d1", 0, 3) == written[:3]
+        assert await store.events("d1", 1, 2) == written[1:3]
+        assert await store.events("d1", 3, 2) == written[3:5]
+        assert await store.events("d1", 5, 10) == written[5:]
+        assert await store.events("d1", 6, 10) == []
+        assert await store.events("d1", 0, 0) == []
+        assert await store.events("ghost", 0, 10) == []
+
+
+async def test_telemetry_values_round_trip_exactly(store: SqlStore) -> None:
+    """Numbers, booleans and strings come back with their exact type and value."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1")
+        values: dict[str, float | int | bool | str] = {
+            "f": 0.1,
+            "f_int": 3.0,
+            "f_big": 1e300,
+            "f_neg": -2.5e-300,
+            "i": 42,
+            "i_neg": -7,
+            "i_53": 2**53 + 1,
+            "i_huge": 10**30,
+            "i_zero": 0,
+            "t": True,
+            "fa": False,
+            "s": "hé ✓",
+            "s_empty": "",
+            "s_num": "1.0",
+        }
+        [result] = await store.write([TelemetryWrite("d1", [Record(1000, values)])])
+        [event] = await store.events("d1", 0, 10)
+        assert event == result.events[0]
+        for key, value in event.data["values"].items():
+            assert type(value) is type(values[key]), key
+            assert value == values[key], key
+        latest = await store.latest_telemetry("d1")
+        assert {k: (type(p.value), p.value) for k, p in latest.items()} == {
+            k: (type(v), v) for k, v in values.items()
+        }
+
+
+async def test_purge_drops_old_telemetry_and_keeps_recent_history(store: SqlStore) -> None:
+    """purge(before, history): telemetry with ts < before goes; `history` newest events stay."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2")
+        await store.write(
+            [EventWrite("d1", f"e{i}", i, {}) for i in range(6)] + [EventWrite("d2", "e", 0, {})]
+        )
+        await store.write(
+            [
+                TelemetryWrite("d1", [Record(100, {"a": 1}), Record(200, {"a": 2}), Record(300, {"a": 3})]),
+                TelemetryWrite("d2", [Record(100, {"a": 1})]),
+            ]
+        )
+        await store.purge(200, 2)
+        d1 = await store.events("d1", 0, 100)
+        assert [(e.seq, e.name) for e in d1] == [
+            (5, "e4"),
+            (6, "e5"),
+            (8, "device.telemetry"),
+            (9, "device.telemetry"),
+        ]
+        assert [e.seq for e in await store.events("d2", 0, 100)] == [1]
+        points = await store.telemetry("d1", key=None, from_ms=None, to_ms=None, limit=10)
+        assert [p.ts_ms for p in points] == [300, 200]
+        device = await store.get_device("d1")
+        assert device is not None
+        assert device.seq == 9  # purging never rewinds the counter
+        await store.purge(10**12, 0)
+        assert await store.events("d1", 0, 100) == []
+
+
+async def test_write_keeps_history_bounded_between_purges(url: str) -> None:
+    """With history=5, write trims a device's events whenever its seq crosses a multiple of 5."""
+    with anyio.fail_after(LIMIT_S):
+        small = SqlStore(url, history=5)
+        await small.open()
+        try:
+            await _devices(small, "d1")
+            for i in range(12):
+                await small.write([EventWrite("d1", "e", i, {"i": i})])
+            assert [e.seq for e in await small.events("d1", 0, 100)] == [6, 7, 8, 9, 10, 11, 12]
+        finally:
+            await small.close()
+
+
+# -- telemetry queries ---------------------------------------------------------------------
+
+
+async def _telemetry_fixture(store: SqlStore) -> list[TelemetryPoint]:
+    """Records with repeated and out-of-order timestamps; every point, newest first."""
+    await _devices(store, "d1", "d2")
+    records = [
+        Record(1000, {"temp": 20.5, "hum": 40, "on": True}),
+        Record(2000, {"temp": 21.0, "mode": "eco"}),
+        Record(2000, {"temp": 21.5}),  # the same ts again: seq breaks the tie
+        Record(1500, {"hum": 41, "Temp": 1.0}),  # an older ts after newer ones; `T` < `h` < `t`
+        Record(3000, {"on": False}),
+    ]
+    await store.write([TelemetryWrite("d1", records), TelemetryWrite("d2", [Record(5000, {"temp": 0.0})])])
+    points = [
+        TelemetryPoint(key, record.ts_ms, seq, value)
+        for seq, record in enumerate(records, start=1)
+        for key, value in record.values.items()
+    ]
+    return sorted(points, key=lambda p: (p.ts_ms, p.seq, p.key), reverse=True)
+
+
+async def test_telemetry_newest_first_with_ranges_and_keys(store: SqlStore) -> None:
+    """Order is (ts, seq, key) descending; from/to are inclusive; `key` narrows to one key."""
+    with anyio.fail_after(LIMIT_S):
+        everything = await _telemetry_fixture(store)
+
+        async def query(**kw: object) -> list[TelemetryPoint]:
+            args: dict[str, object] = {"key": None, "from_ms": None, "to_ms": None, "limit": 100}
+            args.update(kw)
+            return await store.telemetry("d1", **args)  # type: ignore[arg-type]
+
+        assert await query() == everything
+        assert await query(limit=3) == everything[:3]
+        assert await query(key="temp") == [p for p in everything if p.key == "temp"]
+        assert await query(key="hum", limit=1) == [TelemetryPoint("hum", 1500, 4, 41)]
+        assert await query(from_ms=1500, to_ms=2000) == [p for p in everything if 1500 <= p.ts_ms <= 2000]
+        assert await query(key="temp", from_ms=2000) == [
+            TelemetryPoint("temp", 2000, 3, 21.5),
+            TelemetryPoint("temp", 2000, 2, 21.0),
+        ]
+        assert await query(key="absent") == []
+        assert await query(to_ms=999) == []
+        assert await query(limit=0) == []
+        assert await store.telemetry("ghost", key=None, from_ms=None, to_ms=None, limit=10) == []
+
+
+async def test_telemetry_pages_with_before_cursor(store: SqlStore) -> None:
+    """Following `before` = the last point of each page yields every point exactly once."""
+    with anyio.fail_after(LIMIT_S):
+        everything = await _telemetry_fixture(store)
+        for key in (None, "temp"):
+            expected = [p for p in everything if key is None or p.key == key]
+            for size in (1, 2, 3, 4):
+                seen: list[TelemetryPoint] = []
+                before: tuple[int, int, str] | None = None
+                while True:
+                    page = await store.telemetry(
+                        "d1", key=key, from_ms=None, to_ms=None, limit=size, before=before
+                    )
+                    if not page:
+                        break
+                    seen += page
+                    last = page[-1]
+                    before = (last.ts_ms, last.seq, last.key)
+                assert seen == expected, (key, size)
+
+
+async def test_telemetry_merges_many_keys(store: SqlStore) -> None:
+    """More keys than one merged query holds (300 > 200) still come back in order."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1")
+        keys = [f"k{i:03d}" for i in range(300)]
+        await store.write(
+            [
+                TelemetryWrite("d1", [Record(10, {k: i for i, k in enumerate(keys[:150])})]),
+                TelemetryWrite("d1", [Record(5, {k: i for i, k in enumerate(keys[150:])})]),
+            ]
+        )
+        points = await store.telemetry("d1", key=None, from_ms=None, to_ms=None, limit=1000)
+        assert [(p.ts_ms, p.key) for p in points] == [(10, k) for k in reversed(keys[:150])] + [
+            (5, k) for k in reversed(keys[150:])
+        ]
+        page = await store.telemetry(
+            "d1", key=None, from_ms=None, to_ms=None, limit=2, before=(10, 1, "k001")
+        )
+        assert [(p.ts_ms, p.key) for p in page] == [(10, "k000"), (5, "k299")]
+        assert len(await store.latest_telemetry("d1")) == 300
+
+
+async def test_latest_telemetry_is_newest_ts_per_key(store: SqlStore) -> None:
+    """The latest value of each key is the one with the greatest (ts, seq), not the last written."""
+    with anyio.fail_after(LIMIT_S):
+        await _telemetry_fixture(store)
+        assert await store.latest_telemetry("d1") == {
+            "temp": TelemetryPoint("temp", 2000, 3, 21.5),
+            "hum": TelemetryPoint("hum", 1500, 4, 41),
+            "on": TelemetryPoint("on", 3000, 5, False),
+            "mode": TelemetryPoint("mode", 2000, 2, "eco"),
+            "Temp": TelemetryPoint("Temp", 1500, 4, 1.0),
+        }
+        assert await store.latest_telemetry("d2") == {"temp": TelemetryPoint("temp", 5000, 1, 0.0)}
+        assert await store.latest_telemetry("ghost") == {}
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+async def test_create_and_get_command(store: SqlStore) -> None:
+    """A command round-trips every field; a duplicate id or an absent device is refused."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1")
+        command = _command(
+            "c1",
+            params={"n": 1, "f": 0.5, "b": True, "s": "x", "l": [1, None]},
+            issuer_node="node-1",
+            issuer_session="sess-1",
+            idempotency_key="k1",
+            timeout_s=30,
+            extra={"queue": True},
+        )
+        assert await store.create_command(command) == command
+        assert await store.get_command("c1") == command
+        assert await store.get_command("absent") is None
+        with pytest.raises(DuplicateError):
+            await store.create_command(_command("c1"))
+        with pytest.raises(LookupError):
+            await store.create_command(_command("c2", device_id="ghost"))
+
+
+async def test_find_command_by_idempotency_key(store: SqlStore) -> None:
+    """The newest command of the issuer with the key, issued at or after since_ms."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1")
+        await store.create_command(_command("c1", idempotency_key="k", issued_at_ms=1000))
+        await store.create_command(_command("c2", idempotency_key="k", issued_at_ms=2000))
+        await store.create_command(_command("c3", idempotency_key="k", issued_at_ms=3000, issuer="bob"))
+        await store.create_command(_command("c4", idempotency_key="other", issued_at_ms=4000))
+        found = await store.find_command("alice", "k", 0)
+        assert found is not None
+        assert found.id == "c2"
+        found = await store.find_command("alice", "k", 2000)
+        assert found is not None
+        assert found.id == "c2"
+        assert await store.find_command("alice", "k", 2001) is None
+        assert await store.find_command("carol", "k", 0) is None
+
+
+async def test_transition_command_is_compare_and_set(store: SqlStore) -> None:
+    """Only ALLOWED_FROM transitions succeed; they set sent_at / completed_at, result, error."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1")
+        for command_id in ("ok", "fail", "late", "never"):
+            await store.create_command(_command(command_id))
+        assert await store.transition_command("ok", CommandState.SUCCEEDED, 5) is None  # not sent yet
+        assert await store.transition_command("ok", CommandState.PENDING, 5) is None
+        sent = await store.transition_command("ok", CommandState.SENT, 2000)
+        assert sent is not None
+        assert (sent.state, sent.sent_at_ms, sent.completed_at_ms) == (CommandState.SENT, 2000, None)
+        assert await store.transition_command("ok", CommandState.SENT, 2001) is None
+        assert await store.transition_command("ok", CommandState.EXPIRED, 2001) is None
+        done = await store.transition_command("ok", CommandState.SUCCEEDED, 3000, result={"v": 1.5})
+        assert done is not None
+        assert (done.state, done.sent_at_ms, done.completed_at_ms, done.result, done.error) == (
+            CommandState.SUCCEEDED,
+            2000,
+            3000,
+            {"v": 1.5},
+            None,
+        )
+        assert await store.get_command("ok") == done
+        assert await store.transition_command("ok", CommandState.FAILED, 4000) is None
+
+        await store.transition_command("fail", CommandState.SENT, 2000)
+        failed = await store.transition_command(
+            "fail", CommandState.FAILED, 2500, error={"code": "busy", "message": "try later"}
+        )
+        assert failed is not None
+        assert (failed.state, failed.error) == (CommandState.FAILED, {"code": "busy", "message": "try later"})
+
+        await store.transition_command("late", CommandState.SENT, 2000)
+        timed_out = await store.transition_command("late", CommandState.TIMED_OUT, 31_000)
+        assert timed_out is not None
+        assert (timed_out.state, timed_out.completed_at_ms) == (CommandState.TIMED_OUT, 31_000)
+
+        expired = await store.transition_command("never", CommandState.EXPIRED, 31_000)
+        assert expired is not None
+        assert (expired.state, expired.sent_at_ms, expired.completed_at_ms) == (
+            CommandState.EXPIRED,
+            None,
+            31_000,
+        )
+        assert await store.transition_command("absent", CommandState.SENT, 1) is None
+
+
+async def test_racing_transitions_have_exactly_one_winner(url: str) -> None:
+    """Two nodes (two stores) racing pending→sent or sent→final: exactly one succeeds each time."""
+    with anyio.fail_after(LIMIT_S):
+        first, second = SqlStore(url), SqlStore(url)
+        await first.open()
+        await second.open()
+        try:
+            await _devices(first, "d1")
+            for i in range(10):
+                await first.create_command(_command(f"c{i}"))
+                winners = await asyncio.gather(
+                    first.transition_command(f"c{i}", CommandState.SENT, 2000),
+                    second.transition_command(f"c{i}", CommandState.SENT, 2001),
+                )
+                assert sum(w is not None for w in winners) == 1
+                finals = await asyncio.gather(
+                    first.transition_command(f"c{i}", CommandState.SUCCEEDED, 3000),
+                    second.transition_command(f"c{i}", CommandState.TIMED_OUT, 3000),
+                )
+                assert sum(f is not None for f in finals) == 1
+                stored = await first.get_command(f"c{i}")
+                assert stored is not None
+                assert stored == next(f for f in finals if f is not None)
+        finally:
+            await first.close()
+            await second.close()
+
+
+async def test_pending_list_and_due_commands(store: SqlStore) -> None:
+    """pending: unexpired pending, oldest first; list: newest first, paged; due: expiry order."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2")
+        specs = [  # (id, device, issued, expires)
+            ("000001a", "d1", 1000, 11_000),
+            ("000002b", "d1", 2000, 5_000),
+            ("000003c", "d1", 3000, 13_000),
+            ("000004d", "d2", 4000, 4_500),
+            ("000005e", "d1", 5000, 15_000),
+        ]
+        for command_id, device_id, issued, expires in specs:
+            await store.create_command(
+                _command(command_id, device_id=device_id, issued_at_ms=issued, expires_at_ms=expires)
+            )
+        await store.transition_command("000003c", CommandState.SENT, 3500)
+        await store.transition_command("000005e", CommandState.SENT, 5500)
+        await store.transition_command("000005e", CommandState.SUCCEEDED, 5600)
+
+        async def ids(commands: list[Command]) -> list[str]:
+            return [c.id for c in commands]
+
+        assert await ids(await store.pending_commands("d1", 4000)) == ["000001a", "000002b"]
+        assert await ids(await store.pending_commands("d1", 5000)) == ["000001a"]  # expires_at is exclusive
+        assert await ids(await store.pending_commands("d2", 4000)) == ["000004d"]
+
+        assert await ids(await store.list_commands("d1", None, 10)) == [
+            "000005e",
+            "000003c",
+            "000002b",
+            "000001a",
+        ]
+        assert await ids(await store.list_commands("d1", None, 2)) == ["000005e", "000003c"]
+        assert await ids(await store.list_commands("d1", None, 2, "000003c")) == ["000002b", "000001a"]
+        assert await ids(await store.list_commands("d1", CommandState.PENDING, 10)) == ["000002b", "000001a"]
+        assert await ids(await store.list_commands("d1", CommandState.SENT, 10, "000003c")) == []
+
+        assert await ids(await store.due_commands(4000, 10)) == []
+        assert await ids(await store.due_commands(5000, 10)) == ["000004d", "000002b"]
+        assert await ids(await store.due_commands(20_000, 10)) == ["000004d", "000002b", "000001a", "000003c"]
+        assert await ids(await store.due_commands(20_000, 1)) == ["000004d"]

@@ -1,0 +1,172 @@
+"""The pure parts of store/sql.py: URLs, glob translation, value encoding, error mapping."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from fnmatch import fnmatchcase
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fleetwire.domain.clock import format_ms
+from fleetwire.domain.telemetry import Record
+from fleetwire.store.base import DuplicateError, StoreUnavailableError
+from fleetwire.store.schema import KIND_BOOL, KIND_FLOAT, KIND_INT, KIND_STR
+from fleetwire.store.sql import (
+    SqlStore,
+    _glob_regex,
+    _glob_sqlite,
+    _telemetry_rows,
+    _Timestamps,
+    _translate,
+    _value,
+    async_url,
+)
+
+ID_CHARS = "abAB09_.:-"
+PATTERN_CHARS = ID_CHARS + "*?[]!^\\"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:////var/lib/fw/fleetwire.db", "sqlite+aiosqlite:////var/lib/fw/fleetwire.db"),
+        ("sqlite:///rel/fw.db", "sqlite+aiosqlite:///rel/fw.db"),
+        ("sqlite:////x/fw.db?synchronous=normal&busy_timeout=50", "sqlite+aiosqlite:////x/fw.db"),
+        ("sqlite+aiosqlite:////x/fw.db", "sqlite+aiosqlite:////x/fw.db"),
+        ("postgresql://fw@db.example:5433/fleet", "postgresql+asyncpg://fw@db.example:5433/fleet"),
+        ("postgresql://fw:s3cret@db/fleet", "postgresql+asyncpg://fw:s3cret@db/fleet"),
+        ("postgres://fw@db/fleet", "postgresql+asyncpg://fw@db/fleet"),
+        ("postgresql+psycopg://fw@db/fleet", "postgresql+asyncpg://fw@db/fleet"),
+    ],
+)
+def test_urls_as_users_write_them_get_the_async_driver(url: str, expected: str) -> None:
+    """Plain sqlite:/// and postgresql:// URLs are accepted; fleetwire picks the driver."""
+    assert async_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://",
+        "sqlite:///:memory:",
+        "mysql://u@h/db",
+        "sqlite:////x.db?synchronous=sometimes",
+        "sqlite:////x.db?busy_timeout=soon",
+    ],
+)
+def test_unusable_urls_are_refused_at_construction(url: str) -> None:
+    """No in-memory SQLite (each pooled connection would see its own), no other databases."""
+    with pytest.raises(ValueError, match=r"\S"):
+        SqlStore(url)
+
+
+def test_history_must_be_positive() -> None:
+    """history=0 would trim every event at once."""
+    with pytest.raises(ValueError, match="history"):
+        SqlStore("sqlite:////tmp/x.db", history=0)
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_postgresql_is_unavailable() -> None:
+    """A refused connection at open() is StoreUnavailableError, not a driver exception."""
+    store = SqlStore("postgresql://postgres@127.0.0.1:1/nothing")
+    with anyio.fail_after(15), pytest.raises(StoreUnavailableError):
+        await store.open()
+
+
+@settings(max_examples=500)
+@given(
+    st.text(ID_CHARS, min_size=1, max_size=8),
+    st.text(PATTERN_CHARS, min_size=1, max_size=8),
+)
+def test_sqlite_glob_matches_like_fnmatchcase(device_id: str, pattern: str) -> None:
+    """_glob_sqlite evaluated by SQLite's own GLOB agrees with fnmatchcase."""
+    glob = _glob_sqlite(pattern)
+    matched = False
+    if glob is not None:  # None: no device id can match
+        with sqlite3.connect(":memory:") as conn:
+            (matched,) = conn.execute("SELECT ? GLOB ?", (device_id, glob)).fetchone()
+    assert bool(matched) == fnmatchcase(device_id, pattern)
+
+
+@settings(max_examples=500)
+@given(
+    st.text(ID_CHARS, min_size=1, max_size=8),
+    st.text(PATTERN_CHARS, min_size=1, max_size=8),
+)
+def test_postgresql_regex_matches_like_fnmatchcase(device_id: str, pattern: str) -> None:
+    """_glob_regex agrees with fnmatchcase (checked with Python's re, whose syntax for this
+    subset - anchors, `.`, `.*`, bracket sets, backslash + punctuation - is PostgreSQL's)."""
+    regex = _glob_regex(pattern)
+    matched = regex is not None and re.search(regex, device_id) is not None
+    assert matched == fnmatchcase(device_id, pattern)
+
+
+@given(st.integers(min_value=0, max_value=253_402_300_799_999))
+def test_timestamps_format_like_format_ms(ms: int) -> None:
+    """The cached formatter writes exactly what Record.event_data() would."""
+    stamp = _Timestamps()
+    assert stamp(ms) == format_ms(ms)
+    assert stamp(ms + 1) == format_ms(ms + 1)  # the cached second, or the next one
+    assert stamp(ms // 2) == format_ms(ms // 2)
+    assert {"ts": stamp(ms), "values": {"a": 1}} == Record(ms, {"a": 1}).event_data()
+
+
+@pytest.mark.parametrize(
+    ("pattern", "regex", "glob"),
+    [
+        ("site-a.*", r"^site\-a\..*$", "site-a.*"),
+        ("d?", "^d.$", "d?"),
+        (
+            "[!a-z]x",
+            "^[ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\\_\\.\\:\\-]x$",
+            "[ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-]x",
+        ),
+        ("[z-a]*", None, None),  # an empty range matches nothing
+        ("[^]", None, None),  # a set holding only `^`, which no id contains
+        ("a[", r"^a\[$", "a[[]"),
+    ],
+)
+def test_glob_translations(pattern: str, regex: str | None, glob: str | None) -> None:
+    """Examples of both translations, including sets that can match no device id."""
+    assert (_glob_regex(pattern), _glob_sqlite(pattern)) == (regex, glob)
+
+
+def test_telemetry_values_are_typed_rows_and_back() -> None:
+    """Each value kind gets its column and kind code, and decodes to the same type and value."""
+    values = {"f": 1.5, "i": 7, "b": True, "s": "x", "big": 2**70, "huge": 10**400, "neg": -(2**53)}
+    rows: list[tuple[object, ...]] = []
+    _telemetry_rows("d1", 9, 123, values, rows)  # type: ignore[arg-type]
+    assert rows == [
+        ("d1", 9, "f", 123, KIND_FLOAT, 1.5, None),
+        ("d1", 9, "i", 123, KIND_INT, 7.0, None),
+        ("d1", 9, "b", 123, KIND_BOOL, 1.0, None),
+        ("d1", 9, "s", 123, KIND_STR, None, "x"),
+        ("d1", 9, "big", 123, KIND_INT, float(2**70), str(2**70)),
+        ("d1", 9, "huge", 123, KIND_INT, None, str(10**400)),
+        ("d1", 9, "neg", 123, KIND_INT, float(-(2**53)), None),
+    ]
+    decoded = {row[2]: _value(row[4], row[5], row[6]) for row in rows}  # type: ignore[arg-type]
+    assert {k: (type(v), v) for k, v in decoded.items()} == {k: (type(v), v) for k, v in values.items()}
+
+
+def test_driver_errors_become_store_errors() -> None:
+    """Lost connections and locks are retryable; unique violations are duplicates; bugs pass."""
+    locked = _translate(sqlite3.OperationalError("database is locked"))
+    assert isinstance(locked, StoreUnavailableError)
+    assert isinstance(_translate(ConnectionRefusedError(111, "refused")), StoreUnavailableError)
+    assert isinstance(_translate(TimeoutError()), StoreUnavailableError)
+    with sqlite3.connect(":memory:") as conn:
+        conn.execute("CREATE TABLE t (id TEXT PRIMARY KEY, v TEXT NOT NULL)")
+        conn.execute("INSERT INTO t VALUES ('a', 'x')")
+        with pytest.raises(sqlite3.IntegrityError) as unique:
+            conn.execute("INSERT INTO t VALUES ('a', 'y')")
+        with pytest.raises(sqlite3.IntegrityError) as not_null:
+            conn.execute("INSERT INTO t VALUES ('b', NULL)")
+    assert isinstance(_translate(unique.value), DuplicateError)
+    assert _translate(not_null.value) is None
+    assert _translate(ValueError("a bug")) is None
