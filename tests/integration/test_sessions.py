@@ -4,6 +4,7 @@ subscriptions, token lifecycle, limits, resume."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import json
 import os
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.integration.harness import TIMEOUT, Node, Session
 
@@ -278,8 +279,9 @@ async def test_rate_limit_then_4029_others_unaffected(make_node: Callable[..., N
     await node.register("d1", "d2")
     flood = await node.device("d1")
     calm = await node.device("d2")
-    for _ in range(40):
-        await flood.send({"type": "status", "status": "x"})
+    with contextlib.suppress(ConnectionClosed):  # the server may close before all 40 are out
+        for _ in range(40):
+            await flood.send({"type": "status", "status": "x"})
     codes = []
     try:
         while True:

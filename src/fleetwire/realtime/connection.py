@@ -45,6 +45,7 @@ class Connection:
         self.socket: Socket | None = None
         self.connected_at_ms = now_ms()
         self.last_seen_ms = self.connected_at_ms
+        self.flushed_seen_ms = self.connected_at_ms  # what Presence last heard of last_seen
         self.awaiting_pong = False
         self.close_code: int | None = None  # what the server closed with, if it closed first
         self.event_suppressed = False  # another node already told the world how this ended

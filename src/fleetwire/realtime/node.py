@@ -498,7 +498,12 @@ class Node:
         conn.announced = True
 
     async def _flush_presence(self) -> None:
-        pairs = [(d, c.session_id) for d, c in self.devices.items()]
+        """last_seen_at for sessions heard from since the previous flush, in one call."""
+        pairs = []
+        for device_id, conn in self.devices.items():
+            if conn.last_seen_ms != conn.flushed_seen_ms:
+                conn.flushed_seen_ms = conn.last_seen_ms
+                pairs.append((device_id, conn.session_id))
         if pairs:
             await self.presence.touch(pairs, now_ms())
 
