@@ -3,6 +3,7 @@
     uv run python benchmarks/store_ingest.py                       # SQLite in a temp dir
     uv run python benchmarks/store_ingest.py --url postgresql://postgres@127.0.0.1:5432/bench
     uv run python benchmarks/store_ingest.py --url sqlite:///tmp/b.db?synchronous=normal
+    uv run python benchmarks/store_ingest.py --null   # GroupWriter alone, a store that does nothing
 
 Two scenarios, each with many concurrent submitters (one per simulated connection):
 - batch:  TelemetryWrite of 100 records with 4 keys each (a `telemetry_batch` message);
@@ -35,6 +36,30 @@ class CountingStore(SqlStore):
     async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
         self.transactions += 1
         return await super().write(ops)
+
+
+class NullStore(CountingStore):
+    """Writes nothing: one event per record, as SqlStore returns, to time GroupWriter alone."""
+
+    dialect = "null"  # type: ignore[assignment]
+
+    async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
+        self.transactions += 1
+        await asyncio.sleep(0)  # a transaction always yields to the loop at least once
+        return [
+            WriteResult(events=[Event(op.device_id, 0, "device.telemetry", r.ts_ms, {}) for r in op.records])
+            for op in ops
+            if isinstance(op, TelemetryWrite)
+        ]
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def create_device(self, device: Device) -> Device:
+        return device
 
 
 def _records(n: int, start_ts: int) -> list[Record]:
@@ -87,10 +112,11 @@ async def main() -> None:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--submitters", type=int, default=1000)
     parser.add_argument("--scenario", choices=("batch", "single", "both"), default="both")
+    parser.add_argument("--null", action="store_true", help="time GroupWriter with a store that does nothing")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         url = args.url or f"sqlite:///{Path(tmp) / 'bench.db'}"
-        store = CountingStore(url)
+        store = NullStore(url) if args.null else CountingStore(url)
         await store.open()
         try:
             for i in range(args.devices):

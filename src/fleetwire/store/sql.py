@@ -211,7 +211,7 @@ def _translate(exc: BaseException) -> BaseException | None:
     if isinstance(
         exc, sa.exc.IntegrityError | sqlite3.IntegrityError | asyncpg.IntegrityConstraintViolationError
     ):
-        return DuplicateError(str(exc)) if _is_unique_violation(exc) else None
+        return DuplicateError(str(getattr(exc, "orig", exc))) if _is_unique_violation(exc) else None
     if isinstance(exc, sa.exc.ProgrammingError | sa.exc.DataError | sa.exc.ArgumentError):
         return None  # a bug in a query or a value the domain should have refused
     if isinstance(

@@ -38,6 +38,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.BigInteger, nullable=False),
         sa.Column("updated_at", sa.BigInteger, nullable=False),
         sa.Column("seq", sa.BigInteger, nullable=False),
+        postgresql_with={"fillfactor": 70},
     )
     op.create_index("ix_devices_status", "devices", ["status", "id"])
     op.create_index("ix_devices_type", "devices", ["type", "id"])
