@@ -116,6 +116,7 @@ def build_node_server(
         send_queue=settings.send_queue,
         max_header_bytes=settings.max_header_bytes,
         handshake_timeout_s=settings.handshake_timeout_s,
+        close_grace_s=settings.close_grace_s,
     )
     return build_server(
         app,

@@ -330,7 +330,8 @@ async def test_resume_replays_missed_events_before_live_ones(node: Node) -> None
 
 async def test_slow_consumer_is_closed_4008_others_get_everything(make_node: Callable[..., Node]) -> None:
     """A subscriber that stops reading is closed with 4008; another gets every event in order."""
-    node = make_node(send_queue=50, rate_limit="100000/s")
+    # A long grace period: the slow peer reads again only after the fast one got everything.
+    node = make_node(send_queue=50, rate_limit="100000/s", close_grace_s=30)
     await node.register("d1")
     slow = await node.client(max_size=None)
     fast = await node.client()
