@@ -98,12 +98,15 @@ class TransportLimits:
 # --------------------------------------------------------------------------------------------
 # Handshake parsing (pure functions, unit-tested)
 
-_TOKEN_RE: Final = re.compile(r"(access_token=)[^&\s\"'#]*", re.IGNORECASE)
+# The parameter name as the query parser reads it: any of its characters may be percent-encoded
+# (`access%5Ftoken=` is the same parameter), in either case.
+_TOKEN_NAME: Final = "".join(f"(?:{re.escape(c)}|%{ord(c):02x})" for c in "access_token")
+_TOKEN_RE: Final = re.compile(rf"({_TOKEN_NAME}=)[^&\s\"'#]*", re.IGNORECASE)
 
 
 def redact_access_token(text: str) -> str:
     """`...?access_token=eyJ...&x=1` -> `...?access_token=[REDACTED]&x=1` (contract §2)."""
-    if "access_token" not in text.lower():
+    if "access_token" not in text.lower() and "%" not in text:
         return text
     return _TOKEN_RE.sub(r"\1[REDACTED]", text)
 

@@ -35,7 +35,7 @@ class RedactAccessToken(logging.Filter):
             record.msg = redact_access_token(record.msg)
         args = record.args
         if isinstance(args, tuple):
-            if any(isinstance(arg, str) and "access_token" in arg.lower() for arg in args):
+            if any(isinstance(arg, str) and redact_access_token(arg) != arg for arg in args):
                 record.args = tuple(redact_access_token(a) if isinstance(a, str) else a for a in args)
         elif isinstance(args, Mapping):
             record.args = {k: redact_access_token(v) if isinstance(v, str) else v for k, v in args.items()}
