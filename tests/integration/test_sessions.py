@@ -4,8 +4,8 @@ subscriptions, token lifecycle, limits, resume."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
+import contextlib
 import json
 import os
 import time
