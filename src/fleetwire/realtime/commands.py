@@ -62,27 +62,30 @@ class CommandService:
         session = await node.presence.get(request.device_id)
         if session is None and not request.queue:
             raise FleetwireError(ErrorCode.DEVICE_OFFLINE, "device is not connected")
+        online = session is not None
         command = Command(
             id=new_command_id(now),
             device_id=request.device_id,
             name=request.name,
             params=request.params,
-            state=CommandState.PENDING,
+            # Straight to `sent` when the device is online: one transaction, not two.
+            state=CommandState.SENT if online else CommandState.PENDING,
             issued_at_ms=now,
             expires_at_ms=now + request.timeout_s * 1000,
             issuer=principal.sub,
             issuer_node=issuer_node,
             issuer_session=issuer_session,
             idempotency_key=request.idempotency_key,
+            sent_at_ms=now if online else None,
             timeout_s=request.timeout_s,
         )
-        command = await node.store.create_command(command)
+        try:
+            command = await node.store.create_command(command)
+        except LookupError as exc:
+            raise FleetwireError(ErrorCode.NOT_FOUND, "no such device") from exc
         self.arm(command)
         if session is not None:
-            sent = await node.store.transition_command(command.id, CommandState.SENT, now_ms())
-            if sent is not None:
-                command = sent
-                await node.route_to_device(session.node, session.session_id, command)
+            await node.route_to_device(session.node, session.session_id, command)
         await self.updated(command)
         return command
 
@@ -151,7 +154,6 @@ class CommandService:
         timer = self._timers.pop(command.id, None)
         if timer is not None:
             timer.cancel()
-        await self.updated(command)
         if command.issuer_node is not None and command.issuer_session is not None:
             message = {
                 "type": "command_result",
@@ -163,6 +165,7 @@ class CommandService:
                 "at": format_ms(command.completed_at_ms or now_ms()),
             }
             await self.node.route_to_session(command.issuer_node, command.issuer_session, message)
+        await self.updated(command)  # the issuer first: its latency is the command round trip
 
     # -- REST `?wait=true` ---------------------------------------------------------------------
     async def wait(self, command_id: str, timeout_s: float) -> Command | None:
