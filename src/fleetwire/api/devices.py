@@ -210,7 +210,7 @@ async def device_events(
     device_id: str,
     node: NodeDep,
     principal: PrincipalDep,
-    since: Annotated[int, Query(ge=0)] = 0,
+    since: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     limit: Limit = 100,
 ) -> dict[str, Any]:
     """The event history after seq `since`, oldest first; page on with `since` = next_since."""

@@ -26,11 +26,18 @@ STATUS = {
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.INTERNAL: 500,
 }
-_BY_HTTP = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.INVALID_MESSAGE, 413: ErrorCode.TOO_LARGE}
+_BY_HTTP = {
+    400: ErrorCode.INVALID_JSON,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.INVALID_MESSAGE,
+    413: ErrorCode.TOO_LARGE,
+}
 
 
-def problem(code: ErrorCode, message: str, details: list[dict[str, Any]] | None = None) -> JSONResponse:
-    status = STATUS[code]
+def problem(
+    code: ErrorCode, message: str, details: list[dict[str, Any]] | None = None, status: int | None = None
+) -> JSONResponse:
+    status = status or STATUS[code]
     body: dict[str, Any] = {
         "type": "about:blank",
         "title": code.value.replace("_", " "),
@@ -70,6 +77,4 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _BY_HTTP.get(exc.status_code, ErrorCode.INVALID_MESSAGE)
-        response = problem(code, str(exc.detail))
-        response.status_code = exc.status_code
-        return response
+        return problem(code, str(exc.detail), status=exc.status_code)

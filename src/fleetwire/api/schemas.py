@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fleetwire.domain.devices import DEVICE_ID, STATUS
+from fleetwire.domain.jsonvalue import unstorable
+
+
+def _storable(value: Any) -> Any:
+    if value is not None and (why := unstorable(value)) is not None:
+        raise ValueError(why)
+    return value
+
+
+def _text(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:  # PostgreSQL text cannot hold it
+        raise ValueError("must not contain U+0000 (NUL)")
+    return value
 
 
 class DeviceCreate(BaseModel):
@@ -19,6 +32,9 @@ class DeviceCreate(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     telemetry_schema: dict[str, Any] | None = None
 
+    _check_json = field_validator("metadata", "telemetry_schema")(_storable)
+    _check_text = field_validator("name", "type")(_text)
+
 
 class DeviceUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -30,6 +46,9 @@ class DeviceUpdate(BaseModel):
     metadata: dict[str, Any] | None = None
     telemetry_schema: dict[str, Any] | None = None
     disabled: bool | None = None
+
+    _check_json = field_validator("metadata", "telemetry_schema")(_storable)
+    _check_text = field_validator("name", "type")(_text)
 
 
 class CommandCreate(BaseModel):

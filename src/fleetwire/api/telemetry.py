@@ -14,6 +14,7 @@ from fleetwire.domain.errors import ErrorCode, FleetwireError, invalid
 from fleetwire.realtime.protocol import ENVELOPE
 
 router = APIRouter(tags=["telemetry"])
+_BIGINT = 2**63 - 1  # times and seqs are BIGINT in the store
 
 
 @router.post("/devices/{device_id}/telemetry")
@@ -54,14 +55,15 @@ async def post_telemetry(
 def _time(value: str | None, name: str) -> int | None:
     if value is None:
         return None
-    if value.lstrip("-").isdigit():
-        return int(value)
     try:
-        return parse_rfc3339(value)
+        ms = int(value) if value.lstrip("-").isdecimal() else parse_rfc3339(value)
+        if not -_BIGINT <= ms <= _BIGINT:
+            raise ValueError(value)
     except ValueError as exc:
         raise invalid(
             f"`{name}` must be RFC 3339 or epoch milliseconds", [{"loc": ["query", name], "msg": "bad time"}]
         ) from exc
+    return ms
 
 
 @router.get("/devices/{device_id}/telemetry")
@@ -81,9 +83,14 @@ async def get_telemetry(
         raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
     before = decode_cursor(cursor)
     if before is not None:
-        if not (isinstance(before, list) and len(before) == 3):
+        if not (
+            isinstance(before, list)
+            and len(before) == 3
+            and all(type(n) is int and -_BIGINT <= n <= _BIGINT for n in before[:2])
+            and isinstance(before[2], str)
+        ):
             raise invalid("bad cursor")
-        before = (int(before[0]), int(before[1]), str(before[2]))
+        before = (before[0], before[1], before[2])
     points = await node.store.telemetry(
         device_id, key=key, from_ms=_time(from_, "from"), to_ms=_time(to, "to"), limit=limit, before=before
     )

@@ -17,6 +17,7 @@ import orjson
 from fleetwire.domain.clock import format_optional
 from fleetwire.domain.devices import NAME
 from fleetwire.domain.errors import invalid
+from fleetwire.domain.jsonvalue import unstorable
 
 
 class CommandState(StrEnum):
@@ -136,6 +137,8 @@ def parse_request(message: dict[str, Any], envelope: frozenset[str]) -> CommandR
         params = {}
     if not isinstance(params, dict):
         problems.append({"loc": ["params"], "msg": "must be an object"})
+    elif (why := unstorable(params)) is not None:
+        problems.append({"loc": ["params"], "msg": why})
     elif len(orjson.dumps(params)) > MAX_PARAMS_BYTES:
         problems.append({"loc": ["params"], "msg": "larger than 64 KiB"})
     timeout_s = message.get("timeout_s", DEFAULT_TIMEOUT_S)
@@ -168,6 +171,8 @@ def parse_result(
     result = message.get("result")
     if result is not None and not isinstance(result, dict):
         problems.append({"loc": ["result"], "msg": "must be an object"})
+    elif (why := unstorable(result)) is not None:
+        problems.append({"loc": ["result"], "msg": why})
     error = message.get("error")
     if error is not None:
         if (
@@ -176,6 +181,8 @@ def parse_result(
             or not isinstance(error.get("message", ""), str)
         ):
             problems.append({"loc": ["error"], "msg": "must be {code: string, message: string}"})
+        elif (why := unstorable(error)) is not None:
+            problems.append({"loc": ["error"], "msg": why})
     elif ok is False:
         problems.append({"loc": ["error"], "msg": "required when ok is false"})
     if problems:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -60,4 +61,7 @@ class Event:
 
     def wire(self) -> bytes:
         """The JSON text frame payload; encoded once and shared by every subscriber."""
-        return orjson.dumps(self.public())
+        try:
+            return orjson.dumps(self.public())
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits (REST telemetry keeps every digit)
+            return json.dumps(self.public(), separators=(",", ":"), ensure_ascii=False).encode()

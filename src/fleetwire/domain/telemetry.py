@@ -42,7 +42,10 @@ def _check_value(value: object) -> str | None:
     if kind is float:
         return None if math.isfinite(value) else "must be a finite number"  # type: ignore[arg-type]
     if kind is str:
-        return None if len(value) <= MAX_STRING else f"string longer than {MAX_STRING}"  # type: ignore[arg-type]
+        if len(value) > MAX_STRING:  # type: ignore[arg-type]
+            return f"string longer than {MAX_STRING}"
+        # PostgreSQL text cannot hold U+0000: refused on every backend alike.
+        return "must not contain U+0000 (NUL)" if "\x00" in value else None  # type: ignore[operator]
     if value is None:
         return "null is not a telemetry value"
     return "must be a number, a boolean or a string (no objects or arrays)"

@@ -27,6 +27,7 @@ DEVICE_TYPES: Final = frozenset({"telemetry", "telemetry_batch", "status", "comm
 CLIENT_TYPES: Final = frozenset({"subscribe", "unsubscribe", "command", "auth"})
 DEFAULT_EVENTS: Final = frozenset({"presence", "status"})
 MAX_SUBSCRIBE_DEVICES: Final = 1000
+MAX_SEQ: Final = 2**63 - 1  # seqs are BIGINT in the store
 RequestId = str | int | None
 
 
@@ -147,7 +148,7 @@ def _parse_subscribe(message: dict[str, Any]) -> Subscribe:
     resume = message.get("resume")
     if resume is not None and (
         not isinstance(resume, dict)
-        or not all(type(v) is int and v >= 0 for v in resume.values())
+        or not all(type(v) is int and 0 <= v <= MAX_SEQ for v in resume.values())
         or len(resume) > MAX_SUBSCRIBE_DEVICES
     ):
         problems.append({"loc": ["resume"], "msg": "must map device ids to the last seq seen (integers)"})

@@ -39,6 +39,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from fleetwire.domain.clock import format_ms, now_ms
 from fleetwire.domain.commands import ALLOWED_FROM, Command, CommandState
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
+from fleetwire.domain.errors import invalid
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Value
 from fleetwire.store.base import (
@@ -206,12 +207,27 @@ def _is_unique_violation(exc: BaseException) -> bool:
     return False
 
 
+# PostgreSQL: character_not_in_repertoire (NUL in text), untranslatable_character (in jsonb).
+_NUL_REFUSED: Final = frozenset({"22021", "22P05"})
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    for candidate in (exc, orig, getattr(orig, "__cause__", None)):
+        state = getattr(candidate, "sqlstate", None)
+        if isinstance(state, str):
+            return state
+    return None
+
+
 def _translate(exc: BaseException) -> BaseException | None:
     """The Store error for a driver/SQLAlchemy exception, or None to let it through."""
     if isinstance(
         exc, sa.exc.IntegrityError | sqlite3.IntegrityError | asyncpg.IntegrityConstraintViolationError
     ):
         return DuplicateError(str(getattr(exc, "orig", exc))) if _is_unique_violation(exc) else None
+    if _sqlstate(exc) in _NUL_REFUSED:
+        return invalid("text must not contain U+0000 (NUL)")
     if isinstance(exc, sa.exc.ProgrammingError | sa.exc.DataError | sa.exc.ArgumentError):
         return None  # a bug in a query or a value the domain should have refused
     if isinstance(
