@@ -410,7 +410,10 @@ class _Connection(WSListener):
         if self._closed_reported:
             return
         self._closed_reported = True
-        code = self._recv_code if self._recv_code is not None else self._sent_code
+        # What the server said wins: a peer must not choose the reason its session ended for
+        # (a browser's 1001 is not `server_shutdown`). A peer-initiated close is answered with
+        # 1000, so it reports as 1000.
+        code = self._sent_code if self._sent_code is not None else self._recv_code
         if code is None:
             handshake = transport.close_handshake  # a close picows sent by itself
             if handshake is not None and handshake.sent is not None:
