@@ -97,9 +97,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from benchmarks.run import main as bench_main  # type: ignore[import-not-found]
+    from fleetwire.bench.run import main as bench_main
 
-    return int(bench_main(args.rest))
+    return bench_main(["--help", *args.rest] if args.bench_help else args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--url", help="server base URL (default http://FLEETWIRE_HOST:FLEETWIRE_PORT)")
     simulate.set_defaults(run=_simulate)
 
-    bench = sub.add_parser("bench", help="run a benchmark scenario (see benchmarks/README.md)")
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark scenario: fanout, ingest, connections, commands, cluster "
+        "(`fleetwire bench --help`, benchmarks/README.md)",
+        add_help=False,  # --help goes to the bench's own parser
+    )
+    bench.add_argument("-h", "--help", action="store_true", dest="bench_help")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_bench)
     return parser

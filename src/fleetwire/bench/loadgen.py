@@ -1,0 +1,958 @@
+"""The load generator: one uvloop + picows client process (pinned to its own core by the runner).
+
+    python -m fleetwire.bench.loadgen SPEC.json RESULT.json
+
+SPEC (written by `fleetwire.bench.run`) names the scenario, the server(s) (WebSocket base URLs
+and pids, for their CPU and RSS), the JWT secret and the sizes. The same code drives fleetwire
+and the bare picows servers of `fleetwire.bench.bare`. Progress goes to stderr, the result to
+RESULT.json. Every measured window reports the CPU use of this process, of the server
+process(es) and of each core (from /proc), so a reader sees who saturated.
+
+Hot paths (one callback per received frame) do as little as possible: count, and only in the
+fixed-rate phases read the payload for the latency marker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import re
+import shutil
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import orjson
+import uvloop
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from fleetwire.bench.common import BENCH_ID_HEADER, Progress, latency_ms
+from fleetwire.bench.sysinfo import CpuWindow, proc_cpu_s, proc_rss_kb, raise_nofile
+
+_TEXT = WSMsgType.TEXT
+_CLOSE = WSMsgType.CLOSE
+_N_MARK = re.compile(rb'"bench_n":(\d+)')
+_NO_PUMP = 1 << 62
+now_ns = time.perf_counter_ns
+
+Spec = dict[str, Any]
+Result = dict[str, Any]
+
+
+def mint(secret: str, sub: str, role: str, ttl_s: float = 6 * 3600) -> str:
+    from fleetwire.auth.jwt import mint_token
+
+    token, _ = mint_token(secret=secret, sub=sub, role=role, ttl_s=ttl_s)
+    return token
+
+
+# --------------------------------------------------------------------------------------------
+# Connections
+
+
+class Client(WSListener):
+    """A connection in two modes: setup (text frames queue up for `recv`) and run (a subclass
+    handles frames itself once `inbox` is set to None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tr: WSTransport = cast(WSTransport, None)
+        self.inbox: asyncio.Queue[bytes] | None = asyncio.Queue()
+        self.close_code: int | None = None
+        self.disconnected = False
+        self._next_request = 0
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.tr = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is _TEXT:
+            if self.inbox is not None:
+                self.inbox.put_nowait(frame.get_payload_as_bytes())
+            else:
+                self.on_text(frame)
+        elif frame.msg_type is _CLOSE:
+            self.on_close_frame(transport, frame)
+
+    def on_text(self, frame: WSFrame) -> None:
+        pass
+
+    def on_close_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        self.close_code = frame.get_close_code().value if frame.payload_size >= 2 else 1005
+        transport.send_close(WSCloseCode.OK)
+        transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.disconnected = True
+
+    def send(self, payload: bytes) -> None:
+        self.tr.send(_TEXT, payload)
+
+    async def recv(self, wait_s: float = 30.0) -> dict[str, Any]:
+        assert self.inbox is not None
+        message: dict[str, Any] = orjson.loads(await asyncio.wait_for(self.inbox.get(), wait_s))
+        return message
+
+    async def request(self, message: dict[str, Any], wait_s: float = 30.0) -> dict[str, Any]:
+        self._next_request += 1
+        request_id = f"setup-{self._next_request}"
+        self.send(orjson.dumps({**message, "id": request_id}))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            reply = await self.recv(max(deadline - loop.time(), 0.001))
+            if reply.get("id") == request_id and reply.get("type") in ("ack", "error"):
+                return reply
+
+    def run_mode(self) -> None:
+        self.inbox = None
+
+    def close(self) -> None:
+        if not self.disconnected:
+            self.tr.disconnect(graceful=False)
+
+
+L = Any  # a Client subclass instance
+
+
+async def open_ws(
+    url: str, token: str, bench_id: str, factory: Callable[[], Client], *, read_buffer: int = 16384
+) -> Any:
+    """Connect, authenticate (Bearer) and wait for the server's first message (welcome)."""
+    _, listener = await ws_connect(
+        factory,
+        url,
+        extra_headers={"Authorization": f"Bearer {token}", BENCH_ID_HEADER: bench_id},
+        websocket_handshake_timeout=30,
+        enable_auto_pong=True,
+        read_buffer_init_size=read_buffer,
+        max_frame_size=16 * 1024 * 1024,
+    )
+    client = cast(Client, listener)
+    welcome = await client.recv(30.0)
+    if welcome.get("type") != "welcome":
+        client.close()
+        raise RuntimeError(f"expected welcome, got {welcome}")
+    return client
+
+
+async def open_many(
+    count: int,
+    concurrency: int,
+    opener: Callable[[int], Awaitable[Any]],
+    progress: Progress,
+    label: str,
+) -> tuple[list[Any], list[str]]:
+    """Open `count` connections with at most `concurrency` handshakes in flight."""
+    results: list[Any] = [None] * count
+    errors: list[str] = []
+    next_index = 0
+    done = 0
+
+    async def worker() -> None:
+        nonlocal next_index, done
+        while next_index < count:
+            index = next_index
+            next_index += 1
+            try:
+                results[index] = await opener(index)
+            except Exception as exc:  # counted and reported
+                errors.append(f"{type(exc).__name__}: {exc}"[:300])
+            done += 1
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    workers = [loop.create_task(worker()) for _ in range(min(concurrency, count))]
+    waiting = asyncio.gather(*workers)
+    while not waiting.done():
+        progress.phase(
+            label, 0, lambda: f"{done}/{count} connected, {len(errors)} failed", loop.time(), start
+        )
+        await asyncio.wait([waiting], timeout=0.25)
+    await waiting
+    progress.phase(label, 0, lambda: f"{done}/{count} connected, {len(errors)} failed", loop.time(), start)
+    return [r for r in results if r is not None], errors
+
+
+def close_all(clients: Sequence[Any]) -> None:
+    for client in clients:
+        client.close()
+
+
+def closes(clients: Sequence[Any]) -> dict[str, int]:
+    """Close codes the server sent (e.g. 4008 slow_consumer), counted."""
+    counts: dict[str, int] = {}
+    for client in clients:
+        if client.close_code is not None:
+            key = str(client.close_code)
+            counts[key] = counts.get(key, 0) + 1
+        elif client.disconnected:
+            counts["dropped"] = counts.get("dropped", 0) + 1
+    return counts
+
+
+# --------------------------------------------------------------------------------------------
+# Timing helpers
+
+
+async def run_for(
+    progress: Progress,
+    name: str,
+    seconds: float,
+    status: Callable[[], str],
+    on_tick: Callable[[], None] | None = None,
+) -> None:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    end = start + seconds
+    while True:
+        now = loop.time()
+        progress.phase(name, seconds, status, now, start)
+        if now >= end:
+            return
+        if on_tick is not None:
+            on_tick()
+        await asyncio.sleep(min(0.25, end - now))
+
+
+async def paced(
+    rate: float,
+    seconds: float,
+    send: Callable[[int], None],
+    first: int,
+    progress: Progress,
+    name: str,
+    status: Callable[[], str],
+) -> int:
+    """Call send(k) for k = first, first+1, … at `rate` per second for `seconds`; returns the next k.
+    A late timer catches up (the rate holds); each send reads the clock itself."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    k = first
+    last_progress = 0.0
+    while True:
+        now = loop.time()
+        elapsed = now - start
+        if elapsed >= seconds:
+            break
+        due = first + int(elapsed * rate) + 1
+        while k < due:
+            send(k)
+            k += 1
+        if now - last_progress >= 0.25:
+            progress.phase(name, seconds, status, now, start)
+            last_progress = now
+        await asyncio.sleep(max(0.0, start + (k - first) / rate - loop.time()))
+    progress.phase(name, seconds, status, loop.time(), start)
+    return k
+
+
+async def wait_until(condition: Callable[[], bool], seconds: float) -> bool:
+    """Poll `condition` every 50 ms for at most `seconds` (counters, not events, change here)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def rate_status(counter: Callable[[], int], unit: str) -> Callable[[], str]:
+    state: dict[str, float] = {"t": time.monotonic(), "n": counter()}
+
+    def status() -> str:
+        now, n = time.monotonic(), counter()
+        dt = now - state["t"]
+        if dt < 0.2:
+            rate = state.get("rate", 0.0)
+        else:
+            rate = (n - state["n"]) / dt
+            state.update(t=now, n=n, rate=rate)
+        return f"{rate:,.0f} {unit}/s"
+
+    return status
+
+
+def pyspy_binary() -> str:
+    candidate = Path(sys.executable).parent / "py-spy"
+    if candidate.exists():
+        return str(candidate)
+    return shutil.which("py-spy") or "py-spy"
+
+
+class Profiler:
+    """`py-spy record --format raw` on the first server pid during one measured window.
+
+    spec["profile"] = {"dir": ..., "prefix": ..., "seconds": ..., "phases": [...]}; the output is
+    DIR/PREFIX-PHASE.raw (collapsed stacks, one line per stack with its sample count)."""
+
+    def __init__(self, spec: Spec, phase: str) -> None:
+        profile = spec.get("profile") or {}
+        self.enabled = phase in profile.get("phases", ()) and bool(spec["server_pids"])
+        name = f"{profile.get('prefix', 'profile')}-{phase.replace(' ', '-')}.raw"
+        self.path = str(Path(profile.get("dir", ".")) / name)
+        self.seconds = float(profile.get("seconds", 10))
+        self.pid = int(spec["server_pids"][0]) if spec["server_pids"] else 0
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, window_s: float) -> None:
+        if not self.enabled:
+            return
+        seconds = max(1, int(min(self.seconds, window_s)))
+        self.process = await asyncio.create_subprocess_exec(
+            pyspy_binary(), "record", "--pid", str(self.pid), "--duration", str(seconds), "--rate", "100",
+            "--format", "raw", "--threads", "--nonblocking", "--output", self.path,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+
+    async def wait(self) -> str | None:
+        if self.process is None:
+            return None
+        try:
+            await asyncio.wait_for(self.process.wait(), 30)
+        except TimeoutError:
+            self.process.kill()
+        return self.path
+
+
+def server_cpu_per_op_us(cpu: dict[str, Any], ops: int) -> float:
+    if ops <= 0:
+        return float("nan")
+    busy_s = sum(cpu["server_cpu_pct"].values()) / 100.0 * cpu["wall_s"]
+    return round(float(busy_s) / ops * 1e6, 2)
+
+
+def server_pids(spec: Spec) -> dict[str, int]:
+    pids = spec["server_pids"]
+    return {f"server{i}" if len(pids) > 1 else "server": int(pid) for i, pid in enumerate(pids)}
+
+
+# --------------------------------------------------------------------------------------------
+# fanout (and cluster): one device, many subscribers
+
+
+class FanoutState:
+    def __init__(self, subscribers: int, window: int, make: Callable[[int], bytes]) -> None:
+        self.subs = subscribers
+        self.window = window
+        self.make = make
+        self.pub: WSTransport = cast(WSTransport, None)
+        self.sent = 0
+        self.received = 0
+        self.credit = 0  # messages written off by the stall watchdog (lost deliveries)
+        self.pump_at = _NO_PUMP
+        self.latency = False
+        self.send_ns: dict[int, int] = {}
+        self.sample_bytes = 0
+        self.sample_frames = 0
+        self.errors = 0
+        self.last_error = b""
+
+    def pump(self) -> None:
+        subs, window, pub, make = self.subs, self.window, self.pub, self.make
+        while self.sent - self.received // subs - self.credit < window:
+            pub.send(_TEXT, make(self.sent))
+            self.sent += 1
+        self.pump_at = (self.sent - window + 1 + self.credit) * subs
+
+    def send_timed(self, n: int) -> None:
+        self.send_ns[n] = now_ns()
+        self.pub.send(_TEXT, self.make(n))
+        self.sent += 1
+
+
+class Group:
+    """The subscribers of one server (cluster: node A or node B)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.samples: list[int] = []
+
+
+class Publisher(Client):
+    def __init__(self, st: FanoutState) -> None:
+        super().__init__()
+        self.st = st
+
+    def on_text(self, frame: WSFrame) -> None:
+        payload = frame.get_payload_as_bytes()
+        if payload.startswith(b'{"type":"error"'):
+            self.st.errors += 1
+            self.st.last_error = payload[:300]
+
+
+class Subscriber(Client):
+    def __init__(self, st: FanoutState, group: Group) -> None:
+        super().__init__()
+        self.st = st
+        self.group = group
+        self.received = 0
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        # The hot path of the whole generator: one call per delivery.
+        if self.inbox is not None or frame.msg_type is not _TEXT:
+            Client.on_ws_frame(self, transport, frame)
+            return
+        self.received += 1
+        st = self.st
+        st.received += 1
+        if st.latency:
+            payload = frame.get_payload_as_bytes()
+            match = _N_MARK.search(payload)
+            if match is not None:
+                sent_at = st.send_ns.get(int(match.group(1)))
+                if sent_at is not None:
+                    self.group.samples.append(now_ns() - sent_at)
+                    st.sample_bytes += len(payload)
+                    st.sample_frames += 1
+        elif st.received >= st.pump_at:
+            st.pump()
+
+
+def group_counts(subs: Sequence[Subscriber], groups: Sequence[Group]) -> list[int]:
+    counts = {g.name: 0 for g in groups}
+    for sub in subs:
+        counts[sub.group.name] += sub.received
+    return [counts[g.name] for g in groups]
+
+
+def fanout_message(kind: str, event_bytes: int) -> Callable[[int], bytes]:
+    """The device's telemetry message for message number n, sized so that what a subscriber
+    receives is about `event_bytes`: fleetwire's `device.telemetry` event (envelope, seq, two
+    timestamps and the values), or, for the bare server, the device message itself."""
+    values: dict[str, Any] = {"bench_n": 100000, "temp": 21.5, "pad": ""}
+    stamp = "2026-11-25T20:00:00.000Z"
+    probe: dict[str, Any]
+    if kind == "bare":
+        probe = {"type": "telemetry", "data": values}
+    else:
+        probe = {
+            "type": "event",
+            "event": "device.telemetry",
+            "device_id": "bench-pub",
+            "seq": 100000,
+            "at": stamp,
+            "data": {"ts": stamp, "values": values},
+        }
+    pad = max(0, event_bytes - len(orjson.dumps(probe)))
+    head = b'{"type":"telemetry","data":{"bench_n":'
+    tail = b',"temp":21.5,"pad":"' + b"x" * pad + b'"}}'
+
+    def make(n: int) -> bytes:
+        return head + str(n).encode() + tail
+
+    return make
+
+
+async def run_fanout(spec: Spec, progress: Progress) -> Result:
+    p = spec["params"]
+    urls: list[str] = spec["urls"]
+    subscribers = int(p["subscribers"])
+    secret = spec["secret"]
+    st = FanoutState(subscribers, int(p["window"]), fanout_message(spec["kind"], int(p["event_bytes"])))
+    groups = [Group(name) for name in spec.get("url_names") or [f"server{i}" for i in range(len(urls))]]
+
+    publisher = cast(
+        Publisher,
+        await open_ws(f"{urls[0]}/ws/device", mint(secret, "bench-pub", "device"), "bench-pub",
+                      lambda: Publisher(st)),
+    )  # fmt: skip
+    st.pub = publisher.tr
+    viewer = mint(secret, "bench-viewer", "viewer")
+
+    async def subscriber(i: int) -> Any:
+        group = groups[i % len(urls)]
+        client = await open_ws(
+            f"{urls[i % len(urls)]}/ws/client", viewer, f"sub-{i}", lambda: Subscriber(st, group)
+        )
+        reply = await client.request({"type": "subscribe", "devices": ["bench-pub"], "events": ["telemetry"]})
+        if reply.get("type") != "ack":
+            client.close()
+            raise RuntimeError(f"subscribe refused: {reply}")
+        return client
+
+    subs, errors = await open_many(subscribers, 100, subscriber, progress, "subscribe")
+    progress.end()
+    if errors:
+        raise RuntimeError(f"{len(errors)} subscribers failed, first: {errors[0]}")
+    for client in subs:
+        client.run_mode()
+    publisher.run_mode()
+    gc.collect()
+    gc.freeze()
+    await asyncio.sleep(0.5)
+    pids = server_pids(spec)
+    result: Result = {"subscribers": subscribers, "window": st.window, "groups": [g.name for g in groups]}
+
+    # -- saturation: keep `window` messages in flight (counted in deliveries) ------------------
+    status = rate_status(lambda: st.received, "deliveries")
+    stall = {"received": -1, "since": time.monotonic()}
+
+    def watchdog() -> None:
+        if st.received != stall["received"]:
+            stall.update(received=st.received, since=time.monotonic())
+        elif time.monotonic() - stall["since"] > 2.0 and st.pump_at != _NO_PUMP:
+            st.credit += 1  # a delivery went missing: write one message off and go on
+            stall["since"] = time.monotonic()
+            st.pump()
+
+    st.pump()
+    await run_for(progress, "sat. warm-up", spec["warmup"], status, watchdog)
+    profiler = Profiler(spec, "saturation")
+    window = CpuWindow(pids).start()
+    received0, groups0, credit0 = st.received, group_counts(subs, groups), st.credit
+    await profiler.start(spec["duration"])
+    await run_for(progress, "saturation", spec["duration"], status, watchdog)
+    cpu = window.stop()
+    delivered = st.received - received0
+    groups1 = group_counts(subs, groups)
+    st.pump_at = _NO_PUMP
+    await profiler.wait()
+    result["saturation"] = {
+        "deliveries_per_s": round(delivered / cpu["wall_s"]),
+        "messages_per_s": round(delivered / cpu["wall_s"] / subscribers, 1),
+        "per_group_deliveries_per_s": {
+            g.name: round((g1 - g0) / cpu["wall_s"])
+            for g, g0, g1 in zip(groups, groups0, groups1, strict=True)
+        },
+        "server_us_per_delivery": server_cpu_per_op_us(cpu, delivered),
+        "written_off_messages": st.credit - credit0,
+        "cpu": cpu,
+    }
+    # drain what is in flight
+    await wait_until(lambda: st.received >= (st.sent - st.credit) * subscribers, 15)
+    await asyncio.sleep(0.3)
+
+    # -- latency at a fixed delivery rate -------------------------------------------------------
+    rate = float(p["rate"])
+    msg_rate = rate / subscribers
+    st.latency = True
+    status = rate_status(lambda: st.received, "deliveries")
+
+    def send_untimed(n: int) -> None:
+        st.pub.send(_TEXT, st.make(n))
+        st.sent += 1
+
+    k = await paced(
+        msg_rate, min(spec["warmup"], 2.0), send_untimed, st.sent, progress, "lat. warm-up", status
+    )
+    await asyncio.sleep(0.2)
+    for g in groups:
+        g.samples.clear()
+    window = CpuWindow(pids).start()
+    received0 = st.received
+    first = k
+    k = await paced(msg_rate, spec["duration"], st.send_timed, k, progress, "latency", status)
+    measured_messages = k - first
+    cpu = window.stop()
+    expected = measured_messages * subscribers
+    await wait_until(lambda: sum(len(g.samples) for g in groups) >= expected, 10)
+    progress.end()
+    all_samples = [s for g in groups for s in g.samples]
+    result["latency"] = {
+        "target_deliveries_per_s": rate,
+        "messages_per_s": round(msg_rate, 2),
+        "achieved_deliveries_per_s": round((st.received - received0) / cpu["wall_s"]),
+        "latency_ms": latency_ms(all_samples),
+        "per_group_latency_ms": {g.name: latency_ms(g.samples) for g in groups},
+        "lost_deliveries": expected - len(all_samples),
+        "server_us_per_delivery": server_cpu_per_op_us(cpu, expected),
+        "cpu": cpu,
+    }
+    result["frame_bytes"] = round(st.sample_bytes / st.sample_frames, 1) if st.sample_frames else None
+    result["publisher_errors"] = st.errors
+    if st.errors:
+        result["publisher_last_error"] = st.last_error.decode(errors="replace")
+    result["server_closes"] = closes(subs)
+    close_all([*subs, publisher])
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# ingest: N devices, a window of requests in flight each
+
+
+class IngestState:
+    def __init__(self) -> None:
+        self.running = False
+        self.measuring = False
+        self.prefix = b""
+        self.suffix = b""
+        self.points = 0
+        self.messages = 0
+        self.acked_total = 0
+        self.samples: list[int] = []
+        self.errors = 0
+        self.last_error = b""
+
+
+class IngestDevice(Client):
+    def __init__(self, st: IngestState) -> None:
+        super().__init__()
+        self.st = st
+        self.request_id = 0
+        self.inflight: dict[int, int] = {}
+
+    def send_one(self) -> None:
+        self.request_id += 1
+        rid = self.request_id
+        st = self.st
+        self.inflight[rid] = now_ns()
+        self.tr.send(_TEXT, st.prefix + str(rid).encode() + st.suffix)
+
+    def on_text(self, frame: WSFrame) -> None:
+        payload = frame.get_payload_as_bytes()
+        message = orjson.loads(payload)
+        sent_at = self.inflight.pop(message.get("id"), None)
+        st = self.st
+        st.acked_total += 1
+        if message.get("type") == "ack":
+            if st.measuring:
+                st.points += message.get("accepted", 0)
+                st.messages += 1
+                if sent_at is not None:
+                    st.samples.append(now_ns() - sent_at)
+        else:
+            st.errors += 1
+            st.last_error = payload[:300]
+        if st.running:
+            self.send_one()
+
+
+_RECORD = b'{"temp":21.5,"hum":40.25,"on":true,"count":7}'
+
+
+async def run_ingest(spec: Spec, progress: Progress) -> Result:
+    p = spec["params"]
+    url = spec["urls"][0]
+    secret = spec["secret"]
+    ids = [f"bench-dev-{i}" for i in range(int(p["devices"]))]
+    tokens = [mint(secret, device_id, "device") for device_id in ids]
+    st = IngestState()
+
+    devices, errors = await open_many(
+        len(ids), 50,
+        lambda i: open_ws(f"{url}/ws/device", tokens[i], ids[i], lambda: IngestDevice(st)),
+        progress, "connect",
+    )  # fmt: skip
+    progress.end()
+    if errors:
+        raise RuntimeError(f"{len(errors)} devices failed to connect, first: {errors[0]}")
+    for device in devices:
+        device.run_mode()
+    gc.collect()
+    gc.freeze()
+    pids = server_pids(spec)
+    phases: list[dict[str, Any]] = []
+    for name, batch, window_per_conn in p["phases"]:
+        if batch == 1:
+            st.prefix, st.suffix = b'{"type":"telemetry","id":', b',"data":' + _RECORD + b"}"
+        else:
+            records = b",".join([b'{"data":' + _RECORD + b"}"] * batch)
+            st.prefix, st.suffix = b'{"type":"telemetry_batch","id":', b',"records":[' + records + b"]}"
+        st.points = st.messages = 0
+        st.samples = []
+        st.running = True
+        for device in devices:
+            for _ in range(window_per_conn):
+                device.send_one()
+        size: int = batch
+        status = rate_status(lambda: st.acked_total * size, "points")  # noqa: B023 - used in this pass only
+        await run_for(progress, f"{name} warm-up", spec["warmup"], status)
+        profiler = Profiler(spec, name)
+        window = CpuWindow(pids).start()
+        st.measuring = True
+        await profiler.start(spec["duration"])
+        await run_for(progress, name, spec["duration"], status)
+        st.measuring = False
+        cpu = window.stop()
+        st.running = False
+        points, messages, samples = st.points, st.messages, st.samples
+        await profiler.wait()
+        await wait_until(lambda: not any(d.inflight for d in devices), 30)
+        progress.end()
+        phases.append(
+            {
+                "phase": name,
+                "batch": batch,
+                "window_per_connection": window_per_conn,
+                "message_bytes": len(st.prefix) + 3 + len(st.suffix),
+                "points_per_s": round(points / cpu["wall_s"]),
+                "messages_per_s": round(messages / cpu["wall_s"]),
+                "ack_latency_ms": latency_ms(samples),
+                "server_us_per_point": server_cpu_per_op_us(cpu, points),
+                "server_us_per_message": server_cpu_per_op_us(cpu, messages),
+                "unanswered": sum(len(d.inflight) for d in devices),
+                "cpu": cpu,
+            }
+        )
+        await asyncio.sleep(0.5)
+    result: Result = {
+        "devices": len(devices),
+        "phases": phases,
+        "errors": st.errors,
+        "server_closes": closes(devices),
+    }
+    if st.errors:
+        result["last_error"] = st.last_error.decode(errors="replace")
+    close_all(devices)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# connections: many idle authenticated device connections
+
+
+async def run_connections(spec: Spec, progress: Progress) -> Result:
+    p = spec["params"]
+    url = spec["urls"][0]
+    secret = spec["secret"]
+    count = int(p["connections"])
+    ids = [f"bench-c-{i}" for i in range(count)]
+    progress.note(f"minting {count} device tokens")
+    tokens = [mint(secret, device_id, "device") for device_id in ids]
+    pids = server_pids(spec)
+    pid = int(spec["server_pids"][0])
+    gc.collect()
+    await asyncio.sleep(1.0)
+    rss_before = proc_rss_kb(pid)
+    profiler = Profiler(spec, "handshakes")
+    await profiler.start(spec["duration"])
+    window = CpuWindow(pids).start()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    conns, errors = await open_many(
+        count, int(p["concurrency"]),
+        lambda i: open_ws(f"{url}/ws/device", tokens[i], ids[i], Client, read_buffer=2048),
+        progress, "handshakes",
+    )  # fmt: skip
+    elapsed = loop.time() - start
+    cpu = window.stop()
+    await profiler.wait()
+    progress.end()
+    for conn in conns:
+        conn.run_mode()
+    # Let the server finish the work a connection starts (presence, `device.connected` writes).
+    settle_start = loop.time()
+    while loop.time() - settle_start < 30:
+        before = proc_cpu_s(pid)
+        await asyncio.sleep(0.5)
+        if (proc_cpu_s(pid) - before) / 0.5 < 0.05:
+            break
+        progress.phase("settle", 0, lambda: "waiting for the server to go idle", loop.time(), settle_start)
+    progress.end()
+    rss_after = proc_rss_kb(pid)
+    idle = CpuWindow(pids).start()
+    await run_for(progress, "idle", min(5.0, spec["duration"]), lambda: f"{len(conns)} open")
+    idle_cpu = idle.stop()
+    progress.end()
+    alive = sum(1 for c in conns if not c.disconnected)
+    server_cpu_s = sum(cpu["server_cpu_pct"].values()) / 100.0 * cpu["wall_s"]
+    result: Result = {
+        "connections": count,
+        "connected": len(conns),
+        "alive_after_idle": alive,
+        "failed": len(errors),
+        "first_errors": errors[:3],
+        "concurrency": int(p["concurrency"]),
+        "handshake_s": round(elapsed, 3),
+        "handshakes_per_s": round(len(conns) / elapsed) if elapsed > 0 else None,
+        "server_cpu_ms_per_handshake": round(server_cpu_s * 1000 / len(conns), 3) if conns else None,
+        "rss_before_kb": rss_before,
+        "rss_after_kb": rss_after,
+        "rss_per_connection_kb": round((rss_after - rss_before) / len(conns), 2) if conns else None,
+        "cpu": cpu,
+        "idle_cpu": idle_cpu,
+        "server_closes": closes(conns),
+    }
+    close_all(conns)
+    await asyncio.sleep(0.5)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# commands: client -> device -> result -> client at a steady rate
+
+
+class CommandState:
+    def __init__(self) -> None:
+        self.send_ns: dict[int, int] = {}
+        self.samples: list[int] = []
+        self.ack_samples: list[int] = []
+        self.measure_from = 1 << 62
+        self.measure_to = 1 << 62
+        self.acks = 0
+        self.results = 0
+        self.failed = 0
+        self.errors = 0
+        self.last_error = b""
+
+
+class CommandDevice(Client):
+    def on_text(self, frame: WSFrame) -> None:
+        payload = frame.get_payload_as_bytes()
+        if not payload.startswith(b'{"type":"command"'):
+            return  # acks of our results
+        message = orjson.loads(payload)
+        self.send(
+            orjson.dumps(
+                {
+                    "type": "command_result",
+                    "command_id": message["command_id"],
+                    "ok": True,
+                    "result": message.get("params") or {},
+                }
+            )
+        )
+
+
+class CommandClient(Client):
+    def __init__(self, st: CommandState) -> None:
+        super().__init__()
+        self.st = st
+
+    def on_text(self, frame: WSFrame) -> None:
+        payload = frame.get_payload_as_bytes()
+        message = orjson.loads(payload)
+        kind = message.get("type")
+        st = self.st
+        if kind == "command_result":
+            st.results += 1
+            if message.get("state") != "succeeded":
+                st.failed += 1
+            n = (message.get("result") or {}).get("n")
+            sent_at = st.send_ns.pop(n, None) if isinstance(n, int) else None
+            if sent_at is not None and st.measure_from <= cast(int, n) < st.measure_to:
+                st.samples.append(now_ns() - sent_at)
+        elif kind == "ack":
+            st.acks += 1
+            request_id = message.get("id")
+            sent_at = st.send_ns.get(request_id)
+            if sent_at is not None and st.measure_from <= request_id < st.measure_to:
+                st.ack_samples.append(now_ns() - sent_at)
+        elif kind == "error":
+            st.errors += 1
+            st.last_error = payload[:300]
+            st.send_ns.pop(message.get("id"), None)
+
+
+async def run_commands(spec: Spec, progress: Progress) -> Result:
+    p = spec["params"]
+    url = spec["urls"][0]
+    secret = spec["secret"]
+    device_ids = [f"bench-cmd-{i}" for i in range(int(p["devices"]))]
+    st = CommandState()
+    devices, errors = await open_many(
+        len(device_ids), 50,
+        lambda i: open_ws(f"{url}/ws/device", mint(secret, device_ids[i], "device"), device_ids[i],
+                          CommandDevice),
+        progress, "devices",
+    )  # fmt: skip
+    operator = mint(secret, "bench-operator", "operator")
+    clients, client_errors = await open_many(
+        int(p["clients"]), 50,
+        lambda i: open_ws(f"{url}/ws/client", operator, f"client-{i}", lambda: CommandClient(st)),
+        progress, "clients",
+    )  # fmt: skip
+    progress.end()
+    if errors or client_errors:
+        raise RuntimeError(f"connections failed: {(errors + client_errors)[0]}")
+    for conn in [*devices, *clients]:
+        conn.run_mode()
+    gc.collect()
+    gc.freeze()
+    await asyncio.sleep(1.0)  # fleetwire records presence asynchronously after the welcome
+    rate = float(p["rate"])
+    params_pad = "x" * int(p.get("params_bytes", 0))
+
+    def send(k: int) -> None:
+        client = clients[k % len(clients)]
+        body: dict[str, Any] = {"n": k}
+        if params_pad:
+            body["pad"] = params_pad
+        payload = orjson.dumps(
+            {
+                "type": "command",
+                "id": k,
+                "device_id": device_ids[k % len(device_ids)],
+                "name": "bench.echo",
+                "params": body,
+                "timeout_s": 30,
+            }
+        )
+        st.send_ns[k] = now_ns()
+        client.send(payload)
+
+    status = rate_status(lambda: st.results, "round trips")
+    k = await paced(rate, spec["warmup"], send, 0, progress, "warm-up", status)
+    pids = server_pids(spec)
+    profiler = Profiler(spec, "round trips")
+    await profiler.start(spec["duration"])
+    window = CpuWindow(pids).start()
+    st.measure_from = k
+    results0 = st.results
+    st.measure_to = 1 << 62
+    k = await paced(rate, spec["duration"], send, k, progress, "round trips", status)
+    st.measure_to = k
+    cpu = window.stop()
+    completed_in_window = st.results - results0
+    await profiler.wait()
+    expected = st.measure_to - st.measure_from
+    await wait_until(lambda: len(st.samples) >= expected or st.errors > 0, 10)
+    progress.end()
+    result: Result = {
+        "devices": len(devices),
+        "clients": len(clients),
+        "target_per_s": rate,
+        "achieved_per_s": round(completed_in_window / cpu["wall_s"]),
+        "round_trip_ms": latency_ms(st.samples),
+        "ack_ms": latency_ms(st.ack_samples),
+        "missing_results": expected - len(st.samples),
+        "failed_results": st.failed,
+        "errors": st.errors,
+        "server_us_per_round_trip": server_cpu_per_op_us(cpu, expected),
+        "cpu": cpu,
+        "server_closes": closes([*devices, *clients]),
+    }
+    if st.errors:
+        result["last_error"] = st.last_error.decode(errors="replace")
+    close_all([*devices, *clients])
+    return result
+
+
+RUNNERS: dict[str, Callable[[Spec, Progress], Coroutine[Any, Any, Result]]] = {
+    "fanout": run_fanout,
+    "cluster": run_fanout,
+    "ingest": run_ingest,
+    "connections": run_connections,
+    "commands": run_commands,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m fleetwire.bench.loadgen SPEC.json RESULT.json", file=sys.stderr)
+        return 2
+    spec: Spec = json.loads(Path(args[0]).read_text())
+    raise_nofile()
+    progress = Progress(f"  [{spec['label']}]", enabled=not spec.get("quiet", False))
+    started = time.monotonic()
+    try:
+        result = uvloop.run(RUNNERS[spec["scenario"]](spec, progress))
+    except Exception as exc:
+        progress.end()
+        Path(args[1]).write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        print(f"load generator failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    result["loadgen_wall_s"] = round(time.monotonic() - started, 1)
+    Path(args[1]).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""What the benchmark reads from the kernel: CPU time and RSS of a process, busy time per core.
+
+Everything comes from /proc (Linux), so neither side needs psutil. CPU figures are in
+percent of one core over a measured window, so "100" means that process saturated its core.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def raise_nofile() -> int:
+    """Raise the soft open-files limit to the hard limit (10k connections need the headroom)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1_048_576)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+    return hard
+
+
+def proc_cpu_s(pid: int | str = "self") -> float:
+    """User + system CPU seconds of a process (0.0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0.0
+    fields = data[data.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14 and 15)
+
+
+def proc_rss_kb(pid: int | str = "self") -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def core_times() -> dict[str, tuple[int, int]]:
+    """(busy, total) jiffies per core, from /proc/stat."""
+    result: dict[str, tuple[int, int]] = {}
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if not line.startswith(b"cpu") or line.startswith(b"cpu "):
+                    continue
+                parts = line.split()
+                values = [int(v) for v in parts[1:]]
+                idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+                total = sum(values[:8])  # guest time is already counted in user
+                result[parts[0].decode()] = (total - idle, total)
+    except OSError:
+        pass
+    return result
+
+
+@dataclass
+class CpuWindow:
+    """CPU use of some processes, of this process and of every core between start and stop."""
+
+    pids: dict[str, int]
+    _t0: float = 0.0
+    _cpu0: dict[str, float] = field(default_factory=dict)
+    _self0: float = 0.0
+    _cores0: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def start(self) -> CpuWindow:
+        self._t0 = time.monotonic()
+        self._cpu0 = {name: proc_cpu_s(pid) for name, pid in self.pids.items()}
+        self._self0 = proc_cpu_s()
+        self._cores0 = core_times()
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        wall = max(time.monotonic() - self._t0, 1e-9)
+        processes = {
+            name: round(100.0 * (proc_cpu_s(pid) - self._cpu0[name]) / wall, 1)
+            for name, pid in self.pids.items()
+        }
+        cores: dict[str, float] = {}
+        for name, (busy, total) in core_times().items():
+            busy0, total0 = self._cores0.get(name, (0, 0))
+            if total > total0:
+                cores[name] = round(100.0 * (busy - busy0) / (total - total0), 1)
+        return {
+            "wall_s": round(wall, 3),
+            "server_cpu_pct": processes,
+            "loadgen_cpu_pct": round(100.0 * (proc_cpu_s() - self._self0) / wall, 1),
+            "core_busy_pct": cores,
+        }
