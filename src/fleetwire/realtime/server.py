@@ -17,11 +17,19 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fleetwire.realtime.picows_transport import TransportLimits, make_ws_protocol, redact_access_token
 from fleetwire.realtime.transport import WebSocketApp
 
-__all__ = ["FleetwireServer", "RedactAccessToken", "build_server", "install_log_redaction", "serve"]
+__all__ = [
+    "FleetwireServer",
+    "HeadTimeoutHttpProtocol",
+    "RedactAccessToken",
+    "build_server",
+    "install_log_redaction",
+    "serve",
+]
 
 REDACTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "fleetwire.realtime.transport")
 
@@ -49,6 +57,50 @@ def install_log_redaction() -> None:
         target = logging.getLogger(name)
         if not any(isinstance(f, RedactAccessToken) for f in target.filters):
             target.addFilter(RedactAccessToken())
+
+
+class HeadTimeoutHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a bound on reading a request head (slowloris).
+
+    uvicorn times out idle keep-alive connections only after a first response: a connection
+    that never completes its head would be held forever. Here a connection must complete each
+    request head within `head_timeout_s` of connecting (or of the first byte of its next
+    request on a keep-alive connection), else it is closed. WebSocket upgrades complete their
+    head first; the app's decision is then bounded by `TransportLimits.handshake_timeout_s`.
+    """
+
+    head_timeout_s: float = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head_timer is None:
+            self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
 class FleetwireServer(uvicorn.Server):
@@ -89,13 +141,17 @@ def build_server(
 ) -> FleetwireServer:
     """A uvicorn server: httptools + uvloop, lifespan on, picows for `Upgrade: websocket`."""
     options: dict[str, Any] = {"timeout_graceful_shutdown": 30, **uvicorn_options}
+    limits = limits or TransportLimits()
+    http = type(
+        "FleetwireHttpProtocol", (HeadTimeoutHttpProtocol,), {"head_timeout_s": limits.handshake_timeout_s}
+    )
     config = uvicorn.Config(
         asgi_app,
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
-        ws=make_ws_protocol(ws_app, limits or TransportLimits()),
+        http=http,
+        ws=make_ws_protocol(ws_app, limits),
         ws_per_message_deflate=False,
         lifespan="on",
         log_level=log_level,

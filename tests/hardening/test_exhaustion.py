@@ -1,0 +1,77 @@
+"""Resource exhaustion at the HTTP level (issue 7): hundreds of half-open sockets that never
+finish their request head (slowloris) are cut by the handshake timeout, while a normal client
+still connects at once. (The connection limit, rate limit, slow consumer and heartbeat cases
+are in tests/integration/test_sessions.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.integration.harness import TIMEOUT, Node
+
+pytestmark = pytest.mark.anyio
+
+HEAD_TIMEOUT_S = 1.0
+SILENT, PARTIAL, DRIBBLING = 150, 150, 20
+PARTIAL_HEAD = (
+    b"GET /ws/device HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+)
+
+
+async def _cut_after(reader: asyncio.StreamReader, limit: float) -> float:
+    """Seconds until the server closes this connection (EOF or reset); bounded by `limit`."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with contextlib.suppress(ConnectionError):
+        while await asyncio.wait_for(reader.read(4096), limit):
+            pass
+    return loop.time() - started
+
+
+async def test_half_open_sockets_are_cut_and_others_still_connect(make_node: Callable[..., Node]) -> None:
+    """With FLEETWIRE_HANDSHAKE_TIMEOUT_S=1: 150 sockets that send nothing, 150 that send part
+    of an upgrade head and 20 that dribble a byte every 0.2 s are all closed by the server
+    within the timeout + 1.5 s of connecting; meanwhile a device completes its WebSocket
+    handshake and a REST call answers, each in under 1 s. The device session, upgraded before
+    the timeout, is not cut by it: it still acks after every half-open socket is gone."""
+    node = make_node(handshake_timeout_s=HEAD_TIMEOUT_S)
+    await node.register("d1")
+    loop = asyncio.get_running_loop()
+    opened = [
+        await asyncio.wait_for(asyncio.open_connection("127.0.0.1", node.port), TIMEOUT)
+        for _ in range(SILENT + PARTIAL + DRIBBLING)
+    ]
+    for _, writer in opened[SILENT : SILENT + PARTIAL]:
+        writer.write(PARTIAL_HEAD)
+    limit = HEAD_TIMEOUT_S + 1.5
+    cut = [asyncio.ensure_future(_cut_after(reader, limit)) for reader, _ in opened]
+
+    async def dribble(writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            for byte in PARTIAL_HEAD * 10:
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.2)  # the attack itself: one byte at a time
+
+    dribblers = [asyncio.ensure_future(dribble(writer)) for _, writer in opened[SILENT + PARTIAL :]]
+    try:
+        started = loop.time()
+        device = await node.device("d1")
+        assert loop.time() - started < 1.0
+        started = loop.time()
+        async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+            assert (await http.get(f"{node.http_url}/healthz")).status_code == 200
+        assert loop.time() - started < 1.0
+        durations = await asyncio.wait_for(asyncio.gather(*cut), limit + TIMEOUT)
+        assert max(durations) < limit
+        assert (await device.request({"type": "status", "status": "still-open"}))["type"] == "ack"
+    finally:
+        for task in (*cut, *dribblers):
+            task.cancel()
+        for _, writer in opened:
+            writer.transport.abort()
