@@ -36,6 +36,15 @@ def _signing_secret(settings: Settings) -> str | None:
     return load_or_create_secret(settings.data_dir)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fleetwire")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -83,7 +92,7 @@ def create_app(
 
     app = FastAPI(
         title="fleetwire",
-        version="1.0.0",
+        version=_version(),
         summary="Device registry, telemetry and commands for IoT fleets",
         lifespan=lifespan,
     )

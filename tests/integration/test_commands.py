@@ -133,6 +133,8 @@ async def test_idempotency_key_returns_the_first_command(node: Node) -> None:
     await device.next_of("command")
     with pytest.raises(TimeoutError):
         await device.next_of("command", timeout=0.3)
+    reused = await operator.request({**message, "name": "b"})
+    assert reused["code"] == "conflict"
 
 
 async def test_rest_commands_with_and_without_wait(node: Node) -> None:

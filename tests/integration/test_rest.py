@@ -93,6 +93,11 @@ async def test_roles_and_tokens(node: Node) -> None:
             422,
             "invalid_message",
         )
+    async with node.rest("admin", devices=["d*"]) as narrow_admin:
+        escalate = await narrow_admin.post("/tokens", json={"sub": "x", "role": "admin", "ttl_s": 60})
+        problem(escalate, 403, "forbidden")
+        problem(await narrow_admin.post("/devices", json={"id": "other"}), 403, "forbidden")
+        assert (await narrow_admin.post("/devices", json={"id": "d9"})).status_code == 201
     session = await node.device("d1", token=minted.json()["token"])
     assert session.welcome["device_id"] == "d1"
 

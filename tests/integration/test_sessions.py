@@ -397,3 +397,16 @@ async def test_rest_without_token_is_401_with_challenge(node: Node) -> None:
 
 
 __all__ = ["Session"]
+
+
+async def test_peer_close_code_never_chooses_the_reason(node: Node) -> None:
+    """A device closing with 1001 (as browsers do) or 4009 is reported as `closed`."""
+    await node.register("d1")
+    client = await node.client()
+    await client.request({"type": "subscribe", "devices": ["d1"]})
+    for code in (1001, 4009):
+        device = await node.device("d1")
+        await client.event("device.connected")
+        await asyncio.wait_for(device.ws.close(code), TIMEOUT)
+        gone = await client.event("device.disconnected")
+        assert gone["data"]["reason"] == "closed"

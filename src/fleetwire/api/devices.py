@@ -58,7 +58,7 @@ async def connection_block(node: NodeDep, device_id: str) -> dict[str, Any]:
 
 @router.post("/devices", status_code=201)
 async def register_device(body: DeviceCreate, node: NodeDep, principal: PrincipalDep) -> dict[str, Any]:
-    require(principal, Role.ADMIN)
+    require_device_access(principal, body.id, Role.ADMIN)
     if body.telemetry_schema is not None:
         check_schema(body.telemetry_schema)
     now = now_ms()

@@ -9,7 +9,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fleetwire.broker.base import BrokerUnavailableError
 from fleetwire.domain.errors import ErrorCode, FleetwireError
+from fleetwire.presence.base import PresenceUnavailableError
 from fleetwire.store.base import StoreUnavailableError
 
 STATUS = {
@@ -61,8 +63,10 @@ def install(app: FastAPI) -> None:
         return problem(exc.code, exc.message, exc.details)
 
     @app.exception_handler(StoreUnavailableError)
-    async def _store(_: Request, exc: StoreUnavailableError) -> JSONResponse:
-        return problem(ErrorCode.UNAVAILABLE, "storage unavailable, retry later")
+    @app.exception_handler(BrokerUnavailableError)
+    @app.exception_handler(PresenceUnavailableError)
+    async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
+        return problem(ErrorCode.UNAVAILABLE, "a backing service is unavailable; retry later")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -52,9 +52,10 @@ class DeviceUpdate(BaseModel):
 
 
 class CommandCreate(BaseModel):
-    """Same fields as the WebSocket `command` (contract §2.3); the device comes from the path."""
+    """Same fields as the WebSocket `command` (contract §2.3); the device comes from the path.
+    Strict like the WebSocket: "30" is not an integer and "true" is not a boolean."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)

@@ -19,6 +19,11 @@ router = APIRouter(tags=["tokens"])
 @router.post("/tokens", status_code=201)
 async def issue_token(body: TokenCreate, principal: PrincipalDep, request: Request) -> dict[str, Any]:
     require(principal, Role.ADMIN)
+    if principal.device_patterns is not None:
+        # A token could carry a wider claim than its minter's: only unrestricted admins mint.
+        raise FleetwireError(
+            ErrorCode.FORBIDDEN, "an admin restricted by a `devices` claim cannot mint tokens"
+        )
     secret: str | None = request.app.state.signing_secret
     if secret is None:
         raise FleetwireError(ErrorCode.CONFLICT, "this server verifies external tokens and signs none")

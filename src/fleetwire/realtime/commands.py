@@ -56,6 +56,10 @@ class CommandService:
                 principal.sub, request.idempotency_key, now - request.timeout_s * 1000
             )
             if earlier is not None:
+                if earlier.device_id != request.device_id or earlier.name != request.name:
+                    raise FleetwireError(
+                        ErrorCode.CONFLICT, "this idempotency_key was used for another command"
+                    )
                 return earlier
         if device.disabled:
             raise FleetwireError(ErrorCode.FORBIDDEN, "device is disabled")

@@ -17,20 +17,22 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from fleetwire.auth.principal import AuthError, Principal
+from fleetwire.broker.base import BrokerUnavailableError
 from fleetwire.domain.clock import format_ms, now_ms
 from fleetwire.domain.devices import Device
 from fleetwire.domain.errors import ErrorCode, FleetwireError
+from fleetwire.presence.base import PresenceUnavailableError
 from fleetwire.realtime import protocol
 from fleetwire.realtime.codes import Close
 from fleetwire.realtime.hub import Subscription
 from fleetwire.realtime.protocol import CloseWith, Reply, Request, SessionProtocol
 from fleetwire.realtime.transport import Socket
+from fleetwire.store.base import StoreUnavailableError
 
 if TYPE_CHECKING:
     from fleetwire.realtime.node import Node
 
 log = logging.getLogger(__name__)
-_BINARY = protocol.error(None, FleetwireError(ErrorCode.INVALID_MESSAGE, "binary frames are not accepted"))
 # Live events held per connection while a `resume` replays history.
 _MAX_HELD = 10_000
 
@@ -65,11 +67,11 @@ class Connection:
 
     def on_message(self, payload: bytes, is_text: bool) -> None:
         self.last_seen_ms = now_ms()
-        if not is_text:
-            self.send(_BINARY)
-            return
         loop = asyncio.get_running_loop()
-        outcome = self.protocol.receive(payload, loop.time(), self.last_seen_ms)
+        if is_text:
+            outcome = self.protocol.receive(payload, loop.time(), self.last_seen_ms)
+        else:
+            outcome = self.protocol.receive_binary(loop.time())
         if isinstance(outcome, Request):
             self.handle(outcome)
         elif isinstance(outcome, Reply):
@@ -120,6 +122,12 @@ class Connection:
             payload = await coro
         except FleetwireError as exc:
             payload = protocol.error(request.id, exc)
+        except (StoreUnavailableError, BrokerUnavailableError, PresenceUnavailableError) as exc:
+            log.warning("request %s: %s", request.type, exc)
+            payload = protocol.error(
+                request.id,
+                FleetwireError(ErrorCode.UNAVAILABLE, "a backing service is unavailable; retry later"),
+            )
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -182,6 +190,18 @@ class DeviceConnection(Connection):
         )
 
     def handle(self, request: Request) -> None:
+        if self.online is not None and not self.online.done():
+            # `device.connected` must take a lower seq than anything the device sends.
+            self.spawn(self._after_online(request))
+            return
+        self._handle(request)
+
+    async def _after_online(self, request: Request) -> None:
+        assert self.online is not None
+        await asyncio.wait([self.online])
+        self._handle(request)
+
+    def _handle(self, request: Request) -> None:
         node = self.node
         if request.type in ("telemetry", "telemetry_batch"):
             self.spawn(self.answer(request, node.ingest(self.device, request.value, request.id)))
@@ -197,6 +217,7 @@ class ClientConnection(Connection):
     def __init__(self, node: Node, principal: Principal, session: SessionProtocol) -> None:
         super().__init__(node, principal, session)
         self.subscriptions: dict[str, Subscription] = {}
+        self._subscription_count = 0
         # device id -> live frames held back while that device's history is replayed
         self._held: dict[str, deque[tuple[int, bytes]]] = {}
 
@@ -229,6 +250,10 @@ class ClientConnection(Connection):
 
     def refreshed(self) -> None:
         self.node.hub.routes_changed()
+
+    def next_subscription_id(self) -> str:
+        self._subscription_count += 1
+        return f"sub-{self._subscription_count}"
 
     # -- delivery (called by the hub) -----------------------------------------------------------
     def deliver(self, device_id: str, seq: int, frame: bytes) -> None:

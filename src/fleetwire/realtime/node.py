@@ -92,6 +92,8 @@ class Node:
         await self.broker.start(self.node_id, self.hub.on_events, self.on_message)
         self.publisher.start()
         self.writer.start()
+        # Sessions a previous process with this node id left in Presence are ghosts now.
+        self.spawn(self.reconcile())
         loop = asyncio.get_running_loop()
         self._loops = [
             loop.create_task(self._every(self.settings.heartbeat_s, self._heartbeat), name="heartbeat"),
@@ -163,6 +165,7 @@ class Node:
             close_after=self.settings.rate_limit_close_after,
             warning_s=self.settings.token_warning_s,
             max_clock_skew_s=self.settings.max_clock_skew_s,
+            leeway_s=self.settings.jwt_leeway_s,
         )
         if not is_device:
             if principal.role is Role.DEVICE:
@@ -307,7 +310,7 @@ class Node:
         if patterns:
             await self._matching(patterns, principal, devices)
         subscription = Subscription(
-            f"s{len(conn.subscriptions) + 1}-{conn.session_id[:6]}-{now_ms() % 100000}",
+            conn.next_subscription_id(),
             frozenset(exact),
             patterns,
             wanted.events,
@@ -369,9 +372,9 @@ class Node:
             if last_seq >= device.seq:
                 recovered[device_id] = True
             else:
-                recovered[device_id] = (
-                    bool(events) and events[0].seq == last_seq + 1 and (events[-1].seq >= device.seq)
-                )
+                seqs = [e.seq for e in events]
+                contiguous = seqs == list(range(last_seq + 1, last_seq + 1 + len(seqs)))
+                recovered[device_id] = contiguous and bool(seqs) and seqs[-1] >= device.seq
         return replays, recovered
 
     # -- routing between nodes ---------------------------------------------------------------------
@@ -469,6 +472,7 @@ class Node:
                 await self.presence.add(info)
                 if not conn.announced:
                     await self._announce(conn)
+                await self.commands.deliver_queued(device_id, conn.send)
             elif current.session_id != conn.session_id:
                 conn.event_suppressed = True  # the newer session's node reported the replacement
                 conn.close(Close.REPLACED)

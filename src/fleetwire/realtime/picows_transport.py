@@ -395,6 +395,7 @@ class _Connection(WSListener):
             return
         self._closing = True
         self._recv_code = code
+        self._sent_code = 1000  # our answer; the peer's code is not its reason to choose
         if self._held:
             self._held.clear()
         self._ws.send_close(cast(WSCloseCode, 1000), b"normal")

@@ -182,12 +182,15 @@ class SessionProtocol:
         close_after: int,
         warning_s: float,
         max_clock_skew_s: float,
+        leeway_s: float = 0.0,
     ) -> None:
         self.principal = principal
+        # A token the verifier accepted thanks to the leeway lives until exp + leeway.
+        self._leeway_ms = int(leeway_s * 1000)
         self.is_device = is_device
         self.allowed = DEVICE_TYPES if is_device else CLIENT_TYPES
         self.limiter = RateLimiter(rate, close_after)
-        self.token = TokenLifetime(principal.expires_at_ms, warning_s)
+        self.token = TokenLifetime(principal.expires_at_ms + self._leeway_ms, warning_s)
         self._skew_ms = int(max_clock_skew_s * 1000)
 
     def receive(self, payload: bytes, now: float, now_ms: int) -> Outcome | tuple[Reply, CloseWith]:
@@ -219,6 +222,14 @@ class SessionProtocol:
         except FleetwireError as exc:
             return Reply(error(request_id, exc))
         return Request(kind, request_id, value)
+
+    def receive_binary(self, now: float) -> Reply | tuple[Reply, CloseWith]:
+        """Binary frames are refused, and count against the rate limit like any message."""
+        allowed = self.limiter.allow(now)
+        if allowed is not True:
+            reply = Reply(error(None, FleetwireError(ErrorCode.RATE_LIMITED, "message rate above the limit")))
+            return reply if allowed is False else (reply, CloseWith(Close.RATE_LIMITED))
+        return Reply(error(None, invalid("binary frames are not accepted; send JSON text frames")))
 
     def _parse(self, kind: str, message: dict[str, Any], now_ms: int) -> Any:
         if kind == "telemetry":
@@ -252,5 +263,5 @@ class SessionProtocol:
         if fresh.sub != self.principal.sub or fresh.role is not self.principal.role:
             return FleetwireError(ErrorCode.FORBIDDEN, "a refresh token must keep the same sub and role")
         self.principal = fresh
-        self.token.renew(fresh.expires_at_ms)
+        self.token.renew(fresh.expires_at_ms + self._leeway_ms)
         return None

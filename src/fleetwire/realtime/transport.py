@@ -9,8 +9,9 @@ Life of a connection:
    a `Handler` gets a 101, then `on_open(socket)`.
 2. Complete messages (continuation frames reassembled, at most `max_message_bytes`) reach
    `on_message`. Text is checked to be UTF-8 first (else close 1007). Pongs reach `on_pong`.
-3. `on_closed(code)` runs exactly once, whoever closed and however (code None when the TCP
-   connection dropped without a close frame).
+3. `on_closed(code)` runs exactly once, whoever closed and however: the code the SERVER sent
+   (1000 when it answered a peer's close; None when TCP dropped without a close frame), so a
+   peer never chooses the reason its session ended for.
 
 Limits enforced by the transport, with the contract's close codes: a frame or message over
 `max_message_bytes` -> 1009; RFC 6455 violations -> 1002; invalid UTF-8 text -> 1007; more

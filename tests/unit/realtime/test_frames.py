@@ -332,7 +332,8 @@ def test_reserved_bit_is_1002() -> None:
 
 
 def test_peer_close_is_answered_normal_and_reported_once() -> None:
-    """A peer close gets 1000 `normal`, TCP is dropped, on_closed(peer code) runs once."""
+    """A peer close gets 1000 `normal`, TCP is dropped, on_closed(1000) runs once: the server's
+    answer, not the peer's code, is reported."""
     conn, ws, rec, _ = connected()
     feed(conn, ws, WSMsgType.CLOSE, struct.pack("!H", 4000) + b"bye")
     assert ws.closes == [(1000, b"normal")]
@@ -342,7 +343,7 @@ def test_peer_close_is_answered_normal_and_reported_once() -> None:
     assert ws.sent == []
     disconnect(conn, ws)
     disconnect(conn, ws)
-    assert rec.closed == [4000]
+    assert rec.closed == [1000]
 
 
 def test_our_close_then_peer_reply() -> None:
