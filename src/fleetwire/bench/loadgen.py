@@ -36,6 +36,8 @@ _TEXT = WSMsgType.TEXT
 _CLOSE = WSMsgType.CLOSE
 _N_MARK = re.compile(rb'"bench_n":(\d+)')
 _NO_PUMP = 1 << 62
+# name -> command-line fragment of processes whose CPU is reported too (spec["services"]).
+SERVICES: dict[str, str] = {}
 now_ns = time.perf_counter_ns
 
 Spec = dict[str, Any]
@@ -262,17 +264,15 @@ async def wait_until(condition: Callable[[], bool], seconds: float) -> bool:
 
 
 def rate_status(counter: Callable[[], int], unit: str) -> Callable[[], str]:
-    state: dict[str, float] = {"t": time.monotonic(), "n": counter()}
+    """A live rate for the progress line, over the last second or so."""
+    state: dict[str, float] = {"t": time.monotonic(), "n": counter(), "rate": 0.0}
 
     def status() -> str:
         now, n = time.monotonic(), counter()
         dt = now - state["t"]
-        if dt < 0.2:
-            rate = state.get("rate", 0.0)
-        else:
-            rate = (n - state["n"]) / dt
-            state.update(t=now, n=n, rate=rate)
-        return f"{rate:,.0f} {unit}/s"
+        if dt >= 1.0:
+            state.update(t=now, n=n, rate=(n - state["n"]) / dt)
+        return f"{state['rate']:,.0f} {unit}/s"
 
     return status
 
@@ -503,7 +503,7 @@ async def run_fanout(spec: Spec, progress: Progress) -> Result:
     st.pump()
     await run_for(progress, "sat. warm-up", spec["warmup"], status, watchdog)
     profiler = Profiler(spec, "saturation")
-    window = CpuWindow(pids).start()
+    window = CpuWindow(pids, SERVICES).start()
     received0, groups0, credit0 = st.received, group_counts(subs, groups), st.credit
     await profiler.start(spec["duration"])
     await run_for(progress, "saturation", spec["duration"], status, watchdog)
@@ -543,7 +543,7 @@ async def run_fanout(spec: Spec, progress: Progress) -> Result:
     await asyncio.sleep(0.2)
     for g in groups:
         g.samples.clear()
-    window = CpuWindow(pids).start()
+    window = CpuWindow(pids, SERVICES).start()
     received0 = st.received
     first = k
     k = await paced(msg_rate, spec["duration"], st.send_timed, k, progress, "latency", status)
@@ -582,6 +582,7 @@ class IngestState:
         self.measuring = False
         self.prefix = b""
         self.suffix = b""
+        self.batch = 1
         self.points = 0
         self.messages = 0
         self.acked_total = 0
@@ -590,37 +591,80 @@ class IngestState:
         self.last_error = b""
 
 
+_ACK_PREFIX = b'{"type":"ack","id":'
+_ACK_ID_AT = len(_ACK_PREFIX)
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    """A client text frame with an all-zero masking key (RFC 6455 §5.3: the payload XOR 0 is the
+    payload), so that several requests go out in ONE transport write."""
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x81, 0x80 | size))
+    elif size < 65536:
+        head = bytes((0x81, 0x80 | 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, 0x80 | 127)) + size.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
 class IngestDevice(Client):
+    """A device with a window of requests in flight: each ack frees a slot; the requests owed
+    are written together once picows has handed over every frame of the current read."""
+
     def __init__(self, st: IngestState) -> None:
         super().__init__()
         self.st = st
         self.request_id = 0
+        self.owed = 0
         self.inflight: dict[int, int] = {}
 
-    def send_one(self) -> None:
-        self.request_id += 1
-        rid = self.request_id
+    def flush(self) -> None:
+        count, self.owed = self.owed, 0
+        if count <= 0 or self.disconnected:
+            return
         st = self.st
-        self.inflight[rid] = now_ns()
-        self.tr.send(_TEXT, st.prefix + str(rid).encode() + st.suffix)
+        prefix, suffix, inflight = st.prefix, st.suffix, self.inflight
+        rid = self.request_id
+        sent_at = now_ns()
+        frames = []
+        for _ in range(count):
+            rid += 1
+            inflight[rid] = sent_at
+            frames.append(masked_text_frame(prefix + str(rid).encode() + suffix))
+        self.request_id = rid
+        self.tr.underlying_transport.write(b"".join(frames))
 
-    def on_text(self, frame: WSFrame) -> None:
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if self.inbox is not None or frame.msg_type is not _TEXT:
+            Client.on_ws_frame(self, transport, frame)
+            return
         payload = frame.get_payload_as_bytes()
-        message = orjson.loads(payload)
-        sent_at = self.inflight.pop(message.get("id"), None)
         st = self.st
         st.acked_total += 1
-        if message.get("type") == "ack":
-            if st.measuring:
-                st.points += message.get("accepted", 0)
-                st.messages += 1
-                if sent_at is not None:
-                    st.samples.append(now_ns() - sent_at)
-        else:
-            st.errors += 1
-            st.last_error = payload[:300]
+        rid: Any = None
+        ok = False
+        if payload.startswith(_ACK_PREFIX):  # fast path: `{"type":"ack","id":N,"accepted":n}`
+            end = payload.find(b",", _ACK_ID_AT)
+            if end > 0 and payload[_ACK_ID_AT:end].isdigit():
+                rid = int(payload[_ACK_ID_AT:end])
+                ok = True
+        if rid is None:
+            message = orjson.loads(payload)
+            rid = message.get("id")
+            ok = message.get("type") == "ack"
+            if not ok:
+                st.errors += 1
+                st.last_error = payload[:300]
+        sent_at = self.inflight.pop(rid, None)
+        if ok and st.measuring and sent_at is not None:
+            st.points += st.batch
+            st.messages += 1
+            st.samples.append(now_ns() - sent_at)
         if st.running:
-            self.send_one()
+            self.owed += 1
+            if frame.last_in_buffer:
+                self.flush()
 
 
 _RECORD = b'{"temp":21.5,"hum":40.25,"on":true,"count":7}'
@@ -654,20 +698,26 @@ async def run_ingest(spec: Spec, progress: Progress) -> Result:
         else:
             records = b",".join([b'{"data":' + _RECORD + b"}"] * batch)
             st.prefix, st.suffix = b'{"type":"telemetry_batch","id":', b',"records":[' + records + b"]}"
+        st.batch = batch
         st.points = st.messages = 0
         st.samples = []
         st.running = True
         for device in devices:
-            for _ in range(window_per_conn):
-                device.send_one()
-        size: int = batch
-        status = rate_status(lambda: st.acked_total * size, "points")  # noqa: B023 - used in this pass only
-        await run_for(progress, f"{name} warm-up", spec["warmup"], status)
+            device.owed = window_per_conn
+            device.flush()
+        status = rate_status(lambda: st.acked_total * st.batch, "points")
+
+        def flush_stragglers() -> None:  # requests owed but not written (no last_in_buffer seen)
+            for device in devices:
+                if device.owed:
+                    device.flush()
+
+        await run_for(progress, f"{name} warm-up", spec["warmup"], status, flush_stragglers)
         profiler = Profiler(spec, name)
-        window = CpuWindow(pids).start()
+        window = CpuWindow(pids, SERVICES).start()
         st.measuring = True
         await profiler.start(spec["duration"])
-        await run_for(progress, name, spec["duration"], status)
+        await run_for(progress, name, spec["duration"], status, flush_stragglers)
         st.measuring = False
         cpu = window.stop()
         st.running = False
@@ -722,7 +772,7 @@ async def run_connections(spec: Spec, progress: Progress) -> Result:
     rss_before = proc_rss_kb(pid)
     profiler = Profiler(spec, "handshakes")
     await profiler.start(spec["duration"])
-    window = CpuWindow(pids).start()
+    window = CpuWindow(pids, SERVICES).start()
     loop = asyncio.get_running_loop()
     start = loop.time()
     conns, errors = await open_many(
@@ -746,7 +796,7 @@ async def run_connections(spec: Spec, progress: Progress) -> Result:
         progress.phase("settle", 0, lambda: "waiting for the server to go idle", loop.time(), settle_start)
     progress.end()
     rss_after = proc_rss_kb(pid)
-    idle = CpuWindow(pids).start()
+    idle = CpuWindow(pids, SERVICES).start()
     await run_for(progress, "idle", min(5.0, spec["duration"]), lambda: f"{len(conns)} open")
     idle_cpu = idle.stop()
     progress.end()
@@ -892,7 +942,7 @@ async def run_commands(spec: Spec, progress: Progress) -> Result:
     pids = server_pids(spec)
     profiler = Profiler(spec, "round trips")
     await profiler.start(spec["duration"])
-    window = CpuWindow(pids).start()
+    window = CpuWindow(pids, SERVICES).start()
     st.measure_from = k
     results0 = st.results
     st.measure_to = 1 << 62
@@ -939,6 +989,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m fleetwire.bench.loadgen SPEC.json RESULT.json", file=sys.stderr)
         return 2
     spec: Spec = json.loads(Path(args[0]).read_text())
+    SERVICES.update(spec.get("services") or {})
     raise_nofile()
     progress = Progress(f"  [{spec['label']}]", enabled=not spec.get("quiet", False))
     started = time.monotonic()

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--targets", default="bare,fleetwire", help="comma-separated: bare, fleetwire (default both)"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run the targets N times, alternating; the table shows medians"
+    )
     sizes = parser.add_argument_group("sizes")
     sizes.add_argument("--subscribers", type=int, default=None, help="fanout/cluster (1000)")
     sizes.add_argument(
@@ -120,7 +123,7 @@ class Options:
 
 def options(args: argparse.Namespace) -> Options:
     quick = args.quick
-    duration = args.duration if args.duration is not None else (3.0 if quick else 10.0)
+    duration = args.duration if args.duration is not None else (2.0 if quick else 10.0)
     warmup = args.warmup if args.warmup is not None else (1.0 if quick else 2.0)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     for target in targets:
@@ -461,34 +464,58 @@ class Run:
     result: dict[str, Any]
 
 
+def _db_services(db_url: str | None) -> dict[str, str]:
+    """The PostgreSQL backends serving our fresh database name it in their process title."""
+    return {"postgres": db_url.rsplit("/", 1)[1]} if db_url else {}
+
+
+def _redis_service(url: str) -> dict[str, str]:
+    """Our Redis server's process title (other redis-server processes may run on other ports)."""
+    netloc = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+    return {"redis": f"redis-server {netloc}"}
+
+
+def _bare_run(opts: Options, mode: str, profile_phases: list[str], rep: int) -> Run:
+    log(f"[{opts.scenario}] bare picows server ({mode}){_rep_note(opts, rep)}")
+    server = start_bare(opts, mode)
+    try:
+        spec = base_spec(opts, "bare", "bare", [server], secrets.token_urlsafe(32))
+        if rep == 0:
+            spec["profile"] = profile_spec(opts, f"{opts.scenario}-bare", profile_phases)
+        return Run("bare picows", "bare", run_loadgen(opts, spec, f"bare-{rep}"))
+    finally:
+        server.stop()
+
+
+def _rep_note(opts: Options, rep: int) -> str:
+    return f", run {rep + 1}/{opts.args.repeat}" if opts.args.repeat > 1 else ""
+
+
 def _target_runs(opts: Options, mode: str, device_ids: list[str], profile_phases: list[str]) -> list[Run]:
     runs: list[Run] = []
-    for target in opts.targets:
-        secret = secrets.token_urlsafe(32)
-        if target == "bare":
-            log(f"[{opts.scenario}] bare picows server ({mode})")
-            server = start_bare(opts, mode)
-            try:
-                spec = base_spec(opts, "bare", "bare", [server], secret)
-                runs.append(Run("bare picows", "bare", run_loadgen(opts, spec, "bare")))
-            finally:
-                server.stop()
-            continue
-        db = opts.params.get("db", "sqlite")
-        label = f"fleetwire ({db})"
-        log(f"[{opts.scenario}] {label}")
-        with database(opts, db) as db_url:
-            server = start_fleetwire(opts, secret, "fleetwire", database_url=db_url)
-            try:
-                register(server, secret, device_ids)
-                spec = base_spec(opts, "fleetwire", "fleetwire", [server], secret)
-                spec["profile"] = profile_spec(opts, f"{opts.scenario}-{db}", profile_phases)
-                runs.append(Run(label, "fleetwire", run_loadgen(opts, spec, "fleetwire")))
-            except BaseException:
-                log(f"server log tail:\n{server.log_tail()}")
-                raise
-            finally:
-                server.stop()
+    for rep in range(opts.args.repeat):  # targets alternate, so noise hits both alike
+        for target in opts.targets:
+            if target == "bare":
+                runs.append(_bare_run(opts, mode, profile_phases, rep))
+                continue
+            secret = secrets.token_urlsafe(32)
+            db = opts.params.get("db", "sqlite")
+            label = f"fleetwire ({db})"
+            log(f"[{opts.scenario}] {label}{_rep_note(opts, rep)}")
+            with database(opts, db) as db_url:
+                server = start_fleetwire(opts, secret, "fleetwire", database_url=db_url)
+                try:
+                    register(server, secret, device_ids)
+                    spec = base_spec(opts, "fleetwire", "fleetwire", [server], secret)
+                    spec["services"] = _db_services(db_url)
+                    if rep == 0:
+                        spec["profile"] = profile_spec(opts, f"{opts.scenario}-{db}", profile_phases)
+                    runs.append(Run(label, "fleetwire", run_loadgen(opts, spec, f"fleetwire-{rep}")))
+                except BaseException:
+                    log(f"server log tail:\n{server.log_tail()}")
+                    raise
+                finally:
+                    server.stop()
     return runs
 
 
@@ -516,45 +543,41 @@ def scenario_cluster(opts: Options) -> list[Run]:
     every fleetwire node pinned to the server core, the device on node A."""
     runs: list[Run] = []
     redis_url = opts.args.redis_url
-    if "bare" in opts.targets:
-        secret = secrets.token_urlsafe(32)
-        log("[cluster] bare picows server (fanout)")
-        server = start_bare(opts, "fanout")
-        try:
-            spec = base_spec(opts, "bare", "bare", [server], secret)
-            runs.append(Run("bare picows", "bare", run_loadgen(opts, spec, "bare")))
-        finally:
-            server.stop()
-    if "fleetwire" not in opts.targets:
-        return runs
-    for nodes in (1, 2):
-        secret = secrets.token_urlsafe(32)
-        label = "fleetwire 1 node" if nodes == 1 else "fleetwire 2 nodes"
-        log(f"[cluster] {label} (PostgreSQL + {redis_url})")
-        clear_redis(redis_url)
-        servers: list[ServerProcess] = []
-        with fresh_postgres(opts.args.pg_url) as db_url:
-            try:
-                for index in range(nodes):
-                    name = f"node-{'ab'[index]}-{nodes}"
-                    servers.append(
-                        start_fleetwire(
-                            opts, secret, name, database_url=db_url, broker_url=redis_url, node_id=name
+    for rep in range(opts.args.repeat):
+        if "bare" in opts.targets:
+            runs.append(_bare_run(opts, "fanout", ["saturation"], rep))
+        if "fleetwire" not in opts.targets:
+            continue
+        for nodes in (1, 2):
+            secret = secrets.token_urlsafe(32)
+            label = "fleetwire 1 node" if nodes == 1 else "fleetwire 2 nodes"
+            log(f"[cluster] {label} (PostgreSQL + {redis_url}){_rep_note(opts, rep)}")
+            clear_redis(redis_url)
+            servers: list[ServerProcess] = []
+            with fresh_postgres(opts.args.pg_url) as db_url:
+                try:
+                    for index in range(nodes):
+                        name = f"node-{'ab'[index]}-{nodes}"
+                        servers.append(
+                            start_fleetwire(
+                                opts, secret, name, database_url=db_url, broker_url=redis_url, node_id=name
+                            )
                         )
-                    )
-                register(servers[0], secret, ["bench-pub"])
-                spec = base_spec(opts, label, "fleetwire", servers, secret)
-                spec["url_names"] = ["node A", "node B"][:nodes]
-                spec["profile"] = profile_spec(opts, f"cluster-{nodes}node", ["saturation"])
-                runs.append(Run(label, "fleetwire", run_loadgen(opts, spec, label)))
-            except BaseException:
-                for server in servers:
-                    log(f"{server.name} log tail:\n{server.log_tail()}")
-                raise
-            finally:
-                for server in servers:
-                    server.stop()
-                clear_redis(redis_url)
+                    register(servers[0], secret, ["bench-pub"])
+                    spec = base_spec(opts, label, "fleetwire", servers, secret)
+                    spec["url_names"] = ["node A", "node B"][:nodes]
+                    spec["services"] = {**_db_services(db_url), **_redis_service(redis_url)}
+                    if rep == 0:
+                        spec["profile"] = profile_spec(opts, f"cluster-{nodes}node", ["saturation"])
+                    runs.append(Run(label, "fleetwire", run_loadgen(opts, spec, f"{label}-{rep}")))
+                except BaseException:
+                    for server in servers:
+                        log(f"{server.name} log tail:\n{server.log_tail()}")
+                    raise
+                finally:
+                    for server in servers:
+                        server.stop()
+                    clear_redis(redis_url)
     return runs
 
 
@@ -581,11 +604,18 @@ def _num(value: Any, digits: int = 0) -> str:
     return str(value)
 
 
+_SERVICE_SHORT = {"postgres": "pg", "redis": "redis"}
+
+
 def _cpu(cpu: dict[str, Any]) -> tuple[str, str, str]:
+    """(server CPU, load generator CPU, per-core busy and the CPU of PostgreSQL/Redis if measured)."""
     server = sum(cpu["server_cpu_pct"].values())
     cores = cpu.get("core_busy_pct") or {}
-    core_text = "/".join(f"{v:.0f}" for _, v in sorted(cores.items()))
-    return f"{server:.0f}%", f"{cpu['loadgen_cpu_pct']:.0f}%", core_text
+    text = "/".join(f"{v:.0f}" for _, v in sorted(cores.items()))
+    services = cpu.get("service_cpu_pct") or {}
+    if services:
+        text += " " + " ".join(f"{_SERVICE_SHORT.get(k, k)} {v:.0f}%" for k, v in services.items())
+    return f"{server:.0f}%", f"{cpu['loadgen_cpu_pct']:.0f}%", text
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -642,7 +672,7 @@ def report_fanout(opts: Options, runs: list[Run]) -> tuple[str, dict[str, Any]]:
                 _num(run.result.get("frame_bytes")),
             ]
         )
-    headers = ["target", "deliveries/s", "srv µs/dlv", "srv CPU", "gen CPU", "cores 0/1",
+    headers = ["target", "deliveries/s", "srv µs/dlv", "srv CPU", "gen CPU", "cores 0/1 %",
                f"p50 ms@{p['rate']:.0f}/s", "p99 ms", "max ms", "lost", "srv CPU", "bytes/dlv"]  # fmt: skip
     text = [
         f"{opts.scenario}: {p['subscribers']} subscribers of one device (events: telemetry), "
@@ -713,7 +743,7 @@ def report_ingest(opts: Options, runs: list[Run]) -> tuple[str, dict[str, Any]]:
                 ]
             )
     headers = ["target", "phase", "points/s", "msgs/s", "ack p50 ms", "ack p99 ms", "srv µs/pt", "srv CPU",
-               "gen CPU", "cores 0/1", "window"]  # fmt: skip
+               "gen CPU", "cores 0/1 %", "window"]  # fmt: skip
     text = [
         f"ingest: {opts.params['devices']} devices, acks after durable storage ({opts.params['db']}); "
         f"{opts.duration:.0f} s per phase after {opts.warmup:.0f} s warm-up",
@@ -759,7 +789,7 @@ def report_connections(opts: Options, runs: list[Run]) -> tuple[str, dict[str, A
             ]
         )
     headers = ["target", "connected", "handshakes/s", "srv ms/hs", "RSS KB/conn", "RSS MB", "srv CPU",
-               "gen CPU", "cores 0/1", "idle srv CPU"]  # fmt: skip
+               "gen CPU", "cores 0/1 %", "idle srv CPU"]  # fmt: skip
     text = [
         f"connections: {opts.params['connections']} idle authenticated device connections, "
         f"{opts.params['concurrency']} handshakes in flight",
@@ -803,7 +833,7 @@ def report_commands(opts: Options, runs: list[Run]) -> tuple[str, dict[str, Any]
             ]
         )
     headers = ["target", "round trips/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "ack p50", "missing",
-               "srv µs/rt", "srv CPU", "gen CPU", "cores 0/1"]  # fmt: skip
+               "srv µs/rt", "srv CPU", "gen CPU", "cores 0/1 %"]  # fmt: skip
     text = [
         f"commands: client -> device -> result -> client at {opts.params['rate']:.0f}/s, "
         f"{opts.params['clients']} clients, {opts.params['devices']} devices; {opts.duration:.0f} s measured",
@@ -823,6 +853,51 @@ def report_commands(opts: Options, runs: list[Run]) -> tuple[str, dict[str, Any]
         if run.result["errors"]:
             text.append(f"{run.label}: {run.result['errors']} errors, last {run.result.get('last_error')}")
     return "\n".join(text), ratios
+
+
+def _headline(scenario: str, result: dict[str, Any]) -> float:
+    """The figure whose median picks the run shown for a target (ingest: per phase, below)."""
+    value: Any
+    if scenario in ("fanout", "cluster"):
+        value = result["saturation"]["deliveries_per_s"]
+    elif scenario == "connections":
+        value = result["handshakes_per_s"]
+    elif scenario == "commands":
+        value = result["round_trip_ms"]["p99"]
+    else:
+        value = result["phases"][-1]["points_per_s"]
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return float("inf")
+    return number if number == number else float("inf")
+
+
+def medians(scenario: str, runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """One run per target: the median by the headline figure (for ingest, each phase's median
+    separately); and a line per target with the spread over its runs."""
+    by_label: dict[str, list[Run]] = {}
+    for run in runs:
+        by_label.setdefault(run.label, []).append(run)
+    chosen: list[Run] = []
+    spread: list[str] = []
+    for label, group in by_label.items():
+        if scenario == "ingest":
+            phases = []
+            for index, phase in enumerate(group[0].result["phases"]):
+                ordered = sorted((r.result["phases"][index] for r in group), key=lambda p: p["points_per_s"])
+                phases.append(ordered[(len(ordered) - 1) // 2])
+                values = ", ".join(f"{p['points_per_s']:,}" for p in ordered)
+                spread.append(f"{label} {phase['phase']} points/s over {len(group)} runs: {values}")
+            result = {**group[0].result, "phases": phases}
+        else:
+            ordered_runs = sorted(group, key=lambda r: _headline(scenario, r.result))
+            result = ordered_runs[(len(ordered_runs) - 1) // 2].result
+            digits = 2 if scenario == "commands" else 0
+            values = ", ".join(_num(_headline(scenario, r.result), digits) for r in ordered_runs)
+            spread.append(f"{label} over {len(group)} runs: {values}")
+        chosen.append(Run(label, group[0].kind, result))
+    return chosen, spread
 
 
 REPORTERS = {
@@ -882,8 +957,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             import shutil
 
             shutil.rmtree(workdir, ignore_errors=True)
-    text, ratios = REPORTERS[opts.scenario](opts, runs)
+    shown, spread = medians(opts.scenario, runs)
+    text, ratios = REPORTERS[opts.scenario](opts, shown)
     print(text)
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} runs per target (headline figure of each run, sorted):")
+        for line in spread:
+            print(f"  {line}")
     background = [
         f"{r.label} {'/'.join(f'{v:.0f}' for _, v in sorted(r.result['background_core_busy_pct'].items()))}%"
         for r in runs
@@ -907,7 +987,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warmup_s": opts.warmup,
             "params": opts.params,
             "command": "fleetwire bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "repeat": args.repeat,
             "runs": [{"label": r.label, "kind": r.kind, **r.result} for r in runs],
+            "shown": [{"label": r.label, "kind": r.kind, **r.result} for r in shown],
+            "spread": spread,
             "ratios": ratios,
             "profiles": profiles,
         }

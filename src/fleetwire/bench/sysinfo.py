@@ -68,17 +68,42 @@ def core_times() -> dict[str, tuple[int, int]]:
     return result
 
 
+def find_pids(fragment: str) -> list[int]:
+    """Processes whose command line contains `fragment` (e.g. the PostgreSQL backends serving
+    one database: their process title names it)."""
+    found: list[int] = []
+    needle = fragment.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if needle in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
 @dataclass
 class CpuWindow:
-    """CPU use of some processes, of this process and of every core between start and stop."""
+    """CPU use of some processes, of this process and of every core between start and stop;
+    `services` (name -> command-line fragment) adds up the processes matching each fragment
+    at the start (database backends, Redis)."""
 
     pids: dict[str, int]
+    services: dict[str, str] = field(default_factory=dict)
     _t0: float = 0.0
     _cpu0: dict[str, float] = field(default_factory=dict)
     _self0: float = 0.0
     _cores0: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _service0: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def start(self) -> CpuWindow:
+        self._service0 = {
+            name: {pid: proc_cpu_s(pid) for pid in find_pids(fragment)}
+            for name, fragment in self.services.items()
+        }
         self._t0 = time.monotonic()
         self._cpu0 = {name: proc_cpu_s(pid) for name, pid in self.pids.items()}
         self._self0 = proc_cpu_s()
@@ -96,9 +121,14 @@ class CpuWindow:
             busy0, total0 = self._cores0.get(name, (0, 0))
             if total > total0:
                 cores[name] = round(100.0 * (busy - busy0) / (total - total0), 1)
+        services = {  # a process that ended meanwhile counts as 0, not negative
+            name: round(100.0 * sum(max(proc_cpu_s(pid) - t0, 0.0) for pid, t0 in pids.items()) / wall, 1)
+            for name, pids in self._service0.items()
+        }
         return {
             "wall_s": round(wall, 3),
             "server_cpu_pct": processes,
             "loadgen_cpu_pct": round(100.0 * (proc_cpu_s() - self._self0) / wall, 1),
             "core_busy_pct": cores,
+            "service_cpu_pct": services,
         }
