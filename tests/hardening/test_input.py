@@ -163,6 +163,31 @@ async def test_huge_numbers(node: Node) -> None:
     assert (await device.request({"type": "status", "status": "alive"}))["type"] == "ack"
 
 
+async def test_containers_where_scalars_belong(node: Node) -> None:
+    """Lists or objects where names, ids or event classes belong (found by the property tests:
+    `events: [["status"]]` used to close the session 1011) are `invalid_message`; the session
+    goes on. Over REST, `metadata: null` in a PATCH clears the metadata (found by schemathesis:
+    it used to be a 500)."""
+    await node.register("d1")
+    client = await node.client("operator")
+    for message in (
+        {"type": "subscribe", "devices": ["d1"], "events": [["status"]]},
+        {"type": "subscribe", "devices": ["d1"], "events": [{"status": 1}]},
+        {"type": "subscribe", "devices": [["d1"]]},
+        {"type": "unsubscribe", "subscription_id": ["s1"]},
+        {"type": "command", "device_id": ["d1"], "name": "x"},
+        {"type": "command", "device_id": "d1", "name": {"x": 1}},
+    ):
+        reply = await client.request(message)
+        assert (reply["type"], reply["code"]) == ("error", "invalid_message"), message
+    ack = await client.request({"type": "subscribe", "devices": ["d1"], "events": ["status"]})
+    assert ack["type"] == "ack"
+    async with node.rest() as rest:
+        assert (await rest.patch("/devices/d1", json={"metadata": {"a": 1}})).json()["metadata"] == {"a": 1}
+        cleared = await rest.patch("/devices/d1", json={"metadata": None})
+        assert (cleared.status_code, cleared.json()["metadata"]) == (200, {})
+
+
 async def test_duplicate_keys_last_one_wins_on_both_paths(node: Node) -> None:
     """Duplicate JSON names: the last occurrence wins, over WebSocket (also for `type` and
     `id`) and REST alike, and a message still gets exactly one reply."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fleetwire.auth.principal import Principal, Role
@@ -69,40 +69,77 @@ json_values = st.recursive(
     ),
     max_leaves=16,
 ) | st.integers(min_value=250, max_value=300).map(nested)
+# Small containers, often: where a scalar is expected they must be refused, not hashed or compared.
+containers = st.lists(scalars, max_size=2) | st.dictionaries(st.text(max_size=3), scalars, max_size=2)
+anything = json_values | containers
 keys = st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True) | st.text(max_size=70)
-telemetry_data = st.dictionaries(keys, scalars, max_size=6) | json_values
+telemetry_data = st.dictionaries(keys, scalars | containers, max_size=6) | anything
 timestamps = (
     st.integers()
     | st.integers(min_value=0, max_value=NOW_MS + 10**9)
     | st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat())
     | st.text(max_size=40)
+    | containers
 )
 records = st.lists(
-    st.fixed_dictionaries({"data": telemetry_data}, optional={"ts": timestamps, "x": json_values}),
+    st.fixed_dictionaries({"data": telemetry_data}, optional={"ts": timestamps, "x": anything}) | anything,
     max_size=4,
 )
+ids = st.text(max_size=70) | st.integers() | anything
+
+
+def listing(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """A list of mostly valid items with the odd arbitrary one, or anything at all."""
+    return st.lists(valid | anything, min_size=1, max_size=4) | anything
+
+
 near_valid: dict[str, st.SearchStrategy[Any]] = {
     "data": telemetry_data,
     "ts": timestamps,
-    "records": records | json_values,
-    "status": st.from_regex(r"[a-z][a-z0-9_-]{0,63}", fullmatch=True) | json_values,
-    "params": st.dictionaries(st.text(max_size=5), json_values, max_size=3) | json_values,
-    "result": st.dictionaries(st.text(max_size=5), json_values, max_size=3) | json_values,
-    "error": st.fixed_dictionaries({"code": st.text(max_size=5)}, optional={"m": json_values}) | json_values,
-    "resume": st.dictionaries(st.text(max_size=5), st.integers() | json_values, max_size=3) | json_values,
-    "devices": st.lists(st.text(max_size=10), max_size=4) | json_values,
-    "events": st.lists(st.sampled_from(["presence", "status", "telemetry", "x"]), max_size=3) | json_values,
-    "ok": st.booleans() | json_values,
-    "timeout_s": st.integers() | json_values,
+    "records": records | anything,
+    "status": st.from_regex(r"[a-z][a-z0-9_-]{0,63}", fullmatch=True) | anything,
+    "command_id": st.text(max_size=70) | anything,
+    "ok": st.booleans() | anything,
+    "result": st.dictionaries(st.text(max_size=5), anything, max_size=3) | anything,
+    "error": st.fixed_dictionaries({"code": st.text(max_size=5)}, optional={"message": anything}) | anything,
+    "token": st.text(max_size=40) | anything,
+    "devices": listing(st.sampled_from(["d1", "*", "d?", "[a-", ""]) | st.text(max_size=10)),
+    "events": listing(st.sampled_from(["presence", "status", "telemetry", "command", "registry", "x"])),
+    "resume": st.dictionaries(st.text(max_size=5), st.integers() | anything, max_size=3) | anything,
+    "subscription_id": st.text(max_size=70) | anything,
+    "device_id": st.sampled_from(["d1", ""]) | anything,
+    "name": st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True) | anything,
+    "params": st.dictionaries(st.text(max_size=5), anything, max_size=3) | anything,
+    "timeout_s": st.integers() | anything,
+    "queue": st.booleans() | anything,
+    "idempotency_key": st.text(max_size=130) | anything,
 }
-messages = st.fixed_dictionaries(
-    {"type": st.sampled_from(sorted(DEVICE_TYPES | CLIENT_TYPES)) | json_values},
-    optional={
-        "id": st.text(max_size=70) | st.integers() | json_values,
-        **{name: near_valid.get(name, json_values) for name in FIELDS},
-    },
+# Each message type with its required fields always present and its optional ones sometimes.
+SHAPES = {
+    "telemetry": (["data"], ["ts"]),
+    "telemetry_batch": (["records"], []),
+    "status": (["status"], []),
+    "command_result": (["command_id", "ok"], ["result", "error"]),
+    "auth": (["token"], []),
+    "subscribe": (["devices"], ["events", "resume"]),
+    "unsubscribe": (["subscription_id"], []),
+    "command": (["device_id", "name"], ["params", "timeout_s", "queue", "idempotency_key"]),
+}
+typed = [
+    st.fixed_dictionaries(
+        {"type": st.just(kind), **{f: near_valid[f] for f in required}},
+        optional={"id": ids, "extra": anything, **{f: near_valid[f] for f in optional}},
+    )
+    for kind, (required, optional) in SHAPES.items()
+]
+messages = st.one_of(
+    *typed,
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(sorted(DEVICE_TYPES | CLIENT_TYPES)) | anything},
+        optional={"id": ids, **{name: near_valid.get(name, anything) for name in FIELDS}},
+    ),
 )
-any_json_object = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), json_values, max_size=6)
+any_json_object = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), anything, max_size=6)
 
 
 def session(is_device: bool) -> SessionProtocol:
@@ -185,14 +222,34 @@ def test_any_bytes_give_a_reply_or_a_request(is_device: bool, payload: bytes) ->
     check_outcome(session(is_device).receive(payload, 1.0, NOW_MS), _id_of(payload))
 
 
+# Inputs that once escaped the decoder (1011 close or `internal` later), always tried first.
+REGRESSIONS = [
+    {"type": "subscribe", "devices": ["d1"], "events": [["status"]]},
+    {"type": "subscribe", "devices": ["d1"], "events": [{"a": 1}]},
+    {"type": "subscribe", "devices": ["d1"], "resume": {"d1": 2**64 - 1}},
+    {"type": "subscribe", "devices": ["d1"], "resume": {"d1": 2**63}},
+    {"type": "command", "device_id": "d1", "name": "x", "params": nested(300)},
+    {"type": "command_result", "command_id": "c", "ok": True, "result": nested(300)},
+    {"type": "command_result", "command_id": "c", "ok": False, "error": {"code": "x", "d": nested(300)}},
+    {"type": "telemetry", "data": {"s": "a\x00b"}},
+]
+
+
+def with_regressions(test: Any) -> Any:
+    for message in reversed(REGRESSIONS):
+        test = example(message=message)(test)
+    return test
+
+
 @pytest.mark.parametrize("is_device", [True, False], ids=["device", "client"])
 @BOUNDED
 @given(message=messages)
+@with_regressions
 def test_any_message_gives_a_reply_or_a_storable_request(is_device: bool, message: dict[str, Any]) -> None:
     """Any JSON object built from the envelope's and the message types' field names (values
     near-valid or arbitrary: deep nesting, integers past 64 bits, NUL and SQL characters)
     decodes to an error Reply echoing a valid `id`, or to a Request whose value the store and
-    the wire can take; never an exception, never a close."""
+    the wire can take; never an exception, never a close. REGRESSIONS are tried first."""
     payload = json.dumps(message).encode()
     check_outcome(session(is_device).receive(payload, 1.0, NOW_MS), _id_of(payload))
 

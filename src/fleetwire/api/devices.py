@@ -146,6 +146,8 @@ async def update_device(
     changes = {k: getattr(body, k) for k in given if k != "status"}
     if "tags" in changes:
         changes["tags"] = tuple(changes["tags"] or ())
+    if "metadata" in changes:  # null clears it, as for tags (the column is NOT NULL)
+        changes["metadata"] = changes["metadata"] or {}
     if "status" in given and body.status is None:
         raise FleetwireError(ErrorCode.INVALID_MESSAGE, "status cannot be cleared")
     device: Device | None = None

@@ -143,7 +143,11 @@ def _parse_subscribe(message: dict[str, Any]) -> Subscribe:
             {"loc": ["devices"], "msg": f"must be a list of 1..{MAX_SUBSCRIBE_DEVICES} ids or patterns"}
         )
     events = message.get("events", sorted(DEFAULT_EVENTS))
-    if not isinstance(events, list) or not events or not set(events) <= EVENT_CLASSES:
+    if (
+        not isinstance(events, list)
+        or not events
+        or not all(type(e) is str and e in EVENT_CLASSES for e in events)
+    ):
         problems.append({"loc": ["events"], "msg": f"must be a non-empty subset of {sorted(EVENT_CLASSES)}"})
     resume = message.get("resume")
     if resume is not None and (
