@@ -4,7 +4,6 @@ private redis-server, raw handshakes and a pipelined telemetry sender. Every wai
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -35,7 +34,6 @@ __all__ = [
     "TcpProxy",
     "free_port",
     "handshake",
-    "raw_upgrade",
     "rest_status",
 ]
 
@@ -82,28 +80,6 @@ async def rest_status(base: str, token: str | None, path: str = "/api/v1/devices
         assert response.headers["www-authenticate"] == "Bearer"
         assert response.json()["code"] == "unauthorized"
     return response.status_code
-
-
-async def raw_upgrade(port: int, path: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
-    """A raw upgrade request; the HTTP status and JSON body of a refusal."""
-    key = base64.b64encode(os.urandom(16)).decode()
-    head = (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        + "\r\n"
-    )
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
-    try:
-        writer.write(head.encode())
-        raw = await asyncio.wait_for(reader.read(65536), TIMEOUT)
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await asyncio.wait_for(writer.wait_closed(), TIMEOUT)
-    status_line, _, rest = raw.partition(b"\r\n")
-    body = rest.split(b"\r\n\r\n", 1)[1]
-    return int(status_line.split()[1]), json.loads(body) if body else {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,11 +40,13 @@ async def check_after_restart(data_dir: Path, env: dict[str, str], ingests: list
     """Restart on the same database — in this process (the same create_app and server as
     `fleetwire serve`, without a second interpreter start-up) — and read everything back."""
     database_url = env.get("FLEETWIRE_DATABASE_URL")
-    node = Node(data_dir, **({"database_url": database_url} if database_url else {})).start()
+    node = Node(data_dir, **({"database_url": database_url} if database_url else {}))
+    loop = asyncio.get_running_loop()
+    await asyncio.wait_for(loop.run_in_executor(None, node.start), 30)
     try:
         await _check(node, ingests)
     finally:
-        await asyncio.get_running_loop().run_in_executor(None, node.stop)
+        await asyncio.wait_for(loop.run_in_executor(None, node.stop), 40)
 
 
 async def _check(node: Node, ingests: list[Ingest]) -> None:

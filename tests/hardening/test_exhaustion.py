@@ -1,12 +1,15 @@
 """Resource exhaustion at the HTTP level (issue 7): hundreds of half-open sockets that never
-finish their request head (slowloris) are cut by the handshake timeout, while a normal client
-still connects at once. (The connection limit, rate limit, slow consumer and heartbeat cases
-are in tests/integration/test_sessions.py.)"""
+finish their request head (slowloris) are cut by the handshake timeout while a normal client
+still connects at once; no permessage-deflate, so no compression bomb. (The connection limit,
+rate limit, slow consumer and heartbeat cases are in tests/integration/test_sessions.py.)"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import os
+import zlib
 from collections.abc import Callable
 
 import httpx
@@ -75,3 +78,45 @@ async def test_half_open_sockets_are_cut_and_others_still_connect(make_node: Cal
             task.cancel()
         for _, writer in opened:
             writer.transport.abort()
+
+
+async def test_permessage_deflate_is_never_negotiated(node: Node) -> None:
+    """A client offering `permessage-deflate` gets a 101 without `Sec-WebSocket-Extensions`
+    (so no compression bomb can be inflated past the size limit); a compressed frame sent
+    anyway (RSV1 set: 10 MB of zeros deflated to ~10 KB) is closed 1002 without being
+    inflated, and the server goes on serving."""
+    await node.register("d1")
+    key = base64.b64encode(os.urandom(16)).decode()
+    head = (
+        f"GET /ws/device HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        f"Authorization: Bearer {node.token('d1', 'device')}\r\n\r\n"
+    )
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", node.port), TIMEOUT)
+    try:
+        writer.write(head.encode())
+        response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert response.startswith(b"HTTP/1.1 101 ")
+        assert b"sec-websocket-extensions" not in response.lower()
+        compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+        bomb = compressor.compress(b"\x00" * 10_000_000) + compressor.flush(zlib.Z_SYNC_FLUSH)[:-4]
+        assert len(bomb) < node.settings.max_message_bytes
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(bomb))
+        writer.write(bytes((0x80 | 0x40 | 0x1, 0x80 | 127)) + len(bomb).to_bytes(8, "big") + mask + masked)
+        code = None
+        while True:  # the welcome first, then the close frame
+            first, second = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+            size = second & 0x7F
+            if size == 126:
+                size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), TIMEOUT), "big")
+            payload = await asyncio.wait_for(reader.readexactly(size), TIMEOUT)
+            if first & 0x0F == 0x8:
+                code = int.from_bytes(payload[:2], "big")
+                break
+        assert code == 1002
+    finally:
+        writer.transport.abort()
+    device = await node.device("d1")
+    assert (await device.request({"type": "status", "status": "fine"}))["type"] == "ack"

@@ -4,12 +4,13 @@ error reply, never closes the session by itself, never changes state and never r
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.integration.harness import TIMEOUT, Node
+from tests.integration.harness import TIMEOUT, Node, Session
 
 pytestmark = pytest.mark.anyio
 
@@ -37,6 +38,11 @@ def store_node(backend: str, request: pytest.FixtureRequest) -> Node:
     return request.getfixturevalue("make_node")()  # type: ignore[no-any-return]
 
 
+async def send_raw(session: Session, text: str) -> None:
+    """Send a text frame exactly as written (duplicate keys, numbers out of range...)."""
+    await asyncio.wait_for(session.ws.send(text), TIMEOUT)
+
+
 async def alive(node: Node) -> None:
     async with httpx.AsyncClient(base_url=node.http_url, timeout=TIMEOUT) as http:
         assert (await http.get("/readyz")).status_code == 200
@@ -56,7 +62,7 @@ async def test_deeply_nested_json_over_websocket(node: Node) -> None:
         '{"type":"status","status":"ok","id":' + "[" * DEEP + "]" * DEEP + "}",
     ):
         assert len(raw) < node.settings.max_message_bytes
-        await device.ws.send(raw)
+        await send_raw(device, raw)
         reply = await device.recv()
         assert (reply["type"], reply["id"], reply["code"]) == ("error", None, "invalid_json")
     deep_params = {"type": "command", "device_id": "d1", "name": "x", "params": nested(300)}
@@ -123,11 +129,11 @@ async def test_huge_numbers(node: Node) -> None:
     await client.request({"type": "subscribe", "devices": ["d1"], "events": ["telemetry"]})
     for data in ({"f": 1e308}, {"u": 2**64 - 1}, {"i": -(2**63)}, {"g": 10**30}):
         assert (await device.request({"type": "telemetry", "data": data}))["accepted"] == 1
-    await device.ws.send('{"type":"telemetry","id":"inf","data":{"x":1e400}}')
+    await send_raw(device, '{"type":"telemetry","id":"inf","data":{"x":1e400}}')
     assert (await device.recv())["code"] == "invalid_json"
-    await device.ws.send('{"type":"status","status":"a","id":18446744073709551615}')
+    await send_raw(device, '{"type":"status","status":"a","id":18446744073709551615}')
     assert (await device.recv())["id"] == 2**64 - 1
-    await device.ws.send('{"type":"status","status":"b","id":100000000000000000000000}')
+    await send_raw(device, '{"type":"status","status":"b","id":100000000000000000000000}')
     refused = await device.recv()
     assert (refused["id"], refused["code"]) == (None, "invalid_message")
     ts = await device.request({"type": "telemetry", "ts": 2**63, "data": {"t": 1}})
@@ -193,11 +199,11 @@ async def test_duplicate_keys_last_one_wins_on_both_paths(node: Node) -> None:
     `id`) and REST alike, and a message still gets exactly one reply."""
     await node.register("d1")
     device = await node.device("d1")
-    await device.ws.send('{"type":"status","id":"dup","status":"first","status":"second"}')
+    await send_raw(device, '{"type":"status","id":"dup","status":"first","status":"second"}')
     assert await device.recv() == {"type": "ack", "id": "dup", "changed": True}
-    await device.ws.send('{"type":"auth","type":"status","status":"third","id":"a","id":"b"}')
+    await send_raw(device, '{"type":"auth","type":"status","status":"third","id":"a","id":"b"}')
     assert await device.recv() == {"type": "ack", "id": "b", "changed": True}
-    await device.ws.send('{"type":"telemetry","data":{"k":1,"k":2},"id":"t"}')
+    await send_raw(device, '{"type":"telemetry","data":{"k":1,"k":2},"id":"t"}')
     assert (await device.recv())["accepted"] == 1
     assert (await device.request({"type": "status", "status": "third"}))["changed"] is False
     async with node.rest() as rest:

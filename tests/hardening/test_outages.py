@@ -38,7 +38,7 @@ def proxied_node(pg_proxy: tuple[TcpProxy, str], make_node: Callable[..., Node])
 @pytest.fixture
 async def private_redis() -> AsyncIterator[RedisServer]:
     server = RedisServer()
-    await asyncio.get_running_loop().run_in_executor(None, server.start)
+    await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, server.start), 20)
     yield server
     server.stop()
 
@@ -111,8 +111,9 @@ async def test_broker_outage_on_a_single_node(
 ) -> None:
     """One node on a private Redis (FLEETWIRE_BROKER_URL) that is stopped: the local device
     session stays open and keeps getting acks for telemetry and status (stored: REST reads
-    them back), /readyz is 503 naming the broker and presence; when Redis returns, /readyz is
-    200 again and a subscriber receives live events again."""
+    them back), /readyz is 503 naming the broker and presence, REST that needs presence (the
+    device list) is 503 with Retry-After; when Redis returns, /readyz is 200 again and a
+    subscriber receives live events again."""
     node = make_node(broker_url=private_redis.url, heartbeat_s=1.0)
     await node.register("d1")
     device = await node.device("d1")
@@ -131,7 +132,10 @@ async def test_broker_outage_on_a_single_node(
     async with node.rest("viewer") as rest:
         assert await stored_values(rest, "d1") == [1, 2, 3, 4, 5]
         assert (await rest.get("/devices/d1/events")).json()["items"][-1]["data"]["status"] == "during"
-    await asyncio.get_running_loop().run_in_executor(None, private_redis.start)
+        listing = await rest.get("/devices")  # needs presence for the connection blocks
+        assert (listing.status_code, listing.headers["retry-after"]) == (503, "5")
+        assert listing.json()["code"] == "unavailable"
+    await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, private_redis.start), 20)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 15
     while (await readyz(node))[0] != 200:  # the node reconnects with a capped backoff
