@@ -379,13 +379,7 @@ class Node:
 
     # -- routing between nodes ---------------------------------------------------------------------
     async def route_to_device(self, node: str, session_id: str, command: Command) -> None:
-        message = command.device_message()
-        if node == self.node_id:
-            conn = self.connections.get(session_id)
-            if conn is not None:
-                conn.send(orjson.dumps(message))
-            return
-        await self.broker.send(node, {"kind": "send", "session_id": session_id, "message": message})
+        await self.route_to_session(node, session_id, command.device_message())
 
     async def route_to_session(self, node: str, session_id: str, message: dict[str, Any]) -> None:
         if node == self.node_id:
