@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.hardening.helpers import SECRET, handshake, rest_status
 from tests.integration.harness import Node
@@ -53,11 +53,16 @@ REFUSED = (401, 401, 401)
 ACCEPTED = (101, 101, 200)
 
 
-def both_families(make_node: Callable[..., Node], key: rsa.RSAPrivateKey, tmp_path: Path) -> Node:
-    """A node that accepts HS256 (shared secret) and RS256 (a PEM key and a JWKS file)."""
+def both_families(
+    make_node: Callable[..., Node], key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, tmp_path: Path
+) -> Node:
+    """A node that accepts HS256 (shared secret) and RS256 or ES256 (a PEM key and a JWKS file)."""
+    alg = "RS256" if isinstance(key, rsa.RSAPrivateKey) else "ES256"
     jwks = tmp_path / "jwks.json"
-    jwks.write_text(json.dumps({"keys": [jwk_of(key, kid="k1", alg="RS256", use="sig")]}))
-    return make_node(jwt_algorithms="HS256,RS256", jwt_public_key=public_pem(key), jwt_jwks_url=jwks.as_uri())
+    jwks.write_text(json.dumps({"keys": [jwk_of(key, kid="k1", alg=alg, use="sig")]}))
+    return make_node(
+        jwt_algorithms=f"HS256,{alg}", jwt_public_key=public_pem(key), jwt_jwks_url=jwks.as_uri()
+    )
 
 
 async def test_alg_none_is_refused_everywhere(node: Node) -> None:
@@ -73,19 +78,23 @@ async def test_alg_none_is_refused_everywhere(node: Node) -> None:
     assert await outcome(node, sign("HS256", HS_SECRET, body)) == ACCEPTED
 
 
-async def test_hs256_signed_with_the_rsa_public_key_is_refused(
-    make_node: Callable[..., Node], rsa_key: rsa.RSAPrivateKey, tmp_path: Path
+@pytest.mark.parametrize("family", ["RS256", "ES256"])
+async def test_hs256_signed_with_the_public_key_is_refused(
+    make_node: Callable[..., Node], rsa_key: rsa.RSAPrivateKey, family: str, tmp_path: Path
 ) -> None:
-    """With HS256 and RS256 both allowed (PEM key and JWKS), an HS256 token whose HMAC key is
-    the RSA public key — as PEM text (with and without the final newline), DER, or the JWK's
-    JSON — is 401 everywhere, with or without a `kid` naming the JWK. Genuine RS256 and HS256
-    tokens are accepted on the same node."""
-    node = both_families(make_node, rsa_key, tmp_path)
-    pem = public_pem(rsa_key)
-    der = rsa_key.public_key().public_bytes(
+    """With HS256 and RS256 (or ES256) both allowed, the public key configured as PEM and in a
+    JWKS, an HS256 token whose HMAC key is that public key — as PEM text (with and without the
+    final newline), DER, or the JWK's JSON — is 401 everywhere, with or without a `kid` naming
+    the JWK. Genuine asymmetric and HS256 tokens are accepted on the same node."""
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = (
+        rsa_key if family == "RS256" else ec.generate_private_key(ec.SECP256R1())
+    )
+    node = both_families(make_node, key, tmp_path)
+    pem = public_pem(key)
+    der = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    jwk = jwk_of(rsa_key, kid="k1", alg="RS256", use="sig")
+    jwk = jwk_of(key, kid="k1", alg=family, use="sig")
     keys = [
         pem.encode(),
         pem.strip().encode(),
@@ -93,11 +102,12 @@ async def test_hs256_signed_with_the_rsa_public_key_is_refused(
         json.dumps(jwk).encode(),
         json.dumps(jwk, separators=(",", ":")).encode(),
     ]
-    for key in keys:
+    for hmac_key in keys:
         for header in ({}, {"kid": "k1"}):
-            assert await outcome(node, sign("HS256", key, claims(), **header)) == REFUSED, (key[:20], header)
-    assert await outcome(node, sign("RS256", rsa_key, claims(), kid="k1")) == ACCEPTED
-    assert await outcome(node, sign("RS256", rsa_key, claims())) == ACCEPTED
+            token = sign("HS256", hmac_key, claims(), **header)
+            assert await outcome(node, token) == REFUSED, (hmac_key[:20], header)
+    assert await outcome(node, sign(family, key, claims(), kid="k1")) == ACCEPTED
+    assert await outcome(node, sign(family, key, claims())) == ACCEPTED
     assert await outcome(node, sign("HS256", HS_SECRET, claims())) == ACCEPTED
 
 
