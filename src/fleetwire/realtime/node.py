@@ -20,7 +20,7 @@ from fleetwire.auth.principal import AuthError, Principal, Role, TokenVerifier, 
 from fleetwire.broker.base import Broker, BrokerUnavailableError, Published
 from fleetwire.domain.clock import now_ms
 from fleetwire.domain.commands import Command
-from fleetwire.domain.devices import Device, DeviceFilter
+from fleetwire.domain.devices import DEVICE_ID, Device, DeviceFilter
 from fleetwire.domain.errors import ErrorCode, FleetwireError
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Record, SchemaCache
@@ -173,6 +173,8 @@ class Node:
             return ClientConnection(self, principal, session)
         if principal.role is not Role.DEVICE:
             return Refusal(403, "forbidden", "only device tokens may connect here")
+        if not DEVICE_ID.match(principal.sub):  # no such device can exist; spare the database
+            return Refusal(403, "forbidden", "unknown or disabled device")
         try:
             device = await self.store.get_device(principal.sub)
         except StoreUnavailableError:
