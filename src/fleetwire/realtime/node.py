@@ -466,8 +466,9 @@ class Node:
             if current is None:
                 info = SessionInfo(device_id, conn.session_id, self.node_id, conn.connected_at_ms, now_ms())
                 await self.presence.add(info)
-                if not conn.announced:
-                    await self._announce(conn)
+                # Presence lost it (Redis restarted, or other nodes declared it node_lost):
+                # announce it again so subscribers see it live.
+                await self._announce(conn)
                 await self.commands.deliver_queued(device_id, conn.send)
             elif current.session_id != conn.session_id:
                 conn.event_suppressed = True  # the newer session's node reported the replacement
