@@ -8,11 +8,9 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from fleetwire.auth.jwt import mint_token
 from tests.integration.harness import SECRET, TIMEOUT, Session
+from tests.services import RedisServer, free_port
 
 __all__ = [
     "SECRET",
@@ -36,12 +35,6 @@ __all__ = [
     "handshake",
     "rest_status",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def token(sub: str, role: str, ttl_s: float = 3600, devices: list[str] | None = None) -> str:
@@ -242,48 +235,6 @@ class TcpProxy:
 
 # ---------------------------------------------------------------------------------------------
 # A private redis-server (broker outages)
-
-
-class RedisServer:
-    """redis-server on a free port, restartable on the same port."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # a process start has no event to await
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
 
 
 # ---------------------------------------------------------------------------------------------
