@@ -31,6 +31,7 @@ class CommandService:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._first_event: dict[str, asyncio.Task[None]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     # -- issuing -------------------------------------------------------------------------------
@@ -90,7 +91,9 @@ class CommandService:
         self.arm(command)
         if session is not None:
             await node.route_to_device(session.node, session.session_id, command)
-        await self.updated(command)
+        # The ack goes out now, before the device can answer; the `command.updated` event is
+        # recorded meanwhile, and finished() waits for it so that subscribers see it first.
+        self._first_event[command.id] = node.spawn(self.updated(command))
         return command
 
     # -- device side --------------------------------------------------------------------------
@@ -158,6 +161,9 @@ class CommandService:
         timer = self._timers.pop(command.id, None)
         if timer is not None:
             timer.cancel()
+        first = self._first_event.pop(command.id, None)
+        if first is not None:
+            await asyncio.wait([first])
         if command.issuer_node is not None and command.issuer_session is not None:
             message = {
                 "type": "command_result",

@@ -17,6 +17,8 @@ to ``busy_timeout`` ms (default 10000, ``?busy_timeout=`` in the URL) for the lo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sqlite3
 import string
@@ -475,6 +477,7 @@ class SqlStore:
         self._engine: AsyncEngine | None = None
         self._writer: AsyncEngine | None = None
         self._snapshot: AsyncEngine | None = None
+        self._sqlite_write_lock: contextlib.AbstractAsyncContextManager[Any] = contextlib.nullcontext()
 
     @property
     def dialect(self) -> str:
@@ -496,6 +499,7 @@ class SqlStore:
                 raise
             raise translated from exc
         self._engine, self._writer = engine, writer
+        self._sqlite_write_lock = contextlib.nullcontext() if self._pg else asyncio.Lock()
         # PostgreSQL reads of several statements that must agree (events()).
         self._snapshot = engine.execution_options(isolation_level="REPEATABLE READ") if self._pg else engine
 
@@ -531,7 +535,10 @@ class SqlStore:
         if self._writer is None:
             raise StoreUnavailableError("the store is closed")
         try:
-            async with self._writer.begin() as conn:
+            # SQLite has one writer at a time. Queue this process's writers here, in order,
+            # instead of letting them contend for the file lock: SQLite's busy handler sleeps
+            # and retries, which collapsed throughput under concurrent command writes.
+            async with self._sqlite_write_lock, self._writer.begin() as conn:
                 yield conn
         except Exception as exc:
             translated = _translate(exc)
