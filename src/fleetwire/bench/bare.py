@@ -210,7 +210,7 @@ def listener_factory(mode: str) -> Any:
     return factory
 
 
-async def serve(mode: str, port: int) -> None:
+async def serve(mode: str, port: int, transport: str = "aiofastnet") -> None:
     server = await ws_create_server(
         listener_factory(mode),
         "127.0.0.1",
@@ -221,6 +221,7 @@ async def serve(mode: str, port: int) -> None:
         read_buffer_init_size=2048,
         websocket_handshake_timeout=10,
         backlog=4096,
+        use_aiofastnet=transport == "aiofastnet",
     )
     async with server:
         await server.serve_forever()
@@ -228,12 +229,13 @@ async def serve(mode: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] not in ("fanout", "ingest", "connections", "commands"):
-        print("usage: python -m fleetwire.bench.bare MODE PORT", file=sys.stderr)
+    modes = ("fanout", "ingest", "connections", "commands")
+    if len(args) not in (2, 3) or args[0] not in modes or args[2:] not in ([], ["aiofastnet"], ["uvloop"]):
+        print("usage: python -m fleetwire.bench.bare MODE PORT [aiofastnet|uvloop]", file=sys.stderr)
         return 2
     raise_nofile()
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve(args[0], int(args[1])))
+        uvloop.run(serve(args[0], int(args[1]), *args[2:]))
     return 0
 
 

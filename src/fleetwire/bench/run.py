@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     infra.add_argument("--pg-url", default=PG_ADMIN_URL, help="PostgreSQL admin URL (a fresh db is made)")
     infra.add_argument("--redis-url", default=REDIS_URL, help="cluster: Redis URL with its db number")
+    infra.add_argument(
+        "--bare-transport",
+        choices=("aiofastnet", "uvloop"),
+        default="aiofastnet",
+        help="the bare server's socket transports (fleetwire's port uses uvloop's)",
+    )
     infra.add_argument("--server-cpu", default="0", help="taskset CPU list of the server(s)")
     infra.add_argument("--loadgen-cpu", default="1", help="taskset CPU list of the load generator")
     infra.add_argument(
@@ -239,7 +245,15 @@ def clean_env() -> dict[str, str]:
 
 def start_bare(opts: Options, mode: str) -> ServerProcess:
     port = free_port()
-    argv = pinned(opts.args.server_cpu, sys.executable, "-m", "fleetwire.bench.bare", mode, str(port))
+    argv = pinned(
+        opts.args.server_cpu,
+        sys.executable,
+        "-m",
+        "fleetwire.bench.bare",
+        mode,
+        str(port),
+        opts.args.bare_transport,
+    )
     server = ServerProcess(
         "bare picows", argv, clean_env(), port, opts.workdir / f"bare-{mode}.log", http=False
     )
@@ -321,7 +335,7 @@ def background_load(seconds: float = 1.0) -> dict[str, float]:
     after = core_times()
     return {
         core: round(100.0 * (busy - before[core][0]) / max(total - before[core][1], 1), 1)
-        for core, (busy, total) in after.items()
+        for core, (busy, total, _, _) in after.items()
         if core in before
     }
 
@@ -612,6 +626,9 @@ def _cpu(cpu: dict[str, Any]) -> tuple[str, str, str]:
     server = sum(cpu["server_cpu_pct"].values())
     cores = cpu.get("core_busy_pct") or {}
     text = "/".join(f"{v:.0f}" for _, v in sorted(cores.items()))
+    irq = cpu.get("core_irq_pct") or {}
+    if irq:
+        text += " (si " + "/".join(f"{v:.0f}" for _, v in sorted(irq.items())) + ")"
     services = cpu.get("service_cpu_pct") or {}
     if services:
         text += " " + " ".join(f"{_SERVICE_SHORT.get(k, k)} {v:.0f}%" for k, v in services.items())

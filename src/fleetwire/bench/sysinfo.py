@@ -50,19 +50,19 @@ def proc_rss_kb(pid: int | str = "self") -> int:
     return 0
 
 
-def core_times() -> dict[str, tuple[int, int]]:
-    """(busy, total) jiffies per core, from /proc/stat."""
-    result: dict[str, tuple[int, int]] = {}
+def core_times() -> dict[str, tuple[int, int, int, int]]:
+    """(busy, total, irq + softirq, steal) jiffies per core, from /proc/stat."""
+    result: dict[str, tuple[int, int, int, int]] = {}
     try:
         with open("/proc/stat", "rb") as f:
             for line in f:
                 if not line.startswith(b"cpu") or line.startswith(b"cpu "):
                     continue
                 parts = line.split()
-                values = [int(v) for v in parts[1:]]
-                idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+                values = [int(v) for v in parts[1:]] + [0] * 8
+                idle = values[3] + values[4]  # idle + iowait
                 total = sum(values[:8])  # guest time is already counted in user
-                result[parts[0].decode()] = (total - idle, total)
+                result[parts[0].decode()] = (total - idle, total, values[5] + values[6], values[7])
     except OSError:
         pass
     return result
@@ -96,7 +96,7 @@ class CpuWindow:
     _t0: float = 0.0
     _cpu0: dict[str, float] = field(default_factory=dict)
     _self0: float = 0.0
-    _cores0: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _cores0: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
     _service0: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def start(self) -> CpuWindow:
@@ -117,10 +117,14 @@ class CpuWindow:
             for name, pid in self.pids.items()
         }
         cores: dict[str, float] = {}
-        for name, (busy, total) in core_times().items():
-            busy0, total0 = self._cores0.get(name, (0, 0))
+        softirq: dict[str, float] = {}
+        steal: dict[str, float] = {}
+        for name, (busy, total, irq, stolen) in core_times().items():
+            busy0, total0, irq0, stolen0 = self._cores0.get(name, (0, 0, 0, 0))
             if total > total0:
                 cores[name] = round(100.0 * (busy - busy0) / (total - total0), 1)
+                softirq[name] = round(100.0 * (irq - irq0) / (total - total0), 1)
+                steal[name] = round(100.0 * (stolen - stolen0) / (total - total0), 1)
         services = {  # a process that ended meanwhile counts as 0, not negative
             name: round(100.0 * sum(max(proc_cpu_s(pid) - t0, 0.0) for pid, t0 in pids.items()) / wall, 1)
             for name, pids in self._service0.items()
@@ -129,6 +133,8 @@ class CpuWindow:
             "wall_s": round(wall, 3),
             "server_cpu_pct": processes,
             "loadgen_cpu_pct": round(100.0 * (proc_cpu_s() - self._self0) / wall, 1),
-            "core_busy_pct": cores,
+            "core_busy_pct": cores,  # everything but idle and iowait
+            "core_irq_pct": softirq,  # of which interrupts and softirqs (loopback TCP work)
+            "core_steal_pct": steal,  # time the hypervisor gave to other guests
             "service_cpu_pct": services,
         }
