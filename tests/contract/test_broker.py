@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import shutil
 import signal
 import socket
@@ -393,7 +394,10 @@ class RedisServer:
 
     def __init__(self) -> None:
         if shutil.which("redis-server") is None:
-            pytest.skip("redis-server is not installed")
+            message = "redis-server is not installed (the outage test starts its own)"
+            if os.environ.get("FLEETWIRE_REQUIRE_SERVICES") == "1":
+                pytest.fail(message)
+            pytest.skip(message)
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: asyncio.subprocess.Process | None = None

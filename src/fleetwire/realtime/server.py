@@ -3,7 +3,7 @@
     server = build_server(asgi_app, ws_app, host="127.0.0.1", port=0, on_started=print)
     await server.serve()          # in a running (uvloop) loop; or server.run() to own the loop
 
-`serve(...)` does both in one call. Shutdown (`server.should_exit = True`, SIGINT/SIGTERM)
+Shutdown (`server.should_exit = True`, SIGINT/SIGTERM)
 reaches WebSocket connections: each gets close 1001 `server_shutdown` and its Handler
 `on_closed(1001)`; uvicorn waits for them (at most `close_grace_s`) before the lifespan shutdown.
 """
@@ -28,7 +28,6 @@ __all__ = [
     "RedactAccessToken",
     "build_server",
     "install_log_redaction",
-    "serve",
 ]
 
 REDACTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "fleetwire.realtime.transport")
@@ -160,39 +159,3 @@ def build_server(
     )
     install_log_redaction()
     return FleetwireServer(config, on_started=on_started)
-
-
-async def serve(
-    asgi_app: Any,
-    ws_app: WebSocketApp,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    limits: TransportLimits | None = None,
-    log_level: str | int | None = "info",
-    access_log: bool = True,
-    on_started: Callable[[int], None] | None = None,
-    sockets: list[socket.socket] | None = None,
-) -> None:
-    """Serve until shutdown, in the running loop (use uvloop: `uvloop.run(serve(...))`)."""
-    if not isinstance(asyncio.get_running_loop(), _uvloop_loop_type()):
-        logging.getLogger("fleetwire.realtime.server").warning(
-            "serving on a non-uvloop event loop; picows works but slower"
-        )
-    server = build_server(
-        asgi_app,
-        ws_app,
-        host=host,
-        port=port,
-        limits=limits,
-        log_level=log_level,
-        access_log=access_log,
-        on_started=on_started,
-    )
-    await server.serve(sockets=sockets)
-
-
-def _uvloop_loop_type() -> type[asyncio.AbstractEventLoop]:
-    import uvloop
-
-    return uvloop.Loop
