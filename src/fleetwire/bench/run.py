@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("scenario", choices=SCENARIOS)
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per phase (10)")
     parser.add_argument("--warmup", type=float, default=None, help="warm-up seconds per phase (2)")
-    parser.add_argument("--quick", action="store_true", help="a short smoke run (3 s phases, smaller sizes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a short smoke run (2 s phases, smaller sizes), under a minute"
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the JSON report here")
     parser.add_argument(
         "--targets", default="bare,fleetwire", help="comma-separated: bare, fleetwire (default both)"
@@ -139,7 +141,7 @@ def options(args: argparse.Namespace) -> Options:
     params: dict[str, Any] = {}
     if scenario in ("fanout", "cluster"):
         params = {
-            "subscribers": args.subscribers or 1000,
+            "subscribers": args.subscribers or (500 if quick and scenario == "cluster" else 1000),
             "rate": args.rate or 20_000.0,
             "window": args.window,
             "event_bytes": args.event_bytes,
