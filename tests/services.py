@@ -53,3 +53,14 @@ class RedisServer:
             self.process.kill()
             self.process.wait(10)
             self.process = None
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (a graceful shutdown), then SIGKILL if it takes more than 20 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)

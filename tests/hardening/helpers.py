@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from fleetwire.auth.jwt import mint_token
 from tests.integration.harness import SECRET, TIMEOUT, Session
-from tests.services import RedisServer, free_port
+from tests.services import RedisServer, free_port, stop_process
 
 __all__ = [
     "SECRET",
@@ -149,13 +149,7 @@ class ServeProcess:
         self.process.send_signal(signum)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 from fleetwire.auth.jwt import mint_token
 from tests.integration.harness import SECRET, TIMEOUT, Session
-from tests.services import RedisServer, free_port
+from tests.services import RedisServer, free_port, stop_process
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 HEARTBEAT_S = 1.0
@@ -88,13 +88,7 @@ class ProcessNode:
         self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
 
 
 @pytest.fixture

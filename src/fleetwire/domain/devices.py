@@ -28,6 +28,21 @@ class Device:
     updated_at_ms: int = 0
     seq: int = 0  # the last event sequence number given out for this device
 
+    @classmethod
+    def from_public(cls, data: dict[str, Any]) -> Device:
+        """The inverse of public() for what a session needs (timestamps are not kept)."""
+        return cls(
+            id=data["id"],
+            name=data.get("name"),
+            type=data.get("type"),
+            tags=tuple(data.get("tags") or ()),
+            metadata=data.get("metadata") or {},
+            status=data.get("status"),
+            disabled=bool(data.get("disabled")),
+            telemetry_schema=data.get("telemetry_schema"),
+            seq=int(data.get("seq") or 0),
+        )
+
     def public(self) -> dict[str, Any]:
         """The device as REST and `registry` events show it."""
         return {

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from typing import Any
 
 import orjson
 
 from fleetwire.auth.principal import AuthError, Principal, Role, TokenVerifier, UnknownKeyError
 from fleetwire.broker.base import Broker, BrokerUnavailableError, Published
-from fleetwire.domain.clock import now_ms
+from fleetwire.domain.clock import format_optional, now_ms
 from fleetwire.domain.commands import Command
 from fleetwire.domain.devices import DEVICE_ID, Device, DeviceFilter
 from fleetwire.domain.errors import ErrorCode, FleetwireError
@@ -430,7 +430,7 @@ class Node:
             conn = self.devices.get(event.device_id)
             if conn is not None and b'"event":"device.updated"' in event.payload:
                 data = orjson.loads(event.payload)["data"]
-                conn.device = _device_from_public(data)
+                conn.device = Device.from_public(data)
         elif event.event_class == "command" and self.commands.has_waiters:
             data = orjson.loads(event.payload)["data"]
             self.commands.on_event(data["command_id"])
@@ -526,8 +526,6 @@ def _token_of(request: UpgradeRequest) -> str | None:
 
 
 def _snapshot(device: Device, session: SessionInfo | None) -> dict[str, Any]:
-    from fleetwire.domain.clock import format_optional
-
     return {
         "device_id": device.id,
         "connected": session is not None,
@@ -537,20 +535,3 @@ def _snapshot(device: Device, session: SessionInfo | None) -> dict[str, Any]:
         "status_at": format_optional(device.status_at_ms),
         "seq": device.seq,
     }
-
-
-def _device_from_public(data: dict[str, Any]) -> Device:
-    return Device(
-        id=data["id"],
-        name=data.get("name"),
-        type=data.get("type"),
-        tags=tuple(data.get("tags") or ()),
-        metadata=data.get("metadata") or {},
-        status=data.get("status"),
-        disabled=bool(data.get("disabled")),
-        telemetry_schema=data.get("telemetry_schema"),
-        seq=int(data.get("seq") or 0),
-    )
-
-
-__all__ = ["Node", "Sequence"]
