@@ -17,10 +17,26 @@ if TYPE_CHECKING:
 from fleetwire.api import commands, devices, errors, health, telemetry, tokens
 from fleetwire.auth.principal import TokenVerifier
 from fleetwire.broker.base import Broker
+from fleetwire.domain.clock import Clock, SystemClock
+from fleetwire.events.hub import Hub
+from fleetwire.events.publisher import EventPublisher
 from fleetwire.presence.base import Presence
-from fleetwire.realtime.node import Node
+from fleetwire.realtime.endpoint import EndpointServices
+from fleetwire.realtime.handshake import Handshake
+from fleetwire.realtime.session import SessionLimits
+from fleetwire.services.auth import Authenticator
+from fleetwire.services.commands import CommandService
+from fleetwire.services.container import Periods, Services
+from fleetwire.services.ingest import IngestService
+from fleetwire.services.local import LocalSessions
+from fleetwire.services.registry import RegistryService
+from fleetwire.services.routing import NodeRouter
+from fleetwire.services.sessions import SessionService
+from fleetwire.services.subscriptions import SubscriptionService
+from fleetwire.services.tasks import Tasks
 from fleetwire.settings import Settings
 from fleetwire.store.base import Store
+from fleetwire.store.writer import GroupWriter
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +68,12 @@ def create_app(
     broker: Broker | None = None,
     presence: Presence | None = None,
     verifier: TokenVerifier | None = None,
+    clock: Clock | None = None,
 ) -> FastAPI:
-    """Build the ASGI app and its Node. Nothing connects until the lifespan starts.
+    """Build the ASGI app and every service of the node. Nothing connects until the lifespan.
 
     Each seam defaults to what the settings' URLs choose: SQLite or PostgreSQL for the
-    store, `memory://` or `redis://` for the broker and presence.
+    store, `memory://` or `redis://` for the broker and presence; tests pass their own.
     """
     settings = settings or Settings()
     secret = _signing_secret(settings)
@@ -76,17 +93,17 @@ def create_app(
         from fleetwire.auth.jwt import JwtVerifier
 
         verifier = JwtVerifier.from_settings(settings, secret)
-    node = Node(settings, store=store, broker=broker, presence=presence, verifier=verifier)
+    services = build_services(settings, store, broker, presence, verifier, clock or SystemClock())
     opened_store = store
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await opened_store.open()
         try:
-            await node.start()
+            await services.start()
             log.info("fleetwire node %s ready", settings.node_id)
             yield
-            await node.stop()
+            await services.stop()
         finally:
             await opened_store.close()
 
@@ -97,14 +114,88 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.node = node
+    app.state.services = services
     app.state.signing_secret = secret
-    app.state.metrics = health.metrics_registry(node)
+    app.state.metrics = health.metrics_registry(services)
     errors.install(app)
     for module in (devices, telemetry, commands, tokens):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(health.router)
     return app
+
+
+def build_services(
+    settings: Settings,
+    store: Store,
+    broker: Broker,
+    presence: Presence,
+    verifier: TokenVerifier,
+    clock: Clock,
+) -> Services:
+    """Every service of one node, each given exactly the seams it uses."""
+    node_id = settings.node_id
+    hub = Hub()
+    publisher = EventPublisher(broker)
+    writer = GroupWriter(
+        store, publisher.submit, max_queue=settings.write_queue, max_batch=settings.write_batch
+    )
+    tasks = Tasks()
+    local = LocalSessions()
+    router = NodeRouter(node_id, broker, local)
+    ingest = IngestService(store=store, writer=writer, clock=clock)
+    commands = CommandService(
+        store=store, writer=writer, presence=presence, router=router, tasks=tasks, clock=clock
+    )
+    sessions = SessionService(
+        node_id=node_id,
+        heartbeat_s=settings.heartbeat_s,
+        local=local,
+        presence=presence,
+        writer=writer,
+        router=router,
+        commands=commands,
+        tasks=tasks,
+        clock=clock,
+    )
+    registry = RegistryService(
+        store=store,
+        writer=writer,
+        publisher=publisher,
+        presence=presence,
+        sessions=sessions,
+        ingest=ingest,
+        clock=clock,
+    )
+    hub.listeners.append(sessions.on_event)
+    hub.listeners.append(commands.on_event)
+    return Services(
+        node_id=node_id,
+        clock=clock,
+        store=store,
+        broker=broker,
+        presence=presence,
+        verifier=verifier,
+        hub=hub,
+        publisher=publisher,
+        writer=writer,
+        tasks=tasks,
+        router=router,
+        auth=Authenticator(verifier),
+        ingest=ingest,
+        commands=commands,
+        sessions=sessions,
+        subscriptions=SubscriptionService(
+            store=store, presence=presence, hub=hub, history=settings.event_history
+        ),
+        registry=registry,
+        periods=Periods(
+            heartbeat_s=settings.heartbeat_s,
+            command_sweep_s=settings.command_sweep_s,
+            purge_interval_s=settings.purge_interval_s,
+            telemetry_retention_days=settings.telemetry_retention_days,
+            event_history=settings.event_history,
+        ),
+    )
 
 
 def build_node_server(
@@ -119,7 +210,7 @@ def build_node_server(
     from fleetwire.realtime.server import build_server
 
     settings: Settings = app.state.settings
-    node: Node = app.state.node
+    services: Services = app.state.services
     limits = TransportLimits(
         max_message_bytes=settings.max_message_bytes,
         send_queue=settings.send_queue,
@@ -129,10 +220,40 @@ def build_node_server(
     )
     return build_server(
         app,
-        node.handshake,
+        websocket_handshake(settings, services),
         host=settings.host,
         port=settings.port if port is None else port,
         limits=limits,
         log_level=log_level or settings.log_level,
         on_started=on_started,
+    )
+
+
+def websocket_handshake(settings: Settings, services: Services) -> Handshake:
+    """The device and client WebSocket endpoints over the node's services."""
+    endpoint_services = EndpointServices(
+        node_id=services.node_id,
+        clock=services.clock,
+        auth=services.auth,
+        sessions=services.sessions,
+        ingest=services.ingest,
+        commands=services.commands,
+        subscriptions=services.subscriptions,
+    )
+    limits = SessionLimits(
+        rate=settings.rate_per_second,
+        close_after=settings.rate_limit_close_after,
+        warning_s=settings.token_warning_s,
+        max_clock_skew_s=settings.max_clock_skew_s,
+        heartbeat_s=settings.heartbeat_s,
+        max_in_flight=settings.max_in_flight,
+        close_grace_s=settings.close_grace_s,
+        leeway_s=settings.jwt_leeway_s,
+    )
+    return Handshake(
+        endpoint_services,
+        services.registry,
+        limits,
+        origins=settings.origins,
+        max_connections=settings.max_connections,
     )

@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     max_clock_skew_s: float = 300.0
     handshake_timeout_s: float = 10.0
     close_grace_s: float = 2.0  # after a close frame, how long a peer has to read it
+    max_in_flight: int = Field(default=64, ge=1)  # requests per session awaiting their reply
     max_header_bytes: int = 16_000
     event_history: int = Field(default=1000, ge=1)
     telemetry_retention_days: float = 30.0

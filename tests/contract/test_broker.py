@@ -112,6 +112,7 @@ def make_events(prefix: str, count: int, start: int = 0) -> list[Published]:
         Published(
             f"{prefix}-{i % 7}",
             i,
+            ("device.connected", "device.status", "device.telemetry", "command.updated", "device.updated")[i % 5],
             ("presence", "status", "telemetry", "command", "registry")[i % 5],
             orjson.dumps(
                 {"type": "event", "event": "device.status", "seq": i, "data": {"s": 'ü "q" \\n\x00'}}
@@ -134,7 +135,7 @@ async def test_publish_reaches_every_node_exactly_once(cluster: Cluster) -> None
     a, rec_a = await cluster.node("a")
     _, rec_b = await cluster.node("b")
     batch = make_events(unique("d"), 3)
-    marker = Published(unique("marker"), 0, "status", b"{}")
+    marker = Published(unique("marker"), 0, "device.status", "status", b"{}")
     with anyio.fail_after(BOUND):
         await a.publish(batch)
         await a.publish([marker])
@@ -257,7 +258,7 @@ async def test_close_stops_delivery(cluster: Cluster) -> None:
     with anyio.fail_after(BOUND):
         await b.close()
         await b.close()  # idempotent
-    marker = Published(unique("marker"), 0, "status", b"{}")
+    marker = Published(unique("marker"), 0, "device.status", "status", b"{}")
     if cluster.kind == "memory":
         # One shared object: closing it detaches every node.
         with anyio.fail_after(BOUND):
@@ -312,7 +313,11 @@ async def test_make_broker_picks_the_backend_by_url() -> None:
 
 def test_wire_format_round_trip_keeps_payload_bytes() -> None:
     """encode_batch/decode_batch round-trip exactly, payload bytes verbatim, even empty ones."""
-    batch = [*make_events("d", 3), Published("e", 9, "registry", b""), Published("f", 1, "x", b"\xff")]
+    batch = [
+        *make_events("d", 3),
+        Published("e", 9, "device.registered", "registry", b""),
+        Published("f", 1, "x", "x", b"\xff"),
+    ]
     data = encode_batch(batch)
     assert decode_batch(data) == batch
     assert data.endswith(b"".join(p.payload for p in batch))
@@ -342,9 +347,9 @@ async def test_redis_databases_are_isolated(redis_url: str) -> None:
         b, rec_b = await there.node("n1")  # same node id, other cluster
         mine, theirs = unique("mine"), unique("theirs")
         with anyio.fail_after(BOUND):
-            await a.publish([Published(mine, 1, "status", b"{}")])
+            await a.publish([Published(mine, 1, "device.status", "status", b"{}")])
             await a.send("n1", {"marker": mine})
-            await b.publish([Published(theirs, 1, "status", b"{}")])
+            await b.publish([Published(theirs, 1, "device.status", "status", b"{}")])
             await b.send("n1", {"marker": theirs})
         await rec_a.wait_until(lambda: rec_a.has_event(mine) and rec_a.has_message(mine))
         await rec_b.wait_until(lambda: rec_b.has_event(theirs) and rec_b.has_message(theirs))

@@ -19,7 +19,7 @@ from fleetwire.domain.commands import CommandRequest
 from fleetwire.domain.devices import STATUS
 from fleetwire.domain.errors import ErrorCode, FleetwireError
 from fleetwire.domain.jsonvalue import unstorable
-from fleetwire.realtime.codes import Close
+from fleetwire.domain.close import Close
 from fleetwire.realtime.protocol import (
     CLIENT_TYPES,
     DEVICE_TYPES,

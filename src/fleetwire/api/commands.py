@@ -6,12 +6,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
-from fleetwire.api.deps import NodeDep, PrincipalDep, decode_cursor, encode_cursor, require_device_access
+from fleetwire.api.deps import PrincipalDep, ServicesDep, decode_cursor, encode_cursor, require_device_access
 from fleetwire.api.schemas import CommandCreate
 from fleetwire.auth.principal import Role
 from fleetwire.domain import commands
 from fleetwire.domain.commands import CommandState
-from fleetwire.domain.errors import ErrorCode, FleetwireError, invalid
+from fleetwire.domain.errors import invalid
 
 router = APIRouter(tags=["commands"])
 
@@ -20,26 +20,24 @@ router = APIRouter(tags=["commands"])
 async def send_command(
     device_id: str,
     body: CommandCreate,
-    node: NodeDep,
+    services: ServicesDep,
     principal: PrincipalDep,
     response: Response,
     wait: bool = False,
 ) -> dict[str, Any]:
     require_device_access(principal, device_id, Role.OPERATOR)
     request = commands.parse_request({"device_id": device_id, **body.model_dump()}, frozenset())
-    command = await node.commands.issue(principal, request)
+    command = await services.commands.issue(principal, request)
     if wait and not command.state.final:
         remaining = (command.expires_at_ms - command.issued_at_ms) / 1000 + 1.0
-        command = await node.commands.wait(command.id, remaining) or command
+        command = await services.commands.wait(command.id, remaining) or command
     response.headers["Location"] = f"/api/v1/commands/{command.id}"
     return command.public()
 
 
 @router.get("/commands/{command_id}")
-async def get_command(command_id: str, node: NodeDep, principal: PrincipalDep) -> dict[str, Any]:
-    command = await node.store.get_command(command_id)
-    if command is None:
-        raise FleetwireError(ErrorCode.NOT_FOUND, "no such command")
+async def get_command(command_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
+    command = await services.commands.get(command_id)
     require_device_access(principal, command.device_id)
     return command.public()
 
@@ -47,18 +45,17 @@ async def get_command(command_id: str, node: NodeDep, principal: PrincipalDep) -
 @router.get("/devices/{device_id}/commands")
 async def list_commands(
     device_id: str,
-    node: NodeDep,
+    services: ServicesDep,
     principal: PrincipalDep,
     state: CommandState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: str | None = None,
 ) -> dict[str, Any]:
     require_device_access(principal, device_id)
-    if await node.store.get_device(device_id) is None:
-        raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
+    await services.registry.get(device_id)
     after = decode_cursor(cursor)
     if after is not None and not isinstance(after, str):
         raise invalid("bad cursor")
-    found = await node.store.list_commands(device_id, state, limit, after)
+    found = await services.commands.list_for_device(device_id, state, limit, after)
     next_cursor = encode_cursor(found[-1].id) if len(found) == limit else None
     return {"items": [c.public() for c in found], "next_cursor": next_cursor}

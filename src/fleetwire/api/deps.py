@@ -1,4 +1,4 @@
-"""Request dependencies: the node, the caller's principal and role checks."""
+"""Request dependencies: the services, the caller's principal and role checks."""
 
 from __future__ import annotations
 
@@ -11,27 +11,36 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fleetwire.auth.principal import AuthError, Principal, Role
 from fleetwire.domain.errors import ErrorCode, FleetwireError, invalid
-from fleetwire.realtime.node import Node
+from fleetwire.services.container import Services
+from fleetwire.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="A fleetwire JWT (contract §1)")
 
 
-def get_node(request: Request) -> Node:
-    node: Node = request.app.state.node
-    return node
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
 
 
-NodeDep = Annotated[Node, Depends(get_node)]
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 async def get_principal(
-    node: NodeDep,
+    services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise FleetwireError(ErrorCode.UNAUTHORIZED, "a bearer token is required")
     try:
-        return await node.verify(credentials.credentials)
+        return await services.auth.verify(credentials.credentials)
     except AuthError as exc:
         raise FleetwireError(ErrorCode.UNAUTHORIZED, str(exc) or "token refused") from exc
 

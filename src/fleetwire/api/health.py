@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from fleetwire.realtime.node import Node
+from fleetwire.services.container import Services
 
 router = APIRouter(tags=["health"])
 
@@ -24,12 +24,12 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    node: Node = request.app.state.node
+    services: Services = request.app.state.services
     checks: dict[str, str] = {}
     for name, probe in (
-        ("store", node.store.ping),
-        ("broker", node.broker.ping),
-        ("presence", node.presence.ping),
+        ("store", services.store.ping),
+        ("broker", services.broker.ping),
+        ("presence", services.presence.ping),
     ):
         try:
             await asyncio.wait_for(probe(), 2.0)
@@ -47,16 +47,18 @@ async def readyz(request: Request) -> JSONResponse:
 class NodeCollector(Collector):
     """Reads the node's counters at scrape time: nothing is counted twice on the hot path."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, services: Services) -> None:
+        self.services = services
 
     def collect(self) -> Iterator[Any]:
-        node = self.node
+        node = self.services
         yield GaugeMetricFamily(
-            "fleetwire_connections", "Open WebSocket sessions on this node", value=len(node.connections)
+            "fleetwire_connections", "Open WebSocket sessions on this node", value=len(node.sessions.local)
         )
         yield GaugeMetricFamily(
-            "fleetwire_device_sessions", "Device sessions on this node", value=len(node.devices)
+            "fleetwire_device_sessions",
+            "Device sessions on this node",
+            value=len(node.sessions.local.devices),
         )
         yield GaugeMetricFamily(
             "fleetwire_write_queue", "Operations waiting for the group writer", value=node.writer.queued
@@ -72,9 +74,9 @@ class NodeCollector(Collector):
         )
 
 
-def metrics_registry(node: Node) -> CollectorRegistry:
+def metrics_registry(services: Services) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(node))
+    registry.register(NodeCollector(services))
     return registry
 
 

@@ -6,11 +6,18 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
 
-from fleetwire.api.deps import NodeDep, PrincipalDep, decode_cursor, encode_cursor, require_device_access
+from fleetwire.api.deps import (
+    PrincipalDep,
+    ServicesDep,
+    SettingsDep,
+    decode_cursor,
+    encode_cursor,
+    require_device_access,
+)
 from fleetwire.auth.principal import Role
 from fleetwire.domain import telemetry
-from fleetwire.domain.clock import format_ms, now_ms, parse_rfc3339
-from fleetwire.domain.errors import ErrorCode, FleetwireError, invalid
+from fleetwire.domain.clock import format_ms, parse_rfc3339
+from fleetwire.domain.errors import invalid
 from fleetwire.realtime.protocol import ENVELOPE
 
 router = APIRouter(tags=["telemetry"])
@@ -20,7 +27,8 @@ _BIGINT = 2**63 - 1  # times and seqs are BIGINT in the store
 @router.post("/devices/{device_id}/telemetry")
 async def post_telemetry(
     device_id: str,
-    node: NodeDep,
+    services: ServicesDep,
+    settings: SettingsDep,
     principal: PrincipalDep,
     body: Annotated[
         dict[str, Any],
@@ -34,21 +42,20 @@ async def post_telemetry(
 ) -> dict[str, Any]:
     """`{ts?, data}` like `telemetry`, or `{records: [...]}` like `telemetry_batch`."""
     require_device_access(principal, device_id, Role.ADMIN, device_itself=True)
-    device = await node.store.get_device(device_id)
-    if device is None:
-        raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
-    skew = int(node.settings.max_clock_skew_s * 1000)
+    device = await services.ingest.device(device_id)
+    skew = int(settings.max_clock_skew_s * 1000)
+    now = services.clock.now_ms()
     if "records" in body:
         if body.keys() - {"records"}:
             raise invalid(
                 "unknown field(s)", [{"loc": [k], "msg": "unknown field"} for k in body.keys() - {"records"}]
             )
-        records = telemetry.parse_batch(body["records"], now_ms(), skew)
+        records = telemetry.parse_batch(body["records"], now, skew)
         batch = True
     else:
-        records = telemetry.parse_single(body, now_ms(), skew, ENVELOPE - {"type", "id"})
+        records = telemetry.parse_single(body, now, skew, ENVELOPE - {"type", "id"})
         batch = False
-    accepted = await node.store_telemetry(device, records, batch=batch)
+    accepted = await services.ingest.telemetry(device, records, batch=batch)
     return {"accepted": accepted}
 
 
@@ -69,7 +76,7 @@ def _time(value: str | None, name: str) -> int | None:
 @router.get("/devices/{device_id}/telemetry")
 async def get_telemetry(
     device_id: str,
-    node: NodeDep,
+    services: ServicesDep,
     principal: PrincipalDep,
     key: str | None = None,
     from_: Annotated[str | None, Query(alias="from")] = None,
@@ -79,8 +86,6 @@ async def get_telemetry(
 ) -> dict[str, Any]:
     """Stored points, newest first; `from`/`to` are inclusive bounds."""
     require_device_access(principal, device_id, device_itself=True)
-    if await node.store.get_device(device_id) is None:
-        raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
     before = decode_cursor(cursor)
     if before is not None:
         if not (
@@ -91,7 +96,7 @@ async def get_telemetry(
         ):
             raise invalid("bad cursor")
         before = (before[0], before[1], before[2])
-    points = await node.store.telemetry(
+    points = await services.ingest.points(
         device_id, key=key, from_ms=_time(from_, "from"), to_ms=_time(to, "to"), limit=limit, before=before
     )
     items = [{"key": p.key, "ts": format_ms(p.ts_ms), "seq": p.seq, "value": p.value} for p in points]
@@ -101,11 +106,9 @@ async def get_telemetry(
 
 
 @router.get("/devices/{device_id}/telemetry/latest")
-async def latest_telemetry(device_id: str, node: NodeDep, principal: PrincipalDep) -> dict[str, Any]:
+async def latest_telemetry(device_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     require_device_access(principal, device_id, device_itself=True)
-    if await node.store.get_device(device_id) is None:
-        raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
-    latest = await node.store.latest_telemetry(device_id)
+    latest = await services.ingest.latest(device_id)
     return {
         "device_id": device_id,
         "values": {

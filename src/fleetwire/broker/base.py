@@ -30,6 +30,7 @@ class Published:
 
     device_id: str
     seq: int
+    name: str  # the event's name, e.g. "device.deleted": nothing reads the payload to learn it
     event_class: str  # presence, status, telemetry, command, registry
     payload: bytes  # the `{"type": "event", ...}` JSON, encoded once at the source
 

@@ -9,9 +9,9 @@ share one Redis):
 
 Wire format. A message on the events channel is one published batch::
 
-    b"FW\\x01" | u32 big-endian header length | header | payload 1 | payload 2 | ...
+    b"FW\\x02" | u32 big-endian header length | header | payload 1 | payload 2 | ...
 
-where ``header`` is the orjson array ``[[device_id, seq, event_class, payload_len], ...]``
+where ``header`` is the orjson array ``[[device_id, seq, name, event_class, payload_len], ...]``
 and the payloads are the `Published.payload` bytes verbatim, so a frame is encoded once at
 its source and never re-encoded on the way. A node message is ``orjson.dumps(message)``.
 
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 ReconnectHook = Callable[[], Awaitable[None] | None]
 
-_MAGIC = b"FW\x01"
+_MAGIC = b"FW\x02"  # 2: the header carries the event name
 _HEADER_AT = len(_MAGIC) + 4
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError, TimeoutError)
 _MAX_PIPELINE = 256
@@ -74,7 +74,7 @@ def key_prefix(url: str) -> str:
 
 def encode_batch(batch: Sequence[Published]) -> bytes:
     """One batch as it travels on the events channel (see the module docstring)."""
-    header = orjson.dumps([[p.device_id, p.seq, p.event_class, len(p.payload)] for p in batch])
+    header = orjson.dumps([[p.device_id, p.seq, p.name, p.event_class, len(p.payload)] for p in batch])
     return b"".join([_MAGIC, len(header).to_bytes(4, "big"), header, *(p.payload for p in batch)])
 
 
@@ -88,10 +88,10 @@ def decode_batch(data: bytes) -> list[Published]:
         raise ValueError("batch header is not a list")
     batch: list[Published] = []
     offset = end
-    for device_id, seq, event_class, size in header:
+    for device_id, seq, name, event_class, size in header:
         if not (isinstance(size, int) and 0 <= size <= len(data) - offset):
             raise ValueError("payload length out of range")
-        batch.append(Published(device_id, seq, event_class, data[offset : offset + size]))
+        batch.append(Published(device_id, seq, name, event_class, data[offset : offset + size]))
         offset += size
     if offset != len(data):
         raise ValueError("trailing bytes after the last payload")

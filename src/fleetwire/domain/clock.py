@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Protocol
+
+
+class Clock(Protocol):
+    """Where every part of fleetwire reads the time; `create_app(clock=)` swaps it in tests."""
+
+    def now_ms(self) -> int:
+        """Wall-clock epoch milliseconds (event times, token expiry, command deadlines)."""
+
+
+class SystemClock:
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+
+_: type[Clock] = SystemClock
 
 
 def now_ms() -> int:
+    """The system time, for code outside a wired app (CLI, store defaults)."""
     return time.time_ns() // 1_000_000
 
 

@@ -17,10 +17,11 @@ import orjson
 from fleetwire.auth.principal import Principal
 from fleetwire.domain import commands, telemetry
 from fleetwire.domain.clock import format_ms
+from fleetwire.domain.close import Close
 from fleetwire.domain.devices import STATUS
 from fleetwire.domain.errors import ErrorCode, FleetwireError, invalid
 from fleetwire.domain.events import EVENT_CLASSES
-from fleetwire.realtime.codes import Close
+from fleetwire.domain.subscriptions import Subscribe
 
 ENVELOPE: Final = frozenset({"type", "id"})
 DEVICE_TYPES: Final = frozenset({"telemetry", "telemetry_batch", "status", "command_result", "auth"})
@@ -45,13 +46,6 @@ def error(request_id: RequestId, exc: FleetwireError) -> bytes:
     if exc.details:
         body["details"] = exc.details
     return orjson.dumps(body)
-
-
-@dataclass(frozen=True, slots=True)
-class Subscribe:
-    devices: tuple[str, ...]
-    events: frozenset[str]
-    resume: dict[str, int] | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from fleetwire.auth.principal import Principal, Role
-from fleetwire.realtime.codes import Close
+from fleetwire.domain.close import Close
 from fleetwire.realtime.protocol import (
     CloseWith,
     RateLimiter,

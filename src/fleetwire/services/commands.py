@@ -11,25 +11,41 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from fleetwire.auth.principal import Principal, Role
-from fleetwire.domain.clock import format_ms, now_ms
+from fleetwire.broker.base import Published
+from fleetwire.domain.clock import Clock, format_ms
 from fleetwire.domain.commands import Command, CommandRequest, CommandState, new_command_id
 from fleetwire.domain.errors import ErrorCode, FleetwireError
-from fleetwire.store.base import EventWrite
-
-if TYPE_CHECKING:
-    from fleetwire.realtime.node import Node
+from fleetwire.presence.base import Presence
+from fleetwire.services.routing import NodeRouter
+from fleetwire.services.tasks import Tasks
+from fleetwire.store.base import EventWrite, Store
+from fleetwire.store.writer import GroupWriter
 
 log = logging.getLogger(__name__)
 
 
 class CommandService:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(
+        self,
+        *,
+        store: Store,
+        writer: GroupWriter,
+        presence: Presence,
+        router: NodeRouter,
+        tasks: Tasks,
+        clock: Clock,
+    ) -> None:
+        self._store = store
+        self._writer = writer
+        self._presence = presence
+        self._router = router
+        self._tasks = tasks
+        self._clock = clock
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._first_event: dict[str, asyncio.Task[None]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -43,17 +59,16 @@ class CommandService:
         issuer_node: str | None = None,
         issuer_session: str | None = None,
     ) -> Command:
-        node = self.node
         if not principal.at_least(Role.OPERATOR):
             raise FleetwireError(ErrorCode.FORBIDDEN, "sending commands needs the operator role")
         if not principal.may_see(request.device_id):
             raise FleetwireError(ErrorCode.FORBIDDEN, "device outside your `devices` claim")
-        device = await node.store.get_device(request.device_id)
+        device = await self._store.get_device(request.device_id)
         if device is None:
             raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
-        now = now_ms()
+        now = self._clock.now_ms()
         if request.idempotency_key is not None:
-            earlier = await node.store.find_command(
+            earlier = await self._store.find_command(
                 principal.sub, request.idempotency_key, now - request.timeout_s * 1000
             )
             if earlier is not None:
@@ -64,7 +79,7 @@ class CommandService:
                 return earlier
         if device.disabled:
             raise FleetwireError(ErrorCode.FORBIDDEN, "device is disabled")
-        session = await node.presence.get(request.device_id)
+        session = await self._presence.get(request.device_id)
         if session is None and not request.queue:
             raise FleetwireError(ErrorCode.DEVICE_OFFLINE, "device is not connected")
         online = session is not None
@@ -85,22 +100,22 @@ class CommandService:
             timeout_s=request.timeout_s,
         )
         try:
-            command = await node.store.create_command(command)
+            command = await self._store.create_command(command)
         except LookupError as exc:
             raise FleetwireError(ErrorCode.NOT_FOUND, "no such device") from exc
         self.arm(command)
         if session is not None:
-            await node.route_to_device(session.node, session.session_id, command)
+            await self._router.send(session.node, session.session_id, command.device_message())
         # The ack goes out now, before the device can answer; the `command.updated` event is
         # recorded meanwhile, and finished() waits for it so that subscribers see it first.
-        self._first_event[command.id] = node.spawn(self.updated(command))
+        self._first_event[command.id] = self._tasks.spawn(self.updated(command))
         return command
 
     # -- device side --------------------------------------------------------------------------
     async def deliver_queued(self, device_id: str, send: Callable[[bytes], None]) -> None:
         """Right after `welcome`: every pending command, in issue order."""
-        for command in await self.node.store.pending_commands(device_id, now_ms()):
-            sent = await self.node.store.transition_command(command.id, CommandState.SENT, now_ms())
+        for command in await self._store.pending_commands(device_id, self._clock.now_ms()):
+            sent = await self._store.transition_command(command.id, CommandState.SENT, self._clock.now_ms())
             if sent is not None:
                 send(orjson.dumps(sent.device_message()))
                 await self.updated(sent)
@@ -113,12 +128,14 @@ class CommandService:
         result: dict[str, Any] | None,
         error: dict[str, Any] | None,
     ) -> Command:
-        store = self.node.store
+        store = self._store
         command = await store.get_command(command_id)
         if command is None or command.device_id != device_id:
             raise FleetwireError(ErrorCode.NOT_FOUND, "no such command for this device")
         state = CommandState.SUCCEEDED if ok else CommandState.FAILED
-        done = await store.transition_command(command_id, state, now_ms(), result=result, error=error)
+        done = await store.transition_command(
+            command_id, state, self._clock.now_ms(), result=result, error=error
+        )
         if done is None:
             current = await store.get_command(command_id)
             shown = current.state.value if current is not None else "gone"
@@ -130,31 +147,31 @@ class CommandService:
     def arm(self, command: Command) -> None:
         """A precise local timer; the periodic sweep covers restarts and other nodes' commands."""
         loop = asyncio.get_running_loop()
-        delay = max((command.expires_at_ms - now_ms()) / 1000, 0.0)
+        delay = max((command.expires_at_ms - self._clock.now_ms()) / 1000, 0.0)
         self._timers[command.id] = loop.call_later(delay, self._expire_soon, command.id)
 
     def _expire_soon(self, command_id: str) -> None:
         self._timers.pop(command_id, None)
-        self.node.spawn(self.expire(command_id))
+        self._tasks.spawn(self.expire(command_id))
 
     async def expire(self, command_id: str) -> None:
-        store = self.node.store
+        store = self._store
         command = await store.get_command(command_id)
         if command is None or command.state.final:
             return
         state = CommandState.TIMED_OUT if command.state is CommandState.SENT else CommandState.EXPIRED
-        done = await store.transition_command(command_id, state, now_ms())
+        done = await store.transition_command(command_id, state, self._clock.now_ms())
         if done is None:  # a result (or another node) got there first
             return
         await self.finished(done)
 
     async def sweep(self) -> None:
-        for command in await self.node.store.due_commands(now_ms(), 500):
+        for command in await self._store.due_commands(self._clock.now_ms(), 500):
             await self.expire(command.id)
 
     async def updated(self, command: Command) -> None:
-        await self.node.writer.submit(
-            EventWrite(command.device_id, "command.updated", now_ms(), command.event_data())
+        await self._writer.submit(
+            EventWrite(command.device_id, "command.updated", self._clock.now_ms(), command.event_data())
         )
 
     async def finished(self, command: Command) -> None:
@@ -172,10 +189,23 @@ class CommandService:
                 "state": command.state.value,
                 "result": command.result,
                 "error": command.error,
-                "at": format_ms(command.completed_at_ms or now_ms()),
+                "at": format_ms(command.completed_at_ms or self._clock.now_ms()),
             }
-            await self.node.route_to_session(command.issuer_node, command.issuer_session, message)
+            await self._router.send(command.issuer_node, command.issuer_session, message)
         await self.updated(command)  # the issuer first: its latency is the command round trip
+
+    # -- reads -----------------------------------------------------------------------------------
+    async def get(self, command_id: str) -> Command:
+        command = await self._store.get_command(command_id)
+        if command is None:
+            raise FleetwireError(ErrorCode.NOT_FOUND, "no such command")
+        return command
+
+    async def list_for_device(
+        self, device_id: str, state: CommandState | None, limit: int, after: str | None
+    ) -> list[Command]:
+        """Newest first; `after` is the last command id of the previous page."""
+        return await self._store.list_commands(device_id, state, limit, after)
 
     # -- REST `?wait=true` ---------------------------------------------------------------------
     async def wait(self, command_id: str, timeout_s: float) -> Command | None:
@@ -183,7 +213,7 @@ class CommandService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            command = await self.node.store.get_command(command_id)
+            command = await self._store.get_command(command_id)
             if command is None or command.state.final:
                 return command
             remaining = deadline - loop.time()
@@ -202,14 +232,14 @@ class CommandService:
                     if not waiters:
                         del self._waiters[command_id]
 
-    def on_event(self, command_id: str) -> None:
+    def on_event(self, event: Published) -> None:
+        """A hub listener: a `command.updated` may end a REST `?wait=true` on this node."""
+        if event.name != "command.updated" or not self._waiters:
+            return
+        command_id = orjson.loads(event.payload)["data"]["command_id"]
         for future in self._waiters.pop(command_id, []):
             if not future.done():
                 future.set_result(None)
-
-    @property
-    def has_waiters(self) -> bool:
-        return bool(self._waiters)
 
     def close(self) -> None:
         for timer in self._timers.values():

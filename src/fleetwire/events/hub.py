@@ -22,7 +22,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Protocol
 
 from fleetwire.broker.base import Published
-from fleetwire.realtime.transport import text_frame
+from fleetwire.domain.frames import text_frame
 
 if TYPE_CHECKING:
     from fleetwire.auth.principal import Principal
@@ -137,7 +137,7 @@ class Hub:
 
     def _deliver(self, event: Published) -> None:
         device_id = event.device_id
-        if event.event_class == "registry" and b'"event":"device.deleted"' in event.payload:
+        if event.name == "device.deleted":
             # A re-registered device starts again at seq 1.
             self._last_seq.pop(device_id, None)
             self._routes.pop(device_id, None)

@@ -1,4 +1,8 @@
-"""Close codes (contract §2). 4xxx codes are fleetwire's; RFC 6455 §7.4.1 defines the rest."""
+"""Why a session ended (contract §2): close codes that name the reasons for every transport.
+
+4xxx codes are fleetwire's; RFC 6455 §7.4.1 defines the rest. MQTT (contract §8) maps the same
+reasons to its own reason codes, so services speak of `Close` members, never of a transport.
+"""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def published(event: Event) -> Published:
-    return Published(event.device_id, event.seq, event.event_class, event.wire())
+    return Published(event.device_id, event.seq, event.name, event.event_class, event.wire())
 
 
 class EventPublisher:

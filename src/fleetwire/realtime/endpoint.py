@@ -1,0 +1,323 @@
+"""WebSocket endpoints: the thin loop that runs a `Session`'s actions against a socket and
+the services. No rule lives here; see realtime/session.py for them.
+
+The endpoint is the transport's `Handler` (socket callbacks in), the services' local session
+(`send`, `close`, `heartbeat`, `connected`), and for clients the hub's subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from fleetwire.auth.principal import AuthError, Principal
+from fleetwire.domain.clock import Clock, format_ms
+from fleetwire.domain.close import Close
+from fleetwire.domain.devices import Device
+from fleetwire.domain.errors import ErrorCode, FleetwireError
+from fleetwire.events.hub import Subscription
+from fleetwire.realtime import protocol
+from fleetwire.realtime.protocol import Request
+from fleetwire.realtime.session import (
+    Call,
+    CloseSocket,
+    PauseReading,
+    Ping,
+    ResumeReading,
+    Send,
+    SendFrame,
+    Session,
+)
+from fleetwire.realtime.transport import Socket
+from fleetwire.services.auth import Authenticator
+from fleetwire.services.commands import CommandService
+from fleetwire.services.ingest import IngestService
+from fleetwire.services.sessions import SessionService
+from fleetwire.services.subscriptions import SubscriptionService
+from fleetwire.services.tasks import OUTAGES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointServices:
+    """What endpoints call: built once by create_app, shared by every endpoint."""
+
+    node_id: str
+    clock: Clock
+    auth: Authenticator
+    sessions: SessionService
+    ingest: IngestService
+    commands: CommandService
+    subscriptions: SubscriptionService
+
+
+class Endpoint:
+    """What device and client endpoints share: running actions, calls, the token timer."""
+
+    def __init__(self, services: EndpointServices, session: Session) -> None:
+        self.services = services
+        self.core = session
+        self.session_id = session.session_id
+        self.connected_at_ms = session.connected_at_ms
+        self.socket: Socket | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline_ms: int | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+
+    @property
+    def principal(self) -> Principal:
+        return self.core.principal
+
+    # -- transport callbacks ----------------------------------------------------------------
+    def on_open(self, socket: Socket) -> None:
+        self.socket = socket
+        self._welcome(self.services.clock.now_ms())
+        self._opened()
+        self._run()
+
+    def on_message(self, payload: bytes, is_text: bool) -> None:
+        self.core.receive(payload, is_text, self.services.clock.now_ms())
+        self._run()
+
+    def on_pong(self) -> None:
+        self.core.pong(self.services.clock.now_ms())
+
+    def on_closed(self, code: int | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in self._calls:
+            task.cancel()
+        self._ended(self.core.disconnect_reason(code))
+
+    # -- what services call ---------------------------------------------------------------
+    def send(self, payload: bytes) -> None:
+        if self.socket is not None:
+            self.socket.send(payload)
+
+    def close(self, code: Close) -> None:
+        self.core.close(code, self.services.clock.now_ms())
+        self._run()
+
+    def heartbeat(self, now_ms: int) -> None:
+        self.core.heartbeat(now_ms)
+        self._run()
+
+    # -- running actions ------------------------------------------------------------------
+    def _run(self) -> None:
+        socket = self.socket
+        for action in self.core.actions():
+            if type(action) is Send:
+                if socket is not None:
+                    socket.send(action.payload)
+            elif type(action) is SendFrame:
+                if socket is not None:
+                    socket.send_frame(action.frame)
+            elif type(action) is Call:
+                self._call(action.request)
+            elif type(action) is Ping:
+                if socket is not None:
+                    socket.ping()
+            elif type(action) is PauseReading:
+                if socket is not None:
+                    socket.pause_reading()
+            elif type(action) is ResumeReading:
+                if socket is not None:
+                    socket.resume_reading()
+            elif type(action) is CloseSocket and socket is not None:
+                socket.close(int(action.code), action.reason)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        deadline = self.core.next_deadline_ms()
+        if deadline == self._deadline_ms:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._deadline_ms = deadline
+        delay = max((deadline - self.services.clock.now_ms()) / 1000, 0.0)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._timer_due)
+
+    def _timer_due(self) -> None:
+        self._timer = None
+        self._deadline_ms = None
+        self.core.timer(self.services.clock.now_ms())
+        self._run()
+
+    def _call(self, request: Request) -> None:
+        handler = self._handler(request.type)
+        task = asyncio.get_running_loop().create_task(self._answer(request, handler))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    async def _answer(self, request: Request, handler: Callable[[Request], Awaitable[bytes | None]]) -> None:
+        """Carry out one request; its one reply is the ack it built or the error it raised."""
+        clock = self.services.clock
+        try:
+            reply = await handler(request)
+        except FleetwireError as exc:
+            self.core.failed(request, exc, clock.now_ms())
+        except OUTAGES as exc:
+            log.warning("request %s: %s", request.type, exc)
+            unavailable = FleetwireError(
+                ErrorCode.UNAVAILABLE, "a backing service is unavailable; retry later"
+            )
+            self.core.failed(request, unavailable, clock.now_ms())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("request %s failed", request.type)
+            self.core.failed(request, FleetwireError(ErrorCode.INTERNAL, "internal error"), clock.now_ms())
+        else:
+            if reply is not None:  # None: the handler reported to the core itself
+                self.core.completed(reply, clock.now_ms())
+        self._run()
+
+    async def _refresh(self, request: Request) -> bytes:
+        try:
+            fresh = await self.services.auth.verify(request.value)
+        except AuthError as exc:
+            raise FleetwireError(ErrorCode.UNAUTHORIZED, str(exc) or "token refused") from exc
+        problem = self.core.refresh(fresh)
+        if problem is not None:
+            raise problem
+        self._refreshed()
+        return protocol.ack(request.id, token_expires_at=format_ms(fresh.expires_at_ms))
+
+    # -- per kind -------------------------------------------------------------------------
+    def _welcome(self, now_ms: int) -> None:
+        raise NotImplementedError
+
+    def _opened(self) -> None:
+        raise NotImplementedError
+
+    def _ended(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def _handler(self, kind: str) -> Callable[[Request], Awaitable[bytes | None]]:
+        raise NotImplementedError
+
+    def _refreshed(self) -> None:
+        """The principal changed (a subclass may need to re-check rights)."""
+
+
+class DeviceEndpoint(Endpoint):
+    def __init__(self, services: EndpointServices, session: Session, device: Device) -> None:
+        super().__init__(services, session)
+        self.device_id = device.id
+        self.device = device  # kept current by SessionService (telemetry schema)
+        self._handlers: dict[str, Callable[[Request], Awaitable[bytes | None]]] = {
+            "telemetry": self._telemetry,
+            "telemetry_batch": self._telemetry,
+            "status": self._status,
+            "command_result": self._command_result,
+            "auth": self._refresh,
+        }
+
+    @property
+    def last_seen_ms(self) -> int:
+        return self.core.last_seen_ms
+
+    def connected(self) -> None:
+        self.core.connected()
+        self._run()
+
+    def _welcome(self, now_ms: int) -> None:
+        self.core.welcome(now_ms, self.device_id)
+
+    def _opened(self) -> None:
+        self.services.sessions.device_opened(self)
+
+    def _ended(self, reason: str) -> None:
+        self.services.sessions.device_closed(self, reason)
+
+    def _handler(self, kind: str) -> Callable[[Request], Awaitable[bytes | None]]:
+        return self._handlers[kind]
+
+    async def _telemetry(self, request: Request) -> bytes:
+        records = request.value
+        accepted = await self.services.ingest.telemetry(
+            self.device, records, batch=request.type != "telemetry"
+        )
+        return protocol.ack(request.id, accepted=accepted)
+
+    async def _status(self, request: Request) -> bytes:
+        changed = await self.services.ingest.status(self.device_id, request.value, "device")
+        return protocol.ack(request.id, changed=changed)
+
+    async def _command_result(self, request: Request) -> bytes:
+        command_id, ok, result, error = request.value
+        await self.services.commands.result(self.device_id, command_id, ok, result, error)
+        return protocol.ack(request.id)
+
+
+class ClientEndpoint(Endpoint):
+    def __init__(self, services: EndpointServices, session: Session) -> None:
+        super().__init__(services, session)
+        self.subscriptions: dict[str, Subscription] = {}
+        self._subscription_count = 0
+        self._handlers: dict[str, Callable[[Request], Awaitable[bytes | None]]] = {
+            "subscribe": self._subscribe,
+            "unsubscribe": self._unsubscribe,
+            "command": self._command,
+            "auth": self._refresh,
+        }
+
+    def _welcome(self, now_ms: int) -> None:
+        self.core.welcome(now_ms)
+
+    def _opened(self) -> None:
+        self.services.sessions.opened(self)
+
+    def _ended(self, reason: str) -> None:
+        self.services.subscriptions.drop(self)
+        self.services.sessions.closed(self)
+
+    def _handler(self, kind: str) -> Callable[[Request], Awaitable[bytes | None]]:
+        return self._handlers[kind]
+
+    def _refreshed(self) -> None:
+        self.services.subscriptions.rights_changed()
+
+    async def _subscribe(self, request: Request) -> None:
+        plan = await self.services.subscriptions.subscribe(self, request.value)
+        self.core.subscribed(request, plan, self.services.clock.now_ms())
+
+    async def _unsubscribe(self, request: Request) -> bytes:
+        self.services.subscriptions.unsubscribe(self, request.value)
+        return protocol.ack(request.id)
+
+    async def _command(self, request: Request) -> bytes:
+        command = await self.services.commands.issue(
+            self.principal,
+            request.value,
+            issuer_node=self.services.node_id,
+            issuer_session=self.session_id,
+        )
+        return protocol.ack(request.id, command_id=command.id, state=command.state.value)
+
+    # -- the hub's subscriber -------------------------------------------------------------
+    def next_subscription_id(self) -> str:
+        self._subscription_count += 1
+        return f"sub-{self._subscription_count}"
+
+    def deliver(self, device_id: str, seq: int, frame: bytes) -> None:
+        if not self.core.holding and self.socket is not None:
+            self.socket.send_frame(frame)  # the hot path: no action object, no allocation
+            return
+        self.core.deliver(device_id, seq, frame)
+        self._run()
+
+    def hold(self, device_ids: list[str]) -> None:
+        self.core.hold(device_ids)
+
+    def release(self, device_id: str, replayed_to: int) -> None:
+        self.core.release(device_id, replayed_to)
+        self._run()
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(8)

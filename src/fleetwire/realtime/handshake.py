@@ -1,0 +1,84 @@
+"""The WebSocket handshake decisions (contract §2), taken before the 101 is sent.
+
+Each refusal is an HTTP answer with a JSON body: 404 unknown path, 403 Origin or role,
+401 token, 503 at the connection limit or during a storage outage.
+"""
+
+from __future__ import annotations
+
+from fleetwire.auth.principal import AuthError, Role
+from fleetwire.domain.devices import DEVICE_ID
+from fleetwire.realtime.endpoint import ClientEndpoint, DeviceEndpoint, EndpointServices, new_session_id
+from fleetwire.realtime.session import Session, SessionLimits
+from fleetwire.realtime.transport import Handler, Refusal, UpgradeRequest
+from fleetwire.services.registry import RegistryService
+from fleetwire.store.base import StoreUnavailableError
+
+DEVICE_PATH = "/ws/device"
+CLIENT_PATH = "/ws/client"
+
+
+class Handshake:
+    def __init__(
+        self,
+        services: EndpointServices,
+        registry: RegistryService,
+        limits: SessionLimits,
+        *,
+        origins: frozenset[str],
+        max_connections: int,
+    ) -> None:
+        self._services = services
+        self._registry = registry
+        self._limits = limits
+        self._origins = origins
+        self._max_connections = max_connections
+
+    async def __call__(self, request: UpgradeRequest) -> Handler | Refusal:
+        is_device = request.path == DEVICE_PATH
+        if not is_device and request.path != CLIENT_PATH:
+            return Refusal(404, "not_found", "no WebSocket endpoint here")
+        origin = request.headers.get("origin")
+        if origin is not None and "*" not in self._origins and origin not in self._origins:
+            return Refusal(403, "forbidden", "Origin not allowed")
+        services = self._services
+        if len(services.sessions.local) >= self._max_connections:
+            return Refusal(503, "unavailable", "server at its connection limit", {"Retry-After": "5"})
+        token = token_of(request)
+        if token is None:
+            return Refusal(401, "unauthorized", "a bearer token is required")
+        try:
+            principal = await services.auth.verify(token)
+        except AuthError as exc:
+            return Refusal(401, "unauthorized", str(exc) or "token refused")
+        session = Session(
+            principal,
+            session_id=new_session_id(),
+            is_device=is_device,
+            limits=self._limits,
+            now_ms=services.clock.now_ms(),
+        )
+        if not is_device:
+            if principal.role is Role.DEVICE:
+                return Refusal(403, "forbidden", "a device token cannot open a client session")
+            return ClientEndpoint(services, session)
+        if principal.role is not Role.DEVICE:
+            return Refusal(403, "forbidden", "only device tokens may connect here")
+        if not DEVICE_ID.match(principal.sub):  # no such device can exist; spare the database
+            return Refusal(403, "forbidden", "unknown or disabled device")
+        try:
+            device = await self._registry.find(principal.sub)
+        except StoreUnavailableError:
+            return Refusal(503, "unavailable", "storage unavailable, retry later", {"Retry-After": "5"})
+        if device is None or device.disabled:
+            return Refusal(403, "forbidden", "unknown or disabled device")
+        return DeviceEndpoint(services, session, device)
+
+
+def token_of(request: UpgradeRequest) -> str | None:
+    """The bearer token from `Authorization`, else the `access_token` query parameter."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, value = header.partition(" ")
+        return value.strip() or None if scheme.lower() == "bearer" else None
+    return request.query.get("access_token") or None

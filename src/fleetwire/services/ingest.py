@@ -1,0 +1,82 @@
+"""Telemetry and status: ingest from a device (WebSocket, REST or any transport) through the
+group writer, so an answer means the data is durable (contract §2.2), and stored reads."""
+
+from __future__ import annotations
+
+from fleetwire.domain.clock import Clock
+from fleetwire.domain.devices import Device
+from fleetwire.domain.errors import ErrorCode, FleetwireError
+from fleetwire.domain.telemetry import Record, SchemaCache
+from fleetwire.store.base import (
+    StatusWrite,
+    Store,
+    StoreUnavailableError,
+    TelemetryPoint,
+    TelemetryWrite,
+    WriteOp,
+    WriteResult,
+)
+from fleetwire.store.writer import GroupWriter
+
+
+class IngestService:
+    def __init__(self, *, store: Store, writer: GroupWriter, clock: Clock) -> None:
+        self._store = store
+        self._writer = writer
+        self._clock = clock
+        self._schemas = SchemaCache()
+
+    async def telemetry(self, device: Device, records: list[Record], *, batch: bool) -> int:
+        """Validate against the device's schema, store, and return how many were accepted."""
+        if device.telemetry_schema is not None:
+            self._schemas.check(device.telemetry_schema, records, batch)
+        result = await self._write(TelemetryWrite(device.id, records))
+        if result.missing:
+            raise FleetwireError(ErrorCode.NOT_FOUND, "device no longer exists")
+        return len(records)
+
+    async def status(self, device_id: str, status: str, source: str) -> bool:
+        """Set the status; True when it changed (only a change records `device.status`)."""
+        result = await self._write(StatusWrite(device_id, status, source, self._clock.now_ms()))
+        if result.missing:
+            raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
+        return result.changed
+
+    async def points(
+        self,
+        device_id: str,
+        *,
+        key: str | None,
+        from_ms: int | None,
+        to_ms: int | None,
+        limit: int,
+        before: tuple[int, int, str] | None,
+    ) -> list[TelemetryPoint]:
+        await self._existing(device_id)
+        return await self._store.telemetry(
+            device_id, key=key, from_ms=from_ms, to_ms=to_ms, limit=limit, before=before
+        )
+
+    async def latest(self, device_id: str) -> dict[str, TelemetryPoint]:
+        await self._existing(device_id)
+        return await self._store.latest_telemetry(device_id)
+
+    async def _existing(self, device_id: str) -> Device:
+        device = await self._store.get_device(device_id)
+        if device is None:
+            raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
+        return device
+
+    async def device(self, device_id: str) -> Device:
+        """The device a REST ingest writes for (a WebSocket session holds its own copy)."""
+        return await self._existing(device_id)
+
+    async def _write(self, op: WriteOp) -> WriteResult:
+        try:
+            return await self._writer.submit(op)
+        except StoreUnavailableError as exc:
+            raise unavailable(exc) from exc
+
+
+def unavailable(exc: Exception) -> FleetwireError:
+    return FleetwireError(ErrorCode.UNAVAILABLE, f"storage unavailable, retry later: {exc}")

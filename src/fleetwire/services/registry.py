@@ -1,0 +1,137 @@
+"""The device registry (contract §3): register, change, delete, read, with their events.
+
+Every change is recorded as a registry event (`device.registered|updated|deleted`) that
+subscribers, the hub and every node's sessions follow; disabling or deleting a device ends
+its live session wherever it is (4003).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from fleetwire.domain.clock import Clock
+from fleetwire.domain.close import Close
+from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
+from fleetwire.domain.errors import ErrorCode, FleetwireError
+from fleetwire.domain.events import Event
+from fleetwire.domain.telemetry import check_schema
+from fleetwire.events.publisher import EventPublisher
+from fleetwire.presence.base import Presence, SessionInfo
+from fleetwire.services.ingest import IngestService
+from fleetwire.services.sessions import SessionService
+from fleetwire.store.base import DuplicateError, EventWrite, Store
+from fleetwire.store.writer import GroupWriter
+
+OFFLINE: dict[str, Any] = {
+    "connected": False,
+    "session_id": None,
+    "connected_at": None,
+    "last_seen_at": None,
+    "node": None,
+}
+
+
+class RegistryService:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        writer: GroupWriter,
+        publisher: EventPublisher,
+        presence: Presence,
+        sessions: SessionService,
+        ingest: IngestService,
+        clock: Clock,
+    ) -> None:
+        self._store = store
+        self._writer = writer
+        self._publisher = publisher
+        self._presence = presence
+        self._sessions = sessions
+        self._ingest = ingest
+        self._clock = clock
+
+    # -- changes ----------------------------------------------------------------------------
+    async def register(self, device: Device) -> Device:
+        if device.telemetry_schema is not None:
+            check_schema(device.telemetry_schema)
+        now = self._clock.now_ms()
+        device = replace(device, created_at_ms=now, updated_at_ms=now)
+        try:
+            device = await self._store.create_device(device)
+        except DuplicateError as exc:
+            raise FleetwireError(ErrorCode.CONFLICT, f"device {device.id!r} exists already") from exc
+        result = await self._writer.submit(EventWrite(device.id, "device.registered", now, device.public()))
+        return replace(device, seq=result.events[-1].seq) if result.events else device
+
+    async def update(self, device_id: str, changes: DeviceChanges, status: str | None) -> Device:
+        """Apply registry fields and, separately, a status set by an operator (`source: api`)."""
+        await self.get(device_id)
+        schema = changes.get("telemetry_schema")
+        if schema is not None:
+            check_schema(schema)
+        if changes and await self._store.update_device(device_id, changes) is None:
+            raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
+        if status is not None:
+            await self._ingest.status(device_id, status, "api")
+        device = await self.get(device_id)
+        if changes:
+            event = EventWrite(device_id, "device.updated", self._clock.now_ms(), device.public())
+            result = await self._writer.submit(event)
+            if result.events:
+                device = replace(device, seq=result.events[-1].seq)
+        if changes.get("disabled"):
+            await self._sessions.close_device(device_id, Close.FORBIDDEN)
+        return device
+
+    async def delete(self, device_id: str) -> None:
+        device = await self._store.delete_device(device_id)
+        if device is None:
+            raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
+        # The history went with the device, so this last event is published but not kept.
+        deleted = Event(device_id, device.seq + 1, "device.deleted", self._clock.now_ms(), device.public())
+        self._publisher.submit([deleted])
+        await self._sessions.close_device(device_id, Close.FORBIDDEN)
+
+    # -- reads ------------------------------------------------------------------------------
+    async def find(self, device_id: str) -> Device | None:
+        return await self._store.get_device(device_id)
+
+    async def get(self, device_id: str) -> Device:
+        device = await self._store.get_device(device_id)
+        if device is None:
+            raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
+        return device
+
+    async def list_devices(self, where: DeviceFilter, limit: int, after: str | None) -> list[Device]:
+        return await self._store.list_devices(where, limit, after)
+
+    async def events(self, device_id: str, since: int, limit: int) -> list[Event]:
+        await self.get(device_id)
+        return await self._store.events(device_id, since, limit)
+
+    async def connection(self, device_id: str) -> dict[str, Any]:
+        """The `connection` block of a device (contract §3), from Presence."""
+        return connection_block(await self._presence.get(device_id))
+
+    async def connections(self, device_ids: list[str]) -> dict[str, dict[str, Any]]:
+        sessions = await self._presence.get_many(device_ids)
+        return {device_id: connection_block(sessions.get(device_id)) for device_id in device_ids}
+
+    async def connected_ids(self) -> frozenset[str]:
+        return await self._presence.connected_ids()
+
+    async def sessions(self, limit: int, after: str | None) -> list[SessionInfo]:
+        return await self._presence.list_sessions(limit, after)
+
+    async def session_count(self) -> int:
+        return await self._presence.count()
+
+
+def connection_block(session: SessionInfo | None) -> dict[str, Any]:
+    if session is None:
+        return dict(OFFLINE)
+    block = session.public()
+    del block["device_id"]
+    return block

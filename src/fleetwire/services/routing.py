@@ -1,0 +1,45 @@
+"""Node-to-node routing: a message or a close for a session, wherever in the cluster it is.
+
+Local targets are served directly; others go through `Broker.send` (at most once, dropped if
+the node is gone: callers that need an answer own their timeouts, see CommandService).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from fleetwire.broker.base import Broker
+from fleetwire.domain.close import Close
+from fleetwire.services.local import LocalSessions
+
+
+class NodeRouter:
+    def __init__(self, node_id: str, broker: Broker, local: LocalSessions) -> None:
+        self.node_id = node_id
+        self._broker = broker
+        self._local = local
+
+    async def send(self, node: str, session_id: str, message: dict[str, Any]) -> None:
+        if node == self.node_id:
+            self._local.send(session_id, orjson.dumps(message))
+            return
+        await self._broker.send(node, {"kind": "send", "session_id": session_id, "message": message})
+
+    async def close(self, node: str, session_id: str, code: Close) -> None:
+        """A replaced session's end is reported by its successor, so it stays silent."""
+        if node == self.node_id:
+            self._local.close(session_id, code, suppress=code is Close.REPLACED)
+            return
+        await self._broker.send(node, {"kind": "close", "session_id": session_id, "code": int(code)})
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        """The Broker's handler for messages addressed to this node."""
+        kind = message.get("kind")
+        session_id = str(message.get("session_id"))
+        if kind == "send":
+            self._local.send(session_id, orjson.dumps(message["message"]))
+        elif kind == "close":
+            code = Close(int(message["code"]))
+            self._local.close(session_id, code, suppress=code is Close.REPLACED)

@@ -1,0 +1,218 @@
+"""Sessions: who is connected where, and the presence events that say so (contract §2, §5).
+
+A device session goes online (Presence claim, `device.connected`, queued commands) and
+offline (`device.disconnected` with its reason); a newer session of the same device
+replaces the older one on any node. Node liveness, lost-node claims, reconciliation after
+an outage, heartbeats and last-seen flushes run here too. Ordering rule: a session's
+`device.connected` is recorded before its `device.disconnected`, and before anything the
+device sends (the endpoint holds requests until `connected()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import orjson
+
+from fleetwire.broker.base import Published
+from fleetwire.domain.clock import Clock
+from fleetwire.domain.close import Close
+from fleetwire.domain.devices import Device
+from fleetwire.presence.base import Presence, SessionInfo
+from fleetwire.services.commands import CommandService
+from fleetwire.services.local import LocalDeviceSession, LocalSession, LocalSessions
+from fleetwire.services.routing import NodeRouter
+from fleetwire.services.tasks import Tasks
+from fleetwire.store.base import EventWrite
+from fleetwire.store.writer import GroupWriter
+
+_PAGE = 500
+
+
+@dataclass(slots=True)
+class _Online:
+    """What this service tracks of one local device session."""
+
+    task: asyncio.Task[None]  # recording presence and `device.connected`
+    flushed_seen_ms: int  # what Presence last heard of last_seen
+
+
+class SessionService:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        heartbeat_s: float,
+        local: LocalSessions,
+        presence: Presence,
+        writer: GroupWriter,
+        router: NodeRouter,
+        commands: CommandService,
+        tasks: Tasks,
+        clock: Clock,
+    ) -> None:
+        self.node_id = node_id
+        self._heartbeat_s = heartbeat_s
+        self.local = local
+        self._presence = presence
+        self._writer = writer
+        self._router = router
+        self._commands = commands
+        self._tasks = tasks
+        self._clock = clock
+        self._online: dict[str, _Online] = {}  # by session id, device sessions only
+
+    # -- a session opens and closes -----------------------------------------------------------
+    def opened(self, session: LocalSession) -> None:
+        self.local.by_id[session.session_id] = session
+
+    def device_opened(self, session: LocalDeviceSession) -> None:
+        self.local.by_id[session.session_id] = session
+        previous = self.local.devices.get(session.device_id)
+        self.local.devices[session.device_id] = session
+        if previous is not None:
+            # The newer connection wins (contract §2); its own arrival tells the world.
+            self.local.close(previous.session_id, Close.REPLACED, suppress=True)
+        task = self._tasks.spawn(self._device_online(session, previous))
+        self._online[session.session_id] = _Online(task, session.connected_at_ms)
+
+    async def _device_online(
+        self, session: LocalDeviceSession, local_previous: LocalDeviceSession | None
+    ) -> None:
+        info = SessionInfo(
+            session.device_id, session.session_id, self.node_id, session.connected_at_ms, self._clock.now_ms()
+        )
+        previous = await self._presence.add(info)
+        if previous is not None and previous.session_id != session.session_id:
+            if previous.node != self.node_id:
+                await self._router.close(previous.node, previous.session_id, Close.REPLACED)
+            await self._disconnected(
+                session.device_id, previous.session_id, previous.connected_at_ms, "replaced"
+            )
+        elif local_previous is not None:
+            await self._disconnected(
+                session.device_id, local_previous.session_id, local_previous.connected_at_ms, "replaced"
+            )
+        await self._announce(session)
+        await self._commands.deliver_queued(session.device_id, session.send)
+
+    def closed(self, session: LocalSession) -> None:
+        self.local.by_id.pop(session.session_id, None)
+        self.local.suppressed.discard(session.session_id)
+
+    def device_closed(self, session: LocalDeviceSession, reason: str) -> None:
+        """The session ended; `reason` is the `device.disconnected` reason (contract §2.3)."""
+        self.local.by_id.pop(session.session_id, None)
+        suppressed = session.session_id in self.local.suppressed
+        self.local.suppressed.discard(session.session_id)
+        online = self._online.pop(session.session_id, None)
+        device_id = session.device_id
+        if self.local.devices.get(device_id) is session:
+            del self.local.devices[device_id]
+        if not suppressed:
+            self._tasks.spawn(self._device_offline(device_id, session, online, reason))
+
+    async def _device_offline(
+        self, device_id: str, session: LocalSession, online: _Online | None, reason: str
+    ) -> None:
+        if online is not None:
+            await asyncio.wait([online.task])  # connected is recorded before disconnected
+        if not await self._presence.remove(device_id, session.session_id):
+            return  # replaced meanwhile: the successor reported this session's end
+        await self._disconnected(device_id, session.session_id, session.connected_at_ms, reason)
+
+    async def _disconnected(self, device_id: str, session_id: str, connected_at_ms: int, reason: str) -> None:
+        at = self._clock.now_ms()
+        data = {
+            "session_id": session_id,
+            "reason": reason,
+            "connected_for_s": round((at - connected_at_ms) / 1000, 3),
+        }
+        await self._writer.submit(EventWrite(device_id, "device.disconnected", at, data))
+
+    async def _announce(self, session: LocalDeviceSession) -> None:
+        data = {"session_id": session.session_id, "node": self.node_id}
+        await self._writer.submit(
+            EventWrite(session.device_id, "device.connected", session.connected_at_ms, data)
+        )
+        session.connected()
+
+    async def close_device(self, device_id: str, code: Close) -> None:
+        """Close the device's live session wherever it is (deleted, disabled: 4003)."""
+        local = self.local.devices.get(device_id)
+        if local is not None:
+            local.close(code)
+            return
+        session = await self._presence.get(device_id)
+        if session is not None:
+            await self._router.close(session.node, session.session_id, code)
+
+    def close_all(self, code: Close) -> None:
+        for session in list(self.local.by_id.values()):
+            session.close(code)
+
+    def on_event(self, event: Published) -> None:
+        """A hub listener: a local device session follows its device's registry record."""
+        if event.name == "device.updated":
+            session = self.local.devices.get(event.device_id)
+            if session is not None:
+                session.device = Device.from_public(orjson.loads(event.payload)["data"])
+
+    # -- periodic work ------------------------------------------------------------------------
+    async def heartbeat(self) -> None:
+        """Ping everyone; a session whose previous ping went unanswered ends (`timeout`)."""
+        now = self._clock.now_ms()
+        for session in list(self.local.by_id.values()):
+            session.heartbeat(now)
+
+    async def liveness(self) -> None:
+        """Keep this node alive in Presence; declare lapsed nodes' sessions lost (contract §5).
+
+        The liveness TTL is 2 × heartbeat_s and checks run every heartbeat_s / 2, so a dead
+        node's sessions are declared `node_lost` within 2.5 × heartbeat_s (contract: 3×).
+        """
+        await self._presence.heartbeat(self.node_id, 2 * self._heartbeat_s)
+        for lost in await self._presence.claim_lost(self.node_id):
+            await self._disconnected(lost.device_id, lost.session_id, lost.connected_at_ms, "node_lost")
+
+    async def reconcile(self) -> None:
+        """After a broker/presence outage: put back local sessions that Presence lost, close
+        the ones another node took over meanwhile, announce any never announced."""
+        await self._presence.heartbeat(self.node_id, 2 * self._heartbeat_s)
+        for device_id, session in list(self.local.devices.items()):
+            current = await self._presence.get(device_id)
+            if current is None:
+                info = SessionInfo(
+                    device_id, session.session_id, self.node_id, session.connected_at_ms, self._clock.now_ms()
+                )
+                await self._presence.add(info)
+                # Presence lost it (Redis restarted, or other nodes declared it node_lost):
+                # announce it again so subscribers see it live.
+                await self._announce(session)
+                await self._commands.deliver_queued(device_id, session.send)
+            elif current.session_id != session.session_id:
+                # The newer session's node reported the replacement.
+                self.local.close(session.session_id, Close.REPLACED, suppress=True)
+        # Sessions that ended here while Presence was unreachable: remove the ghosts.
+        after: str | None = None
+        while True:
+            page = await self._presence.list_sessions(_PAGE, after)
+            for info in page:
+                ghost = info.node == self.node_id and info.session_id not in self.local.by_id
+                if ghost and await self._presence.remove(info.device_id, info.session_id):
+                    await self._disconnected(info.device_id, info.session_id, info.connected_at_ms, "closed")
+            if len(page) < _PAGE:
+                break
+            after = page[-1].device_id
+
+    async def flush_presence(self) -> None:
+        """last_seen_at for sessions heard from since the previous flush, in one call."""
+        pairs = []
+        for device_id, session in self.local.devices.items():
+            online = self._online.get(session.session_id)
+            if online is not None and session.last_seen_ms != online.flushed_seen_ms:
+                online.flushed_seen_ms = session.last_seen_ms
+                pairs.append((device_id, session.session_id))
+        if pairs:
+            await self._presence.touch(pairs, self._clock.now_ms())
