@@ -134,12 +134,12 @@ def build_services(
 ) -> Services:
     """Every service of one node, each given exactly the seams it uses."""
     node_id = settings.node_id
-    hub = Hub()
+    hub = Hub(clock)
     publisher = EventPublisher(broker)
     writer = GroupWriter(
         store, publisher.submit, max_queue=settings.write_queue, max_batch=settings.write_batch
     )
-    tasks = Tasks()
+    tasks = Tasks(clock)
     local = LocalSessions()
     router = NodeRouter(node_id, broker, local)
     ingest = IngestService(store=store, writer=writer, clock=clock)

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 
 from fleetwire.auth.principal import Principal, Role
 from fleetwire.domain import commands, telemetry
+from fleetwire.domain.close import Close
 from fleetwire.domain.commands import CommandRequest
 from fleetwire.domain.devices import STATUS
 from fleetwire.domain.errors import ErrorCode, FleetwireError
 from fleetwire.domain.jsonvalue import unstorable
-from fleetwire.domain.close import Close
 from fleetwire.realtime.protocol import (
     CLIENT_TYPES,
     DEVICE_TYPES,

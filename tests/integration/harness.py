@@ -20,6 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from fleetwire.app import build_node_server, create_app
 from fleetwire.auth.jwt import mint_token
 from fleetwire.settings import Settings
+from tests.clock import ManualClock
 
 SECRET = "integration-test-secret-of-32-bytes!!"
 TIMEOUT = 5.0
@@ -28,7 +29,7 @@ TIMEOUT = 5.0
 class Node:
     """One server process-equivalent: create_app + the one-port server, in a thread."""
 
-    def __init__(self, tmp: Path, **overrides: Any) -> None:
+    def __init__(self, tmp: Path, *, clock: ManualClock | None = None, **overrides: Any) -> None:
         values: dict[str, Any] = {
             "data_dir": tmp,
             "jwt_secret": SECRET,
@@ -37,7 +38,8 @@ class Node:
             **overrides,
         }
         self.settings = Settings(**values)
-        self.app = create_app(self.settings)
+        self.clock = clock
+        self.app = create_app(self.settings, clock=clock)
         self.port = 0
         self._started = threading.Event()
         self._server = build_node_server(self.app, port=0, on_started=self._on_started)
@@ -74,6 +76,13 @@ class Node:
         self.loop.call_soon_threadsafe(lambda: (box.append(fn()), done.set()))
         assert done.wait(TIMEOUT)
         return box[0]
+
+    def advance(self, seconds: float) -> int:
+        """Move the node's ManualClock forward on its loop; returns how many timers fired."""
+        clock = self.clock
+        assert clock is not None, "this node runs on the system clock"
+        fired: int = self.call(lambda: clock.advance(seconds))
+        return fired
 
     @property
     def http_url(self) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.clock import ManualClock
 from tests.integration.harness import TIMEOUT, Node
 
 pytestmark = pytest.mark.anyio
@@ -59,22 +60,25 @@ async def test_failure_carries_error_details(node: Node) -> None:
     assert (result["state"], result["error"]) == ("failed", error)
 
 
-async def test_timeout_and_late_result(node: Node) -> None:
+async def test_timeout_and_late_result(make_node: Callable[..., Node]) -> None:
     """No result within timeout_s: timed_out to the issuer; a late result answers conflict."""
+    node = make_node(clock=ManualClock())
     await node.register("d1")
     device = await node.device("d1")
     operator = await node.client("operator")
     ack = await operator.request({"type": "command", "device_id": "d1", "name": "slow", "timeout_s": 1})
     await device.next_of("command")
-    result = await operator.next_of("command_result", timeout=4)
+    node.advance(1.0)
+    result = await operator.next_of("command_result")
     assert result["state"] == "timed_out"
     late = await device.request({"type": "command_result", "command_id": ack["command_id"], "ok": True})
     assert late["code"] == "conflict"
 
 
-async def test_offline_refusal_queue_delivery_and_expiry(node: Node) -> None:
+async def test_offline_refusal_queue_delivery_and_expiry(make_node: Callable[..., Node]) -> None:
     """Offline: device_offline unless queue; queued commands arrive after welcome in order;
     a queued command that outlives its timeout is expired."""
+    node = make_node(clock=ManualClock())
     await node.register("d1", "d2")
     operator = await node.client("operator")
     offline = await operator.request({"type": "command", "device_id": "d1", "name": "a"})
@@ -88,7 +92,8 @@ async def test_offline_refusal_queue_delivery_and_expiry(node: Node) -> None:
     doomed = await operator.request(
         {"type": "command", "device_id": "d2", "name": "c", "queue": True, "timeout_s": 1}
     )
-    result = await operator.next_of("command_result", timeout=4, command_id=doomed["command_id"])
+    node.advance(1.0)
+    result = await operator.next_of("command_result", command_id=doomed["command_id"])
     assert result["state"] == "expired"
 
 

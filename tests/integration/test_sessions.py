@@ -15,6 +15,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from tests.clock import ManualClock
 from tests.integration.harness import TIMEOUT, Node, Session
 
 pytestmark = pytest.mark.anyio
@@ -222,14 +223,16 @@ async def test_bad_messages_keep_the_connection_open(node: Node) -> None:
 async def test_token_expiry_warns_then_closes_4001(make_node: Callable[..., Node]) -> None:
     """token_expiring comes token_warning_s before exp; at exp the session closes with 4001
     and subscribers see reason token_expired."""
-    node = make_node(token_warning_s=1.0)
+    node = make_node(token_warning_s=1.0, clock=ManualClock())
     await node.register("d1")
     client = await node.client()
     await client.request({"type": "subscribe", "devices": ["d1"]})
     device = await node.device("d1", token=node.token("d1", "device", ttl_s=2))
-    warning = await device.next_of("token_expiring", timeout=3)
+    await client.event("device.connected")
+    node.advance(3.0)  # past the warning and the expiry, in that order
+    warning = await device.next_of("token_expiring")
     assert warning["expires_at"] == device.welcome["token_expires_at"]
-    assert await device.closed(timeout=4) == (4001, "token_expired")
+    assert await device.closed() == (4001, "token_expired")
     gone = await client.event("device.disconnected")
     assert gone["data"]["reason"] == "token_expired"
 
@@ -237,7 +240,7 @@ async def test_token_expiry_warns_then_closes_4001(make_node: Callable[..., Node
 async def test_auth_refresh_extends_the_session(make_node: Callable[..., Node]) -> None:
     """An in-band `auth` with a fresh token for the same sub and role keeps the session; a
     token for another role is refused and the old expiry stands."""
-    node = make_node(token_warning_s=1.0)
+    node = make_node(token_warning_s=1.0, clock=ManualClock())
     await node.register("d1")
     device = await node.device("d1", token=node.token("d1", "device", ttl_s=2))
     wrong = await device.request({"type": "auth", "token": node.token("d1", "viewer")})
@@ -247,7 +250,7 @@ async def test_auth_refresh_extends_the_session(make_node: Callable[..., Node]) 
     ok = await device.request({"type": "auth", "token": node.token("d1", "device", ttl_s=60)})
     assert ok["type"] == "ack"
     assert ok["token_expires_at"] > device.welcome["token_expires_at"]
-    await asyncio.sleep(2.5)  # past the first token's expiry: the session must still be open
+    node.advance(2.5)  # past the first token's expiry: the session must still be open
     assert (await device.request({"type": "status", "status": "alive"}))["type"] == "ack"
 
 
@@ -375,15 +378,22 @@ async def test_graceful_shutdown_sends_1001(make_node: Callable[..., Node]) -> N
 
 async def test_heartbeat_drops_a_silent_peer(make_node: Callable[..., Node]) -> None:
     """A peer that stops answering pings is dropped with reason timeout."""
-    node = make_node(heartbeat_s=0.5)
+    node = make_node(heartbeat_s=20, clock=ManualClock())
     await node.register("d1")
     client = await node.client()
     await client.request({"type": "subscribe", "devices": ["d1"]})
     silent = await node.device("d1", ping_interval=None)
     await client.event("device.connected")
     silent.ws.transport.pause_reading()  # type: ignore[attr-defined]  # pings go unanswered
-    gone = await client.event("device.disconnected", timeout=5)
+    node.advance(20)  # the first ping
+    # Two round trips: the client has read the ping (and answered it) before the first
+    # ack, and the server has read that pong before the second.
+    for _ in range(2):
+        await client.request({"type": "unsubscribe", "subscription_id": "none"})
+    node.advance(20)  # the silent device never answered: dropped; the client did: kept
+    gone = await client.event("device.disconnected")
     assert gone["data"]["reason"] == "timeout"
+    assert (await client.request({"type": "unsubscribe", "subscription_id": "none"}))["code"] == "not_found"
 
 
 async def test_rest_without_token_is_401_with_challenge(node: Node) -> None:

@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
 
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
 class Clock(Protocol):
-    """Where every part of fleetwire reads the time; `create_app(clock=)` swaps it in tests."""
+    """Where fleetwire reads the time and arms its timers; `create_app(clock=)` swaps it.
+
+    Every deadline of a session, a command or a periodic step goes through `call_later`, so
+    a test clock that is advanced by hand runs them all at once, without real waits.
+    """
 
     def now_ms(self) -> int:
         """Wall-clock epoch milliseconds (event times, token expiry, command deadlines)."""
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> Timer:
+        """Run `callback` on the event loop after `delay_s` seconds of this clock."""
 
 
 class SystemClock:
     def now_ms(self) -> int:
         return time.time_ns() // 1_000_000
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_later(delay_s, callback)
 
 
 _: type[Clock] = SystemClock

@@ -190,8 +190,25 @@ def parse_result(
     return command_id, ok, result, error  # type: ignore[return-value]
 
 
-def new_command_id(now_ms: int) -> str:
-    """Time-ordered (sorts by issue time, so it doubles as a page cursor) and unguessable."""
-    import secrets
+class CommandIds:
+    """Command ids that sort in issue order (so an id doubles as a page cursor and queued
+    commands leave in the order they were issued) and are unguessable.
 
-    return f"{now_ms:012x}{secrets.token_hex(10)}"
+    12 hex digits of milliseconds, a 4-digit counter that orders ids issued in the same
+    millisecond (or while the clock stands still or steps back), 16 random hex digits.
+    """
+
+    def __init__(self) -> None:
+        self._last_ms = -1
+        self._counter = 0
+
+    def next(self, now_ms: int) -> str:
+        import secrets
+
+        if now_ms > self._last_ms:
+            self._last_ms, self._counter = now_ms, 0
+        else:
+            self._counter += 1
+            if self._counter > 0xFFFF:  # 65,536 ids in one millisecond: borrow the next one
+                self._last_ms, self._counter = self._last_ms + 1, 0
+        return f"{self._last_ms:012x}{self._counter:04x}{secrets.token_hex(8)}"

@@ -14,7 +14,6 @@ history API still have it).
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Protocol
 
 from fleetwire.broker.base import Published
+from fleetwire.domain.clock import Clock
 from fleetwire.domain.frames import text_frame
 
 if TYPE_CHECKING:
@@ -55,7 +55,8 @@ def is_pattern(text: str) -> bool:
 
 
 class Hub:
-    def __init__(self, gap_wait_s: float = 0.5) -> None:
+    def __init__(self, clock: Clock, gap_wait_s: float = 0.5) -> None:
+        self._clock = clock
         self._exact: dict[str, set[Subscriber]] = {}
         self._pattern_subscribers: set[Subscriber] = set()
         self._routes: dict[str, list[tuple[Subscriber, frozenset[str]]]] = {}
@@ -161,7 +162,8 @@ class Hub:
         held = self._held.get(event.device_id)
         if held is None:
             held = self._held[event.device_id] = []
-            asyncio.get_running_loop().call_later(self._gap_wait_s, self._release, event.device_id, True)
+            device_id = event.device_id
+            self._clock.call_later(self._gap_wait_s, lambda: self._release(device_id, True))
         heapq.heappush(held, (event.seq, event))
 
     def _release(self, device_id: str, force: bool) -> None:

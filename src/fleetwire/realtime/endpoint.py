@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from fleetwire.auth.principal import AuthError, Principal
-from fleetwire.domain.clock import Clock, format_ms
+from fleetwire.domain.clock import Clock, Timer, format_ms
 from fleetwire.domain.close import Close
 from fleetwire.domain.devices import Device
 from fleetwire.domain.errors import ErrorCode, FleetwireError
@@ -64,7 +64,7 @@ class Endpoint:
         self.session_id = session.session_id
         self.connected_at_ms = session.connected_at_ms
         self.socket: Socket | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
         self._deadline_ms: int | None = None
         self._calls: set[asyncio.Task[None]] = set()
 
@@ -139,7 +139,7 @@ class Endpoint:
             self._timer.cancel()
         self._deadline_ms = deadline
         delay = max((deadline - self.services.clock.now_ms()) / 1000, 0.0)
-        self._timer = asyncio.get_running_loop().call_later(delay, self._timer_due)
+        self._timer = self.services.clock.call_later(delay, self._timer_due)
 
     def _timer_due(self) -> None:
         self._timer = None

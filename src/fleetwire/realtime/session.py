@@ -235,7 +235,12 @@ class Session:
 
     def _finished(self, now_ms: int) -> None:
         self._in_flight -= 1
-        if self._paused and self._in_flight < self._limits.max_in_flight and self._closing is None:
+        if (
+            self._paused
+            and self._in_flight < self._limits.max_in_flight
+            and self._closing is None
+            and not self._closed
+        ):
             self._paused = False
             self._out.append(RESUME)
         if self._closing is not None and self._in_flight == 0:

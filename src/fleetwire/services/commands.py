@@ -17,8 +17,8 @@ import orjson
 
 from fleetwire.auth.principal import Principal, Role
 from fleetwire.broker.base import Published
-from fleetwire.domain.clock import Clock, format_ms
-from fleetwire.domain.commands import Command, CommandRequest, CommandState, new_command_id
+from fleetwire.domain.clock import Clock, Timer, format_ms
+from fleetwire.domain.commands import Command, CommandIds, CommandRequest, CommandState
 from fleetwire.domain.errors import ErrorCode, FleetwireError
 from fleetwire.presence.base import Presence
 from fleetwire.services.routing import NodeRouter
@@ -46,7 +46,8 @@ class CommandService:
         self._router = router
         self._tasks = tasks
         self._clock = clock
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._ids = CommandIds()
+        self._timers: dict[str, Timer] = {}
         self._first_event: dict[str, asyncio.Task[None]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
@@ -84,7 +85,7 @@ class CommandService:
             raise FleetwireError(ErrorCode.DEVICE_OFFLINE, "device is not connected")
         online = session is not None
         command = Command(
-            id=new_command_id(now),
+            id=self._ids.next(now),
             device_id=request.device_id,
             name=request.name,
             params=request.params,
@@ -146,9 +147,8 @@ class CommandService:
     # -- ends ------------------------------------------------------------------------------------
     def arm(self, command: Command) -> None:
         """A precise local timer; the periodic sweep covers restarts and other nodes' commands."""
-        loop = asyncio.get_running_loop()
         delay = max((command.expires_at_ms - self._clock.now_ms()) / 1000, 0.0)
-        self._timers[command.id] = loop.call_later(delay, self._expire_soon, command.id)
+        self._timers[command.id] = self._clock.call_later(delay, lambda: self._expire_soon(command.id))
 
     def _expire_soon(self, command_id: str) -> None:
         self._timers.pop(command_id, None)

@@ -79,8 +79,8 @@ class Services:
     async def stop(self) -> None:
         """After the transport closed every session: finish their goodbyes, then stop."""
         self.sessions.close_all(Close.SERVER_SHUTDOWN)
+        self.tasks.stop()
         await self.tasks.drain(5.0)
-        await self.tasks.stop()
         self.commands.close()
         await self.writer.stop()
         with contextlib.suppress(TimeoutError):

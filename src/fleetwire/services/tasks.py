@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from fleetwire.broker.base import BrokerUnavailableError
+from fleetwire.domain.clock import Clock, Timer
 from fleetwire.presence.base import PresenceUnavailableError
 from fleetwire.store.base import StoreUnavailableError
 
@@ -19,9 +20,11 @@ OUTAGES = (StoreUnavailableError, BrokerUnavailableError, PresenceUnavailableErr
 class Tasks:
     """Spawned tasks never die silently: an outage is a warning, anything else a traceback."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
-        self._loops: list[asyncio.Task[None]] = []
+        self._timers: dict[str, Timer] = {}
+        self._stopped = False
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._guard(coro))
@@ -30,8 +33,18 @@ class Tasks:
         return task
 
     def every(self, interval_s: float, step: Callable[[], Awaitable[None]], name: str) -> None:
-        """Run `step` every `interval_s` until `stop`; a failing step does not end the loop."""
-        self._loops.append(asyncio.get_running_loop().create_task(self._every(interval_s, step), name=name))
+        """Run `step` `interval_s` after the previous run ended, until `stop`; steps never
+        overlap, and a failing step does not end the series."""
+
+        def due() -> None:
+            task = self.spawn(_awaited(step))
+            task.add_done_callback(lambda _: arm())
+
+        def arm() -> None:
+            if not self._stopped:
+                self._timers[name] = self._clock.call_later(interval_s, due)
+
+        arm()
 
     @staticmethod
     async def _guard(coro: Awaitable[None]) -> None:
@@ -42,18 +55,18 @@ class Tasks:
         except Exception:
             log.exception("background step failed")
 
-    async def _every(self, interval_s: float, step: Callable[[], Awaitable[None]]) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            await self._guard(step())
-
     async def drain(self, timeout_s: float) -> None:
         """Let spawned tasks finish (goodbyes at shutdown), at most `timeout_s`."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
 
-    async def stop(self) -> None:
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
-        self._loops.clear()
+    def stop(self) -> None:
+        """No periodic step starts after this (one running now finishes on its own)."""
+        self._stopped = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+
+
+async def _awaited(step: Callable[[], Awaitable[None]]) -> None:
+    await step()
