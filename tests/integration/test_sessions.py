@@ -277,21 +277,22 @@ async def test_message_size_limit_closes_1009(make_node: Callable[..., Node]) ->
 
 
 async def test_rate_limit_then_4029_others_unaffected(make_node: Callable[..., Node]) -> None:
-    """Above the rate, messages get rate_limited, then 4029; another device is unaffected."""
-    node = make_node(rate_limit="20/s", rate_limit_close_after=5)
+    """With time standing still, a burst of 20 (20/s) is accepted, the next 5 get
+    rate_limited, and the 5th refusal closes 4029 — after every accepted request got its
+    ack (issue 13.11). Another device is unaffected."""
+    node = make_node(rate_limit="20/s", rate_limit_close_after=5, clock=ManualClock())
     await node.register("d1", "d2")
     flood = await node.device("d1")
     calm = await node.device("d2")
-    with contextlib.suppress(ConnectionClosed):  # the server may close before all 40 are out
-        for _ in range(40):
-            await flood.send({"type": "status", "status": "x"})
-    codes = []
-    try:
+    with contextlib.suppress(ConnectionClosed):  # the server may close before all are out
+        for n in range(25):
+            await flood.send({"type": "status", "status": "x", "id": n})
+    replies = []
+    with contextlib.suppress(ConnectionClosed):
         while True:
-            codes.append((await flood.recv())["type"])
-    except Exception:
-        pass
-    assert "error" in codes
+            replies.append(await flood.recv())
+    assert sorted(r["id"] for r in replies if r["type"] == "ack") == list(range(20))
+    assert [r["code"] for r in replies if r["type"] == "error"] == ["rate_limited"] * 5
     assert flood.ws.protocol.close_rcvd is not None
     assert flood.ws.protocol.close_rcvd.code == 4029
     assert (await calm.request({"type": "status", "status": "fine"}))["type"] == "ack"

@@ -169,7 +169,7 @@ class Session:
     def connected(self) -> None:
         """`device.connected` is recorded: the requests that waited for it run now."""
         self._ready = True
-        if self._closing is None and not self._closed:
+        if not self._closed:  # a session that is closing still answers what it accepted
             self._out.extend(Call(request) for request in self._waiting)
         self._waiting.clear()
 
@@ -252,10 +252,7 @@ class Session:
         if self._closing is not None or self._closed:
             return
         self.close_code = code
-        # Requests still waiting for `device.connected` were never carried out: drop them.
-        self._in_flight -= len(self._waiting)
-        self._waiting.clear()
-        if self._in_flight > 0:
+        if self._in_flight > 0:  # waiting for `device.connected` or for their service
             self._closing = code
             self._close_by_ms = now_ms + int(self._limits.close_grace_s * 1000)
             if not self._paused:
@@ -265,6 +262,7 @@ class Session:
         self._close_now(code, code.reason)
 
     def _close_now(self, code: Close, reason: str) -> None:
+        self._waiting.clear()
         self._closing = None
         self._close_by_ms = None
         if not self._closed:

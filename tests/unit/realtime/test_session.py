@@ -170,12 +170,28 @@ def test_a_close_gives_up_waiting_after_the_grace_period() -> None:
     assert d.actions() == []
 
 
-def test_requests_still_waiting_for_connected_are_dropped_by_a_close() -> None:
-    """A close before `device.connected` ends at once: the waiting requests never ran."""
+def test_requests_waiting_for_connected_are_still_answered_by_a_closing_session() -> None:
+    """A close before `device.connected` waits (within the grace period) for the requests
+    it accepted: they run once the event is recorded, and their replies precede the close."""
     d = device()
     d.receive(status(1), True, T0)
     d.close(Close.REPLACED, T0)
-    assert d.actions() == [CloseSocket(Close.REPLACED, "replaced")]
+    assert d.actions() == [PAUSE]
+    d.connected()
+    assert [r.id for r in calls(d.actions())] == ["1"]
+    d.completed(b"ack-1", T0 + 1)
+    assert d.actions() == [Send(b"ack-1"), CloseSocket(Close.REPLACED, "replaced")]
+
+
+def test_requests_waiting_for_connected_are_dropped_when_the_grace_ends() -> None:
+    """If `device.connected` is not recorded within close_grace_s, the session closes
+    anyway and the waiting requests never run."""
+    d = device(close_grace_s=1.0)
+    d.receive(status(1), True, T0)
+    d.close(Close.SERVER_SHUTDOWN, T0)
+    d.actions()
+    d.timer(T0 + 1000)
+    assert d.actions() == [CloseSocket(Close.SERVER_SHUTDOWN, "server_shutdown")]
     d.connected()
     assert d.actions() == []
 
