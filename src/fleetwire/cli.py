@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import fleetwire
 from fleetwire.settings import Settings
 
 
@@ -96,9 +99,40 @@ def _simulate(args: argparse.Namespace) -> int:
     return asyncio.run(run(args))
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from fleetwire.bench.run import main as bench_main
+def _benchmarks_checkout() -> Path | None:
+    """The source checkout holding the `benchmarks` package, or None.
 
+    The benchmarks are not in the wheel (they need py-spy, a dev dependency), so they are
+    looked for where a developer runs them: the current directory and its parents up to the
+    first one with a pyproject.toml, then the checkout this fleetwire was imported from (an
+    editable install run from elsewhere).
+    """
+    here = Path.cwd().resolve()
+    candidates: list[Path] = []
+    for directory in (here, *here.parents):
+        candidates.append(directory)
+        if (directory / "pyproject.toml").is_file():
+            break
+    # src/fleetwire/__init__.py -> the checkout is two levels above the package.
+    candidates.append(Path(fleetwire.__file__).resolve().parent.parent.parent)
+    for directory in candidates:
+        if (directory / "benchmarks" / "__init__.py").is_file():
+            return directory
+    return None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    checkout = _benchmarks_checkout()
+    if checkout is None:
+        raise SystemExit(
+            "fleetwire bench runs from a source checkout: the benchmarks/ package is not installed "
+            "with fleetwire; run it inside a clone of the repository (`uv run fleetwire bench …`)"
+        )
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    # Imported by name: the benchmarks package is not part of fleetwire, so nothing in the
+    # package (nor mypy's view of it) may depend on it statically.
+    bench_main: Callable[[list[str]], int] = importlib.import_module("benchmarks.run").main
     return bench_main(["--help", *args.rest] if args.bench_help else args.rest)
 
 
