@@ -48,10 +48,10 @@ Result = dict[str, Any]
 
 
 def mint(secret: str, sub: str, role: str, ttl_s: float = 6 * 3600) -> str:
-    from fleetwire.auth.jwt import mint_token
+    from fleetwire.auth.mint import TokenMinter
 
-    token, _ = mint_token(secret=secret, sub=sub, role=role, ttl_s=ttl_s)
-    return token
+    # The server under test runs with FLEETWIRE_JWT_SECRET=secret and the default HS256.
+    return TokenMinter(secret=secret, algorithms=["HS256"]).mint(sub=sub, role=role, ttl_s=ttl_s).token
 
 
 # --------------------------------------------------------------------------------------------

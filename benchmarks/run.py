@@ -380,9 +380,10 @@ def profile_spec(opts: Options, prefix: str, phases: list[str]) -> dict[str, Any
 async def _register(http_url: str, secret: str, ids: Sequence[str], concurrency: int = 32) -> None:
     import httpx
 
-    from fleetwire.auth.jwt import mint_token
+    from fleetwire.auth.mint import TokenMinter
 
-    token, _ = mint_token(secret=secret, sub="bench-admin", role="admin", ttl_s=3600)
+    minter = TokenMinter(secret=secret, algorithms=["HS256"])
+    token = minter.mint(sub="bench-admin", role="admin", ttl_s=3600).token
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     done = 0
     started = time.monotonic()

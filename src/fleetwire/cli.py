@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import fleetwire
+from fleetwire.local import local_token, server_url
 from fleetwire.settings import Settings
 
 
@@ -35,30 +36,9 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_token(settings: Settings, sub: str, role: str, ttl: float, devices: list[str] | None) -> str:
-    from fleetwire.app import _signing_secret
-    from fleetwire.auth.jwt import mint_token
-
-    secret = _signing_secret(settings)
-    if secret is None:
-        raise SystemExit("this server verifies external tokens (no HS* algorithm): mint tokens elsewhere")
-    algorithm = next(a for a in settings.algorithms if a.startswith("HS"))
-    token, _ = mint_token(
-        secret=secret,
-        algorithm=algorithm,
-        sub=sub,
-        role=role,
-        ttl_s=ttl,
-        devices=devices,
-        audience=settings.jwt_audience,
-        issuer=settings.jwt_issuer,
-    )
-    return token
-
-
 def _token(args: argparse.Namespace) -> int:
     devices = [d for d in args.devices.split(",") if d] if args.devices else None
-    print(_local_token(Settings(), args.sub, args.role, args.ttl, devices))
+    print(local_token(Settings(), args.sub, args.role, args.ttl, devices))
     return 0
 
 
@@ -67,8 +47,8 @@ def _device(args: argparse.Namespace) -> int:
     import httpx
 
     settings = Settings()
-    url = args.url or f"http://{settings.host}:{settings.port}"
-    token = args.token or _local_token(settings, "fleetwire-cli", "admin", 300, None)
+    url = server_url(settings, args.url)
+    token = args.token or local_token(settings, "fleetwire-cli", "admin", 300)
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=f"{url}/api/v1", headers=headers, timeout=10) as client:
         if args.action == "add":
