@@ -79,22 +79,20 @@ def _simulate(args: argparse.Namespace) -> int:
     return asyncio.run(run(args))
 
 
-def _benchmarks_checkout() -> Path | None:
+def _benchmarks_checkout(cwd: Path, package_dir: Path) -> Path | None:
     """The source checkout holding the `benchmarks` package, or None.
 
     The benchmarks are not in the wheel (they need py-spy, a dev dependency), so they are
-    looked for where a developer runs them: the current directory and its parents up to the
-    first one with a pyproject.toml, then the checkout this fleetwire was imported from (an
-    editable install run from elsewhere).
+    looked for where a developer runs them: ``cwd`` and its parents up to the first one with a
+    pyproject.toml, then the checkout of ``package_dir`` (fleetwire's own directory, for an
+    editable install run from elsewhere: src/fleetwire -> the checkout two levels up).
     """
-    here = Path.cwd().resolve()
     candidates: list[Path] = []
-    for directory in (here, *here.parents):
+    for directory in (cwd, *cwd.parents):
         candidates.append(directory)
         if (directory / "pyproject.toml").is_file():
             break
-    # src/fleetwire/__init__.py -> the checkout is two levels above the package.
-    candidates.append(Path(fleetwire.__file__).resolve().parent.parent.parent)
+    candidates.append(package_dir.parent.parent)
     for directory in candidates:
         if (directory / "benchmarks" / "__init__.py").is_file():
             return directory
@@ -102,7 +100,7 @@ def _benchmarks_checkout() -> Path | None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    checkout = _benchmarks_checkout()
+    checkout = _benchmarks_checkout(Path.cwd().resolve(), Path(fleetwire.__file__).resolve().parent)
     if checkout is None:
         raise SystemExit(
             "fleetwire bench runs from a source checkout: the benchmarks/ package is not installed "
