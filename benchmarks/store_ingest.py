@@ -41,7 +41,7 @@ class CountingStore(SqlStore):
 class NullStore(CountingStore):
     """Writes nothing: one event per record, as SqlStore returns, to time GroupWriter alone."""
 
-    dialect = "null"  # type: ignore[assignment]
+    dialect = "null"
 
     async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
         self.transactions += 1

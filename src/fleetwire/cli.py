@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import fleetwire
+from fleetwire.local import local_token, server_url
 from fleetwire.settings import Settings
 
 
@@ -32,30 +36,9 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_token(settings: Settings, sub: str, role: str, ttl: float, devices: list[str] | None) -> str:
-    from fleetwire.app import _signing_secret
-    from fleetwire.auth.jwt import mint_token
-
-    secret = _signing_secret(settings)
-    if secret is None:
-        raise SystemExit("this server verifies external tokens (no HS* algorithm): mint tokens elsewhere")
-    algorithm = next(a for a in settings.algorithms if a.startswith("HS"))
-    token, _ = mint_token(
-        secret=secret,
-        algorithm=algorithm,
-        sub=sub,
-        role=role,
-        ttl_s=ttl,
-        devices=devices,
-        audience=settings.jwt_audience,
-        issuer=settings.jwt_issuer,
-    )
-    return token
-
-
 def _token(args: argparse.Namespace) -> int:
     devices = [d for d in args.devices.split(",") if d] if args.devices else None
-    print(_local_token(Settings(), args.sub, args.role, args.ttl, devices))
+    print(local_token(Settings(), args.sub, args.role, args.ttl, devices))
     return 0
 
 
@@ -64,8 +47,8 @@ def _device(args: argparse.Namespace) -> int:
     import httpx
 
     settings = Settings()
-    url = args.url or f"http://{settings.host}:{settings.port}"
-    token = args.token or _local_token(settings, "fleetwire-cli", "admin", 300, None)
+    url = server_url(settings, args.url)
+    token = args.token or local_token(settings, "fleetwire-cli", "admin", 300)
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=f"{url}/api/v1", headers=headers, timeout=10) as client:
         if args.action == "add":
@@ -96,9 +79,38 @@ def _simulate(args: argparse.Namespace) -> int:
     return asyncio.run(run(args))
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from fleetwire.bench.run import main as bench_main
+def _benchmarks_checkout(cwd: Path, package_dir: Path) -> Path | None:
+    """The source checkout holding the `benchmarks` package, or None.
 
+    The benchmarks are not in the wheel (they need py-spy, a dev dependency), so they are
+    looked for where a developer runs them: ``cwd`` and its parents up to the first one with a
+    pyproject.toml, then the checkout of ``package_dir`` (fleetwire's own directory, for an
+    editable install run from elsewhere: src/fleetwire -> the checkout two levels up).
+    """
+    candidates: list[Path] = []
+    for directory in (cwd, *cwd.parents):
+        candidates.append(directory)
+        if (directory / "pyproject.toml").is_file():
+            break
+    candidates.append(package_dir.parent.parent)
+    for directory in candidates:
+        if (directory / "benchmarks" / "__init__.py").is_file():
+            return directory
+    return None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    checkout = _benchmarks_checkout(Path.cwd().resolve(), Path(fleetwire.__file__).resolve().parent)
+    if checkout is None:
+        raise SystemExit(
+            "fleetwire bench runs from a source checkout: the benchmarks/ package is not installed "
+            "with fleetwire; run it inside a clone of the repository (`uv run fleetwire bench …`)"
+        )
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    # Imported by name: the benchmarks package is not part of fleetwire, so nothing in the
+    # package (nor mypy's view of it) may depend on it statically.
+    bench_main: Callable[[list[str]], int] = importlib.import_module("benchmarks.run").main
     return bench_main(["--help", *args.rest] if args.bench_help else args.rest)
 
 

@@ -10,6 +10,7 @@ import random
 import httpx
 from websockets.asyncio.client import connect
 
+from fleetwire.local import local_minter, server_url
 from fleetwire.settings import Settings
 
 
@@ -47,12 +48,11 @@ async def _device(url: str, device_id: str, token: str, interval: float, stop: a
 
 
 async def run(args: argparse.Namespace) -> int:
-    from fleetwire.cli import _local_token
-
     settings = Settings()
-    base = args.url or f"http://{settings.host}:{settings.port}"
+    base = server_url(settings, args.url)
     ws_url = base.replace("http", "ws", 1)
-    admin = _local_token(settings, "fleetwire-simulate", "admin", 300, None)
+    minter = local_minter(settings)
+    admin = minter.mint(sub="fleetwire-simulate", role="admin", ttl_s=300).token
     ids = [f"{args.prefix}{i}" for i in range(args.devices)]
     async with httpx.AsyncClient(base_url=f"{base}/api/v1", timeout=10) as http:
         for device_id in ids:
@@ -67,7 +67,7 @@ async def run(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     if args.duration:
         asyncio.get_running_loop().call_later(args.duration, stop.set)
-    tokens = {d: _local_token(settings, d, "device", 86400, None) for d in ids}
+    tokens = {d: minter.mint(sub=d, role="device", ttl_s=86400).token for d in ids}
     results = await asyncio.gather(
         *(_device(ws_url, d, tokens[d], args.interval, stop) for d in ids), return_exceptions=True
     )

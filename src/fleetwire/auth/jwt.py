@@ -1,4 +1,4 @@
-"""JWT verification and minting (contract §1). The only fleetwire module that imports PyJWT.
+"""JWT verification and signing (contract §1). The only fleetwire module that imports PyJWT.
 
 PyJWT supplies the signature algorithms (``Algorithm.verify`` / ``sign``) and the JWK
 parsers; the compact-form parsing, the key choice and the claim checks are done here so
@@ -61,7 +61,7 @@ from jwt.algorithms import Algorithm, ECAlgorithm, OKPAlgorithm, RSAAlgorithm, g
 from jwt.exceptions import PyJWTError
 
 from fleetwire.auth.principal import AuthError, Principal, Role, UnknownKeyError
-from fleetwire.auth.secret import load_or_create_secret
+from fleetwire.auth.secret import signing_secret
 
 if TYPE_CHECKING:
     from fleetwire.settings import Settings
@@ -379,14 +379,13 @@ class JwtVerifier:
         self._min_refresh_s = float(min_refresh_interval_s)
 
         hmac_allowed = [a for a in allowed if a in HMAC_ALGORITHMS]
-        self._secret: str | None = secret or None
+        secret = secret or None
         self._hmac_key: bytes | None = None
-        self._mint_algorithm = hmac_allowed[0] if hmac_allowed and self._secret else None
         if hmac_allowed:
-            if self._secret is None:
+            if secret is None:
                 raise ValueError(f"{hmac_allowed[0]} is allowed but no JWT secret is configured")
             try:
-                self._hmac_key = _ALGORITHMS["HS256"].prepare_key(self._secret)
+                self._hmac_key = _ALGORITHMS["HS256"].prepare_key(secret)
             except PyJWTError as exc:
                 raise ValueError("the JWT secret looks like an asymmetric key, not an HMAC secret") from exc
             if len(self._hmac_key) < 32:
@@ -425,9 +424,7 @@ class JwtVerifier:
         HS* algorithm is allowed) the one generated and kept in the data directory.
         """
         algorithms = settings.algorithms
-        secret = secret or settings.jwt_secret or None
-        if secret is None and any(a in HMAC_ALGORITHMS for a in algorithms):
-            secret = load_or_create_secret(settings.data_dir)
+        secret = secret or signing_secret(settings)
         public = read_public_key_setting(settings.jwt_public_key) if settings.jwt_public_key else None
         jwks = JwksSource(settings.jwt_jwks_url) if settings.jwt_jwks_url else None
         return cls(
@@ -498,31 +495,6 @@ class JwtVerifier:
         self._keyset = keyset
         self._loaded_at = self._clock()
         return True
-
-    # ---- minting with the local secret
-
-    @property
-    def can_mint(self) -> bool:
-        """Whether this server holds a signing key its own verification accepts (an HS* secret)."""
-        return self._mint_algorithm is not None
-
-    def mint(
-        self, *, sub: str, role: Role | str, ttl_s: float, devices: list[str] | None = None
-    ) -> tuple[str, int]:
-        """Mint a token this verifier accepts (configured audience/issuer, first allowed HS*)."""
-        if self._mint_algorithm is None or self._secret is None:
-            raise RuntimeError("no local signing key: tokens come from the identity provider")
-        return mint_token(
-            secret=self._secret,
-            algorithm=self._mint_algorithm,
-            sub=sub,
-            role=role,
-            ttl_s=ttl_s,
-            devices=devices,
-            audience=self._audience,
-            issuer=self._issuer,
-            now=self._clock(),
-        )
 
     # ---- internals
 
@@ -622,6 +594,10 @@ def mint_token(
     kid: str | None = None,
 ) -> tuple[str, int]:
     """Sign a token; returns ``(token, expires_at_ms)``.
+
+    The signing primitive under `fleetwire.auth.mint.TokenMinter`, the one mint path: the
+    application mints there (it picks the secret, algorithm, audience and issuer); tests call
+    this directly to forge any token, asymmetric ones included.
 
     ``secret`` is the shared secret for HS*, or a PEM private key for the asymmetric algorithms.
     Claims: ``sub``, ``role``, ``iat`` = floor(now), ``exp`` = floor(now + ttl_s), and

@@ -7,12 +7,27 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fleetwire.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SECRET_FILE = "jwt_secret"
 MIN_SECRET_CHARS = 32
 _MAX_FILE_BYTES = 4096
+
+
+def signing_secret(settings: Settings) -> str | None:
+    """The HMAC secret this server signs and verifies with, if it uses one (contract §4).
+
+    None when no HS* algorithm is allowed (the server verifies external tokens only); else
+    ``FLEETWIRE_JWT_SECRET``, else the one generated and kept in the data directory.
+    """
+    if not any(a.startswith("HS") for a in settings.algorithms):
+        return None
+    return settings.jwt_secret or load_or_create_secret(settings.data_dir)
 
 
 def load_or_create_secret(data_dir: Path) -> str:

@@ -1,4 +1,4 @@
-"""mint_token, JwtVerifier.from_settings / build_verifier and minting with the local secret."""
+"""mint_token, JwtVerifier.from_settings / build_verifier and TokenMinter (the one mint path)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from fleetwire.auth.jwt import JwtVerifier, build_verifier, mint_token
+from fleetwire.auth.mint import MintingUnavailable, TokenMinter
 from fleetwire.auth.principal import Principal, Role
+from fleetwire.domain.errors import ErrorCode, FleetwireError
 from fleetwire.settings import Settings
 from tests.unit.auth.helpers import NOW, SECRET, Clock, jwk_of, private_pem, public_pem, refusal
 
@@ -176,7 +178,6 @@ def test_from_settings_public_key_as_path_or_text(
             _settings(tmp_path, jwt_algorithms="ES256", jwt_public_key=value), clock=clock
         )
         assert verifier.verify(token).sub == "a"
-        assert verifier.can_mint is False
     assert not (tmp_path / "data").exists()
 
 
@@ -231,35 +232,80 @@ def test_from_settings_refuses_none(tmp_path: Path) -> None:
         build_verifier(_settings(tmp_path, jwt_algorithms="HS256,none", jwt_secret=SECRET))
 
 
-# ---------------------------------------------------------------- the verifier's own minting
+# ---------------------------------------------------------------- TokenMinter, the one mint path
 
 
-def test_verifier_mints_tokens_it_accepts(tmp_path: Path, clock: Clock) -> None:
-    """JwtVerifier.mint uses the first allowed HS* algorithm, the audience/issuer and the clock."""
+def test_minter_mints_tokens_the_verifier_accepts(tmp_path: Path, clock: Clock) -> None:
+    """TokenMinter uses the first allowed HS* algorithm, the audience/issuer and the clock."""
     settings = _settings(
-        tmp_path,
-        jwt_secret=SECRET,
-        jwt_algorithms="RS256,HS384,HS256",
-        jwt_audience="fw",
-        jwt_public_key=None,
+        tmp_path, jwt_secret=SECRET, jwt_algorithms="HS384,HS256", jwt_audience="fw", jwt_issuer="me"
     )
-    with pytest.raises(ValueError, match="RS256 is allowed but neither"):
-        build_verifier(settings)
-    verifier = build_verifier(
-        _settings(tmp_path, jwt_secret=SECRET, jwt_algorithms="HS384,HS256", jwt_audience="fw"), clock=clock
-    )
-    assert verifier.can_mint is True
-    token, expires_at_ms = verifier.mint(sub="a", role="viewer", ttl_s=120, devices=["d*"])
+    minter = TokenMinter.from_settings(settings, clock=clock)
+    assert minter.can_mint is True
+    token, expires_at_ms = minter.mint(sub="a", role="viewer", ttl_s=120, devices=["d*"])
     assert _decode(token.split(".")[0]) == {"alg": "HS384", "typ": "JWT"}
+    assert _decode(token.split(".")[1]) == {
+        "sub": "a",
+        "role": "viewer",
+        "iat": NOW,
+        "exp": NOW + 120,
+        "devices": ["d*"],
+        "aud": "fw",
+        "iss": "me",
+    }
+    verifier = build_verifier(settings, clock=clock)
     assert verifier.verify(token) == Principal("a", Role.VIEWER, (NOW + 120) * 1000, ("d*",))
     assert expires_at_ms == (NOW + 120) * 1000
 
 
-def test_verifier_without_local_secret_cannot_mint(rsa_key: rsa.RSAPrivateKey, clock: Clock) -> None:
-    """A verifier of external tokens only (no HS*) refuses to mint."""
-    verifier = JwtVerifier(
-        algorithms=["RS256"], public_key_pem=public_pem(rsa_key), secret=SECRET, clock=clock
+def test_minter_uses_the_data_dir_secret_the_verifier_uses(tmp_path: Path, clock: Clock) -> None:
+    """Without FLEETWIRE_JWT_SECRET both sides use the generated secret; an explicit one wins."""
+    settings = _settings(tmp_path)
+    token = TokenMinter.from_settings(settings, clock=clock).mint(sub="a", role="admin", ttl_s=60).token
+    assert build_verifier(settings, clock=clock).verify(token).sub == "a"
+    other = TokenMinter.from_settings(settings, SECRET, clock=clock).mint(sub="a", role="admin", ttl_s=60)
+    assert JwtVerifier(algorithms=["HS256"], secret=SECRET, clock=clock).verify(other.token).sub == "a"
+
+
+def test_minter_without_local_secret_refuses(tmp_path: Path, clock: Clock) -> None:
+    """A server of external tokens only (no HS*) cannot mint: conflict, and no secret file."""
+    minter = TokenMinter.from_settings(_settings(tmp_path, jwt_algorithms="RS256"), clock=clock)
+    assert minter.can_mint is False
+    with pytest.raises(MintingUnavailable) as info:
+        minter.mint(sub="a", role="admin", ttl_s=60)
+    assert (info.value.code, info.value.message) == (
+        ErrorCode.CONFLICT,
+        "this server verifies external tokens and signs none",
     )
-    assert verifier.can_mint is False
-    with pytest.raises(RuntimeError, match="no local signing key"):
-        verifier.mint(sub="a", role="admin", ttl_s=60)
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("requester", "message"),
+    [
+        (Principal("v", Role.VIEWER, NOW * 1000), "this needs the admin role"),
+        (Principal("o", Role.OPERATOR, NOW * 1000), "this needs the admin role"),
+        (Principal("d1", Role.DEVICE, NOW * 1000), "this needs the admin role"),
+        (
+            Principal("a", Role.ADMIN, NOW * 1000, ("d*",)),
+            "an admin restricted by a `devices` claim cannot mint tokens",
+        ),
+    ],
+)
+def test_minter_refuses_a_requester_who_may_not_mint(
+    requester: Principal, message: str, tmp_path: Path, clock: Clock
+) -> None:
+    """Only an unrestricted admin has tokens minted on its behalf; that is checked before the
+    secret, so the refusal is forbidden even on a server that signs none."""
+    for algorithms in ("HS256", "RS256"):
+        minter = TokenMinter.from_settings(
+            _settings(tmp_path, jwt_secret=SECRET, jwt_algorithms=algorithms), clock=clock
+        )
+        with pytest.raises(FleetwireError) as info:
+            minter.mint(sub="x", role="admin", ttl_s=60, requested_by=requester)
+        assert (info.value.code, info.value.message) == (ErrorCode.FORBIDDEN, message)
+    admin = Principal("root", Role.ADMIN, NOW * 1000)
+    minted = TokenMinter(secret=SECRET, algorithms=["HS256"], clock=clock).mint(
+        sub="x", role="admin", ttl_s=60, requested_by=admin
+    )
+    assert minted.expires_at_ms == (NOW + 60) * 1000

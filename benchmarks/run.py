@@ -3,10 +3,10 @@
 For each target of a scenario (the bare picows server first, then fleetwire), in one run:
 1. start the server as its own process pinned to core 0 (`taskset -c 0`): a real
    `fleetwire serve` (FLEETWIRE_* environment: a temp data dir, a random JWT secret, limits
-   raised for the load) or `python -m fleetwire.bench.bare MODE PORT`;
+   raised for the load) or `python -m benchmarks.bare MODE PORT`;
 2. register the scenario's devices over REST (fleetwire only; an admin token minted from the
    same secret, many requests in flight);
-3. run `python -m fleetwire.bench.loadgen` pinned to core 1 (`taskset -c 1`); it measures and
+3. run `python -m benchmarks.loadgen` pinned to core 1 (`taskset -c 1`); it measures and
    writes its result as JSON;
 4. stop the server (SIGTERM, then SIGKILL after 15 s).
 Then print a table (stdout) with fleetwire's ratio to the bare server, and write the JSON
@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetwire.bench.profile import top
-from fleetwire.bench.sysinfo import core_times, raise_nofile
+from benchmarks.profile import top
+from benchmarks.sysinfo import core_times, raise_nofile
 
 SCENARIOS = ("fanout", "ingest", "connections", "commands", "cluster")
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -241,8 +241,15 @@ def pinned(cpu: str, *argv: str) -> list[str]:
     return ["taskset", "-c", cpu, *argv]
 
 
+# The checkout holding the `benchmarks` package: the bare server and the load generator run as
+# `python -m benchmarks.…`, which must import from here whatever directory the run started in.
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
 def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("FLEETWIRE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWIRE_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHECKOUT), env.get("PYTHONPATH")) if p)
+    return env
 
 
 def start_bare(opts: Options, mode: str) -> ServerProcess:
@@ -251,7 +258,7 @@ def start_bare(opts: Options, mode: str) -> ServerProcess:
         opts.args.server_cpu,
         sys.executable,
         "-m",
-        "fleetwire.bench.bare",
+        "benchmarks.bare",
         mode,
         str(port),
         opts.args.bare_transport,
@@ -315,11 +322,11 @@ def run_loadgen(opts: Options, spec: dict[str, Any], label: str) -> dict[str, An
         opts.args.loadgen_cpu,
         sys.executable,
         "-m",
-        "fleetwire.bench.loadgen",
+        "benchmarks.loadgen",
         str(spec_path),
         str(result_path),
     )
-    proc = subprocess.run(argv, check=False, timeout=1800)
+    proc = subprocess.run(argv, env=clean_env(), check=False, timeout=1800)
     try:
         result: dict[str, Any] = json.loads(result_path.read_text())
     except (OSError, ValueError) as exc:
@@ -373,9 +380,10 @@ def profile_spec(opts: Options, prefix: str, phases: list[str]) -> dict[str, Any
 async def _register(http_url: str, secret: str, ids: Sequence[str], concurrency: int = 32) -> None:
     import httpx
 
-    from fleetwire.auth.jwt import mint_token
+    from fleetwire.auth.mint import TokenMinter
 
-    token, _ = mint_token(secret=secret, sub="bench-admin", role="admin", ttl_s=3600)
+    minter = TokenMinter(secret=secret, algorithms=["HS256"])
+    token = minter.mint(sub="bench-admin", role="admin", ttl_s=3600).token
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     done = 0
     started = time.monotonic()

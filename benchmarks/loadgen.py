@@ -1,10 +1,10 @@
 """The load generator: one uvloop + picows client process (pinned to its own core by the runner).
 
-    python -m fleetwire.bench.loadgen SPEC.json RESULT.json
+    python -m benchmarks.loadgen SPEC.json RESULT.json
 
-SPEC (written by `fleetwire.bench.run`) names the scenario, the server(s) (WebSocket base URLs
+SPEC (written by `benchmarks.run`) names the scenario, the server(s) (WebSocket base URLs
 and pids, for their CPU and RSS), the JWT secret and the sizes. The same code drives fleetwire
-and the bare picows servers of `fleetwire.bench.bare`. Progress goes to stderr, the result to
+and the bare picows servers of `benchmarks.bare`. Progress goes to stderr, the result to
 RESULT.json. Every measured window reports the CPU use of this process, of the server
 process(es) and of each core (from /proc), so a reader sees who saturated.
 
@@ -29,8 +29,8 @@ import orjson
 import uvloop
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from fleetwire.bench.common import BENCH_ID_HEADER, Progress, latency_ms
-from fleetwire.bench.sysinfo import CpuWindow, proc_cpu_s, proc_rss_kb, raise_nofile
+from benchmarks.common import BENCH_ID_HEADER, Progress, latency_ms
+from benchmarks.sysinfo import CpuWindow, proc_cpu_s, proc_rss_kb, raise_nofile
 
 _TEXT = WSMsgType.TEXT
 _CLOSE = WSMsgType.CLOSE
@@ -48,10 +48,10 @@ Result = dict[str, Any]
 
 
 def mint(secret: str, sub: str, role: str, ttl_s: float = 6 * 3600) -> str:
-    from fleetwire.auth.jwt import mint_token
+    from fleetwire.auth.mint import TokenMinter
 
-    token, _ = mint_token(secret=secret, sub=sub, role=role, ttl_s=ttl_s)
-    return token
+    # The server under test runs with FLEETWIRE_JWT_SECRET=secret and the default HS256.
+    return TokenMinter(secret=secret, algorithms=["HS256"]).mint(sub=sub, role=role, ttl_s=ttl_s).token
 
 
 # --------------------------------------------------------------------------------------------
@@ -991,7 +991,7 @@ RUNNERS: dict[str, Callable[[Spec, Progress], Coroutine[Any, Any, Result]]] = {
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m fleetwire.bench.loadgen SPEC.json RESULT.json", file=sys.stderr)
+        print("usage: python -m benchmarks.loadgen SPEC.json RESULT.json", file=sys.stderr)
         return 2
     spec: Spec = json.loads(Path(args[0]).read_text())
     SERVICES.update(spec.get("services") or {})

@@ -1,6 +1,6 @@
 """Bare picows servers: the transport fleetwire uses, with no application logic.
 
-    python -m fleetwire.bench.bare MODE PORT        (MODE: fanout, ingest, connections, commands)
+    python -m benchmarks.bare MODE PORT        (MODE: fanout, ingest, connections, commands)
 
 They speak just enough of fleetwire's protocol for the same load generator to drive them:
 every connection gets a `welcome` text frame first, and
@@ -27,8 +27,8 @@ import orjson
 import uvloop
 from picows import WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
-from fleetwire.bench.common import BENCH_ID_HEADER
-from fleetwire.bench.sysinfo import raise_nofile
+from benchmarks.common import BENCH_ID_HEADER
+from benchmarks.sysinfo import raise_nofile
 
 _TEXT = WSMsgType.TEXT
 _WELCOME = b'{"type":"welcome"}'
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     modes = ("fanout", "ingest", "connections", "commands")
     if len(args) not in (2, 3) or args[0] not in modes or args[2:] not in ([], ["aiofastnet"], ["uvloop"]):
-        print("usage: python -m fleetwire.bench.bare MODE PORT [aiofastnet|uvloop]", file=sys.stderr)
+        print("usage: python -m benchmarks.bare MODE PORT [aiofastnet|uvloop]", file=sys.stderr)
         return 2
     raise_nofile()
     with contextlib.suppress(KeyboardInterrupt):

@@ -87,7 +87,7 @@ def top(raw_path: Path, limit: int = 15) -> str:
     for line, count in lines.most_common(limit // 2):
         out.append(f"{100 * count / main_samples:6.1f}         {line}")
     out.append("  fleetwire functions by %total:")
-    ours = [(f, c) for f, c in total.most_common() if "fleetwire/" in f and "fleetwire/bench" not in f]
+    ours = [(f, c) for f, c in total.most_common() if "fleetwire/" in f and "benchmarks/" not in f]
     for function, count in ours[:limit]:
         out.append(f"{100 * own[function] / main_samples:6.1f} {100 * count / main_samples:6.1f}  {function}")
     return "\n".join(out)

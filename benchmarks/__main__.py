@@ -1,0 +1,5 @@
+"""`python -m benchmarks SCENARIO …` is `fleetwire bench SCENARIO …`."""
+
+from benchmarks.run import main
+
+raise SystemExit(main())
