@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 from fleetwire.api import commands, devices, errors, health, telemetry, tokens
 from fleetwire.auth.principal import TokenVerifier
+from fleetwire.auth.secret import signing_secret
 from fleetwire.broker.base import Broker
 from fleetwire.domain.clock import Clock, SystemClock
 from fleetwire.events.hub import Hub
@@ -39,17 +40,6 @@ from fleetwire.store.base import Store
 from fleetwire.store.writer import GroupWriter
 
 log = logging.getLogger(__name__)
-
-
-def _signing_secret(settings: Settings) -> str | None:
-    """The HMAC secret this server signs and verifies with, if it uses one (contract §4)."""
-    if not any(a.startswith("HS") for a in settings.algorithms):
-        return None
-    if settings.jwt_secret:
-        return settings.jwt_secret
-    from fleetwire.auth.secret import load_or_create_secret
-
-    return load_or_create_secret(settings.data_dir)
 
 
 def _version() -> str:
@@ -76,7 +66,7 @@ def create_app(
     store, `memory://` or `redis://` for the broker and presence; tests pass their own.
     """
     settings = settings or Settings()
-    secret = _signing_secret(settings)
+    secret = signing_secret(settings)
     if store is None:
         from fleetwire.store.sql import SqlStore
 

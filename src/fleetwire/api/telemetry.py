@@ -18,7 +18,6 @@ from fleetwire.auth.principal import Role
 from fleetwire.domain import telemetry
 from fleetwire.domain.clock import format_ms, parse_rfc3339
 from fleetwire.domain.errors import invalid
-from fleetwire.realtime.protocol import ENVELOPE
 
 router = APIRouter(tags=["telemetry"])
 _BIGINT = 2**63 - 1  # times and seqs are BIGINT in the store
@@ -53,7 +52,7 @@ async def post_telemetry(
         records = telemetry.parse_batch(body["records"], now, skew)
         batch = True
     else:
-        records = telemetry.parse_single(body, now, skew, ENVELOPE - {"type", "id"})
+        records = telemetry.parse_single(body, now, skew, frozenset())  # REST has no envelope
         batch = False
     accepted = await services.ingest.telemetry(device, records, batch=batch)
     return {"accepted": accepted}
