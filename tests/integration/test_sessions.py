@@ -254,6 +254,25 @@ async def test_auth_refresh_extends_the_session(make_node: Callable[..., Node]) 
     assert (await device.request({"type": "status", "status": "alive"}))["type"] == "ack"
 
 
+async def test_deleting_a_connected_device_reports_its_disconnect_first(node: Node) -> None:
+    """Issue 13.9: subscribers see `device.disconnected` (reason forbidden) and then
+    `device.deleted`; the device's session closes 4003; nothing else is reported for it."""
+    await node.register("d1", "d2")
+    client = await node.client()
+    await client.request({"type": "subscribe", "devices": ["d1", "d2"], "events": ["presence", "registry"]})
+    device = await node.device("d1")
+    await client.event("device.connected")
+    async with node.rest() as rest:
+        assert (await rest.delete("/devices/d1")).status_code == 204
+        assert (await rest.patch("/devices/d2", json={"name": "sentinel"})).status_code == 200
+    assert await device.closed() == (4003, "forbidden")
+    names = []
+    while not names or not names[-1].startswith("device.updated"):  # the sentinel comes last
+        message = await client.next_of("event")
+        names.append(f"{message['event']}:{message['device_id']}:{message['data'].get('reason', '')}")
+    assert names == ["device.disconnected:d1:forbidden", "device.deleted:d1:", "device.updated:d2:"]
+
+
 async def test_disable_and_delete_close_with_4003(node: Node) -> None:
     """Disabling or deleting a connected device closes its session with 4003."""
     await node.register("d1", "d2")

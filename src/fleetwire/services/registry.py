@@ -86,13 +86,15 @@ class RegistryService:
         return device
 
     async def delete(self, device_id: str) -> None:
+        await self.get(device_id)
+        # Subscribers learn the session ended before they learn the device is gone (R1.2).
+        await self._sessions.end_device(device_id, Close.FORBIDDEN, "forbidden")
         device = await self._store.delete_device(device_id)
         if device is None:
             raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
         # The history went with the device, so this last event is published but not kept.
         deleted = Event(device_id, device.seq + 1, "device.deleted", self._clock.now_ms(), device.public())
         self._publisher.submit([deleted])
-        await self._sessions.close_device(device_id, Close.FORBIDDEN)
 
     # -- reads ------------------------------------------------------------------------------
     async def find(self, device_id: str) -> Device | None:

@@ -27,12 +27,16 @@ class NodeRouter:
             return
         await self._broker.send(node, {"kind": "send", "session_id": session_id, "message": message})
 
-    async def close(self, node: str, session_id: str, code: Close) -> None:
-        """A replaced session's end is reported by its successor, so it stays silent."""
+    async def close(self, node: str, session_id: str, code: Close, *, suppress: bool = False) -> None:
+        """`suppress`: the caller reports the session's end itself, so its node stays silent
+        (a replaced session's end is reported by its successor, a deleted device's by the
+        registry)."""
+        suppress = suppress or code is Close.REPLACED
         if node == self.node_id:
-            self._local.close(session_id, code, suppress=code is Close.REPLACED)
+            self._local.close(session_id, code, suppress=suppress)
             return
-        await self._broker.send(node, {"kind": "close", "session_id": session_id, "code": int(code)})
+        message = {"kind": "close", "session_id": session_id, "code": int(code), "suppress": suppress}
+        await self._broker.send(node, message)
 
     def on_message(self, message: dict[str, Any]) -> None:
         """The Broker's handler for messages addressed to this node."""
@@ -42,4 +46,6 @@ class NodeRouter:
             self._local.send(session_id, orjson.dumps(message["message"]))
         elif kind == "close":
             code = Close(int(message["code"]))
-            self._local.close(session_id, code, suppress=code is Close.REPLACED)
+            self._local.close(
+                session_id, code, suppress=bool(message.get("suppress")) or code is Close.REPLACED
+            )

@@ -148,6 +148,17 @@ class SessionService:
         if session is not None:
             await self._router.close(session.node, session.session_id, code)
 
+    async def end_device(self, device_id: str, code: Close, reason: str) -> None:
+        """End the device's live session wherever it is, and record its `device.disconnected`
+        (with `reason`) before returning: for a device about to be deleted, whose history
+        goes with it, the event must be committed while the device still exists."""
+        session = await self._presence.get(device_id)
+        if session is None:
+            return
+        if await self._presence.remove(device_id, session.session_id):
+            await self._disconnected(device_id, session.session_id, session.connected_at_ms, reason)
+        await self._router.close(session.node, session.session_id, code, suppress=True)
+
     def close_all(self, code: Close) -> None:
         for session in list(self.local.by_id.values()):
             session.close(code)

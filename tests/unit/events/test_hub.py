@@ -1,0 +1,83 @@
+"""The hub: per-device seq order, and events recognised by their name, never their bytes."""
+
+from __future__ import annotations
+
+import orjson
+
+from fleetwire.auth.principal import Principal, Role
+from fleetwire.broker.base import Published
+from fleetwire.domain.frames import text_frame
+from fleetwire.events.hub import Hub, Subscription
+from tests.clock import ManualClock
+
+EXP = 4_102_444_800_000
+
+
+class Recorder:
+    """A subscriber that keeps the seqs it was handed."""
+
+    def __init__(self) -> None:
+        self.subscriptions: dict[str, Subscription] = {}
+        self.seqs: list[int] = []
+        self.frames: list[bytes] = []
+
+    @property
+    def principal(self) -> Principal:
+        return Principal("app", Role.VIEWER, EXP)
+
+    def deliver(self, device_id: str, seq: int, frame: bytes) -> None:
+        self.seqs.append(seq)
+        self.frames.append(frame)
+
+
+def published(seq: int, name: str, cls: str, data: dict[str, object]) -> Published:
+    payload = orjson.dumps({"type": "event", "event": name, "device_id": "d1", "seq": seq, "data": data})
+    return Published("d1", seq, name, cls, payload)
+
+
+def subscribed_hub() -> tuple[Hub, Recorder]:
+    hub = Hub(ManualClock(0))
+    recorder = Recorder()
+    hub.add(recorder, Subscription("sub-1", frozenset({"d1"}), (), frozenset({"registry", "status"})))
+    return hub, recorder
+
+
+def test_an_update_whose_metadata_quotes_a_deleted_event_does_not_reset_ordering() -> None:
+    """Issue 13.10: a `device.updated` whose data holds the text of a `device.deleted` is an
+    update; a stale seq after it is still dropped."""
+    hub, recorder = subscribed_hub()
+    sneaky = {"metadata": {"event": "device.deleted"}}  # the bytes the old hub searched for
+    hub.on_events(
+        [published(1, "device.status", "status", {}), published(2, "device.updated", "registry", sneaky)]
+    )
+    hub.on_events([published(1, "device.status", "status", {})])  # a repeat: dropped
+    hub.on_events([published(3, "device.status", "status", {})])
+    assert recorder.seqs == [1, 2, 3]
+    assert recorder.frames[1] == text_frame(published(2, "device.updated", "registry", sneaky).payload)
+
+
+def test_a_deleted_device_starts_again_at_seq_1() -> None:
+    """After `device.deleted` a re-registered device's seq 1 is delivered, not dropped."""
+    hub, recorder = subscribed_hub()
+    hub.on_events(
+        [published(1, "device.registered", "registry", {}), published(2, "device.deleted", "registry", {})]
+    )
+    hub.on_events([published(1, "device.registered", "registry", {})])
+    assert recorder.seqs == [1, 2, 1]
+
+
+def test_a_gap_is_held_until_it_fills_or_the_wait_ends() -> None:
+    """seq 3 before 2 waits; 2 releases both in order; a gap never filled is skipped after
+    gap_wait_s of the clock."""
+    clock = ManualClock(0)
+    hub = Hub(clock, gap_wait_s=0.5)
+    recorder = Recorder()
+    hub.add(recorder, Subscription("sub-1", frozenset({"d1"}), (), frozenset({"status"})))
+    hub.on_events([published(1, "device.status", "status", {}), published(3, "device.status", "status", {})])
+    assert recorder.seqs == [1]
+    hub.on_events([published(2, "device.status", "status", {})])
+    assert recorder.seqs == [1, 2, 3]
+    hub.on_events([published(5, "device.status", "status", {})])
+    assert recorder.seqs == [1, 2, 3]
+    clock.advance(0.5)
+    assert recorder.seqs == [1, 2, 3, 5]
