@@ -120,3 +120,40 @@ async def test_permessage_deflate_is_never_negotiated(node: Node) -> None:
         writer.transport.abort()
     device = await node.device("d1")
     assert (await device.request({"type": "status", "status": "fine"}))["type"] == "ack"
+
+
+async def test_requests_in_flight_are_capped_and_reading_pauses_during_a_stall(
+    make_node: Callable[..., Node],
+) -> None:
+    """Issue 13.6: while the database is held locked by another connection, a device that
+    keeps sending has at most FLEETWIRE_MAX_IN_FLIGHT requests in the server; the rest wait
+    unread in TCP. When the lock goes, every message is acked, in order, and stored once."""
+    import sqlite3
+
+    node = make_node(max_in_flight=8)
+    await node.register("d1")
+    device = await node.device("d1")
+    assert (await device.request({"type": "telemetry", "id": 0, "data": {"n": 0}}))["accepted"] == 1
+    services = node.app.state.services
+
+    def in_flight() -> int:
+        count: int = services.sessions.local.devices["d1"].core.running
+        return count
+
+    lock = sqlite3.connect(node.settings.data_dir / "fleetwire.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # every writer of the node now waits on the lock
+    try:
+        for n in range(1, 101):
+            await device.send({"type": "telemetry", "id": n, "data": {"n": n}})
+        for _ in range(200):  # bounded: the server reads until the cap, then pauses
+            if node.call(in_flight) >= 8:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # what the server would read meanwhile, if it still read
+        assert node.call(in_flight) == 8
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    acks = [await device.recv() for _ in range(100)]
+    assert [a["id"] for a in acks] == list(range(1, 101))
+    assert all(a["type"] == "ack" for a in acks)

@@ -13,7 +13,8 @@ The rules that live here (and nowhere else):
 - A device's requests wait until its `device.connected` is recorded, so that event takes
   a lower `seq` than anything the device sends.
 - At most `max_in_flight` requests run at once; at the cap the session pauses reading, so
-  backpressure reaches the peer's TCP window instead of piling up tasks.
+  backpressure reaches the peer's TCP window instead of piling up tasks. Messages the
+  transport had already read (the rest of one read buffer) wait, parsed, for a free slot.
 - A close decided by the server (rate flood 4029, token expiry 4001, shutdown 1001,
   replaced 4009 …) lets the replies of requests already accepted go out first, for at most
   `close_grace_s`, and reads nothing more meanwhile.
@@ -121,8 +122,8 @@ class Session:
         self.last_seen_ms = now_ms
         self._limits = limits
         self._ready = not is_device  # a device waits for `device.connected`
-        self._waiting: list[Request] = []
-        self._in_flight = 0  # accepted requests without their reply yet (waiting included)
+        self._queued: deque[Request] = deque()  # accepted, not yet running
+        self._running = 0  # calls out, without their reply yet
         self._paused = False
         self._awaiting_pong = False
         self._closing: Close | None = None  # a close waiting for in-flight replies
@@ -144,7 +145,12 @@ class Session:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        """Accepted requests without their reply yet (running or waiting to run)."""
+        return self._running + len(self._queued)
+
+    @property
+    def running(self) -> int:
+        return self._running
 
     def actions(self) -> list[Action]:
         """What to do now, in order; each action is returned once."""
@@ -169,9 +175,7 @@ class Session:
     def connected(self) -> None:
         """`device.connected` is recorded: the requests that waited for it run now."""
         self._ready = True
-        if not self._closed:  # a session that is closing still answers what it accepted
-            self._out.extend(Call(request) for request in self._waiting)
-        self._waiting.clear()
+        self._dispatch()
 
     # -- input from the peer --------------------------------------------------------------
     def receive(self, payload: bytes, is_text: bool, now_ms: int) -> None:
@@ -198,14 +202,21 @@ class Session:
         self.last_seen_ms = now_ms
 
     def _accept(self, request: Request) -> None:
-        self._in_flight += 1
-        if self._in_flight >= self._limits.max_in_flight and not self._paused:
+        self._queued.append(request)
+        if self.in_flight >= self._limits.max_in_flight and not self._paused:
             self._paused = True
             self._out.append(PAUSE)
-        if self._ready:
-            self._out.append(Call(request))
-        else:
-            self._waiting.append(request)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Start queued requests while there is a free slot (a closing session still
+        answers what it accepted)."""
+        if not self._ready or self._closed:
+            return
+        queued, cap = self._queued, self._limits.max_in_flight
+        while queued and self._running < cap:
+            self._running += 1
+            self._out.append(Call(queued.popleft()))
 
     # -- results of calls -----------------------------------------------------------------
     def completed(self, reply: bytes, now_ms: int) -> None:
@@ -234,17 +245,15 @@ class Session:
         self._finished(now_ms)
 
     def _finished(self, now_ms: int) -> None:
-        self._in_flight -= 1
-        if (
-            self._paused
-            and self._in_flight < self._limits.max_in_flight
-            and self._closing is None
-            and not self._closed
-        ):
+        self._running -= 1
+        self._dispatch()
+        in_flight = self.in_flight
+        if self._closing is not None:
+            if in_flight == 0:
+                self._close_now(self._closing, self._closing.reason)
+        elif self._paused and not self._closed and in_flight < self._limits.max_in_flight:
             self._paused = False
             self._out.append(RESUME)
-        if self._closing is not None and self._in_flight == 0:
-            self._close_now(self._closing, self._closing.reason)
 
     # -- the server ends the session -----------------------------------------------------
     def close(self, code: Close, now_ms: int) -> None:
@@ -252,7 +261,7 @@ class Session:
         if self._closing is not None or self._closed:
             return
         self.close_code = code
-        if self._in_flight > 0:  # waiting for `device.connected` or for their service
+        if self.in_flight > 0:  # waiting for `device.connected`, a free slot or their service
             self._closing = code
             self._close_by_ms = now_ms + int(self._limits.close_grace_s * 1000)
             if not self._paused:
@@ -262,7 +271,7 @@ class Session:
         self._close_now(code, code.reason)
 
     def _close_now(self, code: Close, reason: str) -> None:
-        self._waiting.clear()
+        self._queued.clear()
         self._closing = None
         self._close_by_ms = None
         if not self._closed:

@@ -136,6 +136,25 @@ def test_reading_pauses_at_the_in_flight_cap_and_resumes_below_it() -> None:
     assert d.actions() == [Send(b"{}"), RESUME]
 
 
+def test_messages_read_past_the_cap_wait_for_a_free_slot() -> None:
+    """The transport may deliver the rest of a read buffer after the pause: those requests
+    wait, parsed, and run one per completion, never more than max_in_flight at once."""
+    d = device(max_in_flight=2)
+    d.connected()
+    for n in range(5):
+        d.receive(status(n), True, T0)
+    actions = d.actions()
+    assert [r.id for r in calls(actions)] == ["0", "1"]
+    assert actions.count(PAUSE) == 1
+    assert (d.running, d.in_flight) == (2, 5)
+    d.completed(b"a0", T0)
+    assert [r.id for r in calls(d.actions())] == ["2"]
+    for reply in (b"a1", b"a2", b"a3"):
+        d.completed(reply, T0)
+    assert d.actions()[-1] == RESUME  # 1 in flight: below the cap again
+    assert (d.running, d.in_flight) == (1, 1)
+
+
 def test_a_server_close_waits_for_replies_of_accepted_requests() -> None:
     """Replies of requests already accepted leave before the close frame (issue 13.11)."""
     d = device()
