@@ -216,6 +216,62 @@ async def test_a_failed_transaction_fails_every_op_of_it_and_the_writer_goes_on(
     assert [e.seq for e in await store.events("d1", 0, 10)] == [1]
 
 
+async def test_a_poisoned_op_fails_alone_and_the_rest_of_its_batch_commits(store: GatedStore) -> None:
+    """A dict where a telemetry value belongs (a bug upstream) fails only its own op.
+
+    The batch's transaction fails with TypeError; the writer then writes the ops one at a
+    time, so the good ones commit, are published in order and are acked.
+    """
+    published: list[Event] = []
+    writer = GroupWriter(store, published.extend)
+    writer.start()
+    poisoned = TelemetryWrite("d1", [Record(5, {"t": {"nested": 1}})])  # type: ignore[dict-item]  # the bug under test
+    with anyio.fail_after(LIMIT_S):
+        first = await _hold_first_transaction(store, writer)
+        good_before = asyncio.create_task(writer.submit(_event(1)))
+        bad = asyncio.create_task(writer.submit(poisoned))
+        good_after = asyncio.create_task(writer.submit(_event(2, "d2")))
+        await _until(lambda: writer.queued == 3)
+        store.gate.set()
+        outcomes = await asyncio.gather(first, good_before, bad, good_after, return_exceptions=True)
+        await writer.stop()
+    assert isinstance(outcomes[2], TypeError)
+    assert str(outcomes[2]) == "telemetry value of 't' must be a number, a boolean or a string, not dict"
+    assert [(e.device_id, e.seq, e.data) for e in published] == [
+        ("d1", 1, {"i": 0}),
+        ("d1", 2, {"i": 1}),
+        ("d2", 1, {"i": 2}),
+    ]
+    assert [[e.seq for e in o.events] for o in outcomes if isinstance(o, WriteResult)] == [[1], [2], [1]]
+    # The batch of three, then each op of it alone.
+    assert [len(call) for call in store.calls] == [1, 3, 1, 1, 1]
+    assert [e.seq for e in await store.events("d1", 0, 10)] == [1, 2]
+    assert await store.telemetry("d1", key=None, from_ms=None, to_ms=None, limit=10) == []
+
+
+async def test_an_outage_still_fails_the_whole_batch_without_retries(
+    store: GatedStore, tmp_path: Path
+) -> None:
+    """StoreUnavailableError is no poisoned op: the batch fails at once, nothing is retried."""
+    writer = GroupWriter(store, lambda events: None)
+    writer.start()
+    locker = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
+    try:
+        with anyio.fail_after(LIMIT_S):
+            first = await _hold_first_transaction(store, writer)
+            rest = [asyncio.create_task(writer.submit(_event(i))) for i in (1, 2)]
+            await _until(lambda: writer.queued == 2)
+            locker.execute("BEGIN IMMEDIATE")
+            store.gate.set()
+            outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+            locker.execute("ROLLBACK")
+            await writer.stop()
+    finally:
+        locker.close()
+    assert [type(o) for o in outcomes] == [StoreUnavailableError] * 3
+    assert [len(call) for call in store.calls] == [1, 2]  # the batch of two, not retried alone
+
+
 async def test_a_closed_store_fails_submits_until_reopened(store: GatedStore) -> None:
     """After store.close() submits raise StoreUnavailableError; after open() they succeed."""
     writer = GroupWriter(store, lambda events: None)

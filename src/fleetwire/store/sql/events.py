@@ -162,6 +162,7 @@ async def _write_log(
     event_rows: list[tuple[Any, ...]] = []
     telemetry_rows: list[tuple[Any, ...]] = []
     stamp = tm.Timestamps()
+    add_rows = tm.rows  # a local name in the per-record loop
     for op, result in zip(ops, results, strict=True):
         device_id = op.device_id
         seq = next_seq.get(device_id)
@@ -173,7 +174,7 @@ async def _write_log(
             for record in op.records:
                 seq += 1
                 ts, values = record.ts_ms, record.values
-                tm.rows(device_id, seq, ts, values, telemetry_rows)
+                add_rows(device_id, seq, ts, values, telemetry_rows)
                 # == record.event_data(), faster (see Timestamps)
                 out.append(Event(device_id, seq, "device.telemetry", ts, {"ts": stamp(ts), "values": values}))
         elif type(op) is EventWrite:
