@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 from fleetwire.domain.commands import Command, CommandState
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
@@ -113,9 +113,6 @@ class DeleteDevice:
 WriteOp = EventWrite | TelemetryWrite | StatusWrite | RegisterDevice | UpdateDevice | DeleteDevice
 RegistryOp = RegisterDevice | UpdateDevice | DeleteDevice
 
-# What UpdateDevice / update_device may change (status is an event, seq the counter).
-CHANGEABLE: Final = frozenset({"name", "type", "tags", "metadata", "telemetry_schema", "disabled"})
-
 
 @dataclass(slots=True)
 class WriteResult:
@@ -124,32 +121,6 @@ class WriteResult:
     changed: bool = False  # StatusWrite: the status differed from the stored one
     duplicate: bool = False  # RegisterDevice: the id exists already; nothing was written
     device: Device | None = None  # registry ops: the device as stored (DeleteDevice: as it was)
-
-
-def check_changes(changes: DeviceChanges) -> None:
-    """Refuse fields that UpdateDevice / update_device may not change (ValueError)."""
-    unknown = changes.keys() - CHANGEABLE
-    if unknown:
-        raise ValueError(f"not changeable through update_device: {sorted(unknown)}")
-
-
-def scalar(key: str, value: object) -> Value:
-    """`value` as exactly a float, int, bool or str (subclasses such as IntEnum normalised).
-
-    The store keeps scalars only (domain.telemetry refuses the rest); anything else reaching
-    a store is a bug upstream and fails its op with TypeError instead of being stored as junk.
-    """
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, str):
-        return str(value)
-    raise TypeError(
-        f"telemetry value of {key!r} must be a number, a boolean or a string, not {type(value).__name__}"
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from fleetwire.store.base import (
     WriteOp,
     WriteResult,
 )
+from fleetwire.store.rules import to_store
 from fleetwire.store.schema import devices, events, telemetry
 from fleetwire.store.sql import registry
 from fleetwire.store.sql import telemetry as tm
@@ -90,7 +91,7 @@ async def _write_registry(
 ) -> EventWrite | None:
     """Run one registry op's statements; the event to number next, if it records one."""
     if type(op) is RegisterDevice:
-        stored = registry.to_store(op.device, op.at_ms)
+        stored = to_store(op.device, op.at_ms)
         if not await registry.insert(conn, dialect, stored):
             result.duplicate = True
             return None

@@ -8,30 +8,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
-from fleetwire.store.base import check_changes
+from fleetwire.store.rules import check_changes
 from fleetwire.store.schema import commands, devices, events, telemetry
 from fleetwire.store.sql import rows
 from fleetwire.store.sql.dialect import Dialect
 from fleetwire.store.sql.globs import has_wildcard
-
-
-def to_store(device: Device, now_ms: int) -> Device:
-    """The device as it will be stored: created_at 0 = now, updated_at 0 = created_at."""
-    created = device.created_at_ms or now_ms
-    return Device(
-        id=device.id,
-        name=device.name,
-        type=device.type,
-        tags=tuple(device.tags),
-        metadata=dict(device.metadata),
-        status=device.status,
-        status_at_ms=device.status_at_ms,
-        disabled=device.disabled,
-        telemetry_schema=device.telemetry_schema,
-        created_at_ms=created,
-        updated_at_ms=device.updated_at_ms or created,
-        seq=device.seq,
-    )
 
 
 async def insert(conn: AsyncConnection, dialect: Dialect, device: Device) -> bool:

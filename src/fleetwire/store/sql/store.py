@@ -27,6 +27,7 @@ from fleetwire.store.base import (
     WriteOp,
     WriteResult,
 )
+from fleetwire.store.rules import to_store
 from fleetwire.store.sql import commands, events, registry, rows, telemetry
 from fleetwire.store.sql.dialect import for_url
 from fleetwire.store.sql.engine import (
@@ -131,7 +132,7 @@ class SqlStore:
     # -- registry ------------------------------------------------------------------------
 
     async def create_device(self, device: Device) -> Device:
-        stored = registry.to_store(device, now_ms())
+        stored = to_store(device, now_ms())
         async with self._write() as conn:
             inserted = await registry.insert(conn, self._dialect, stored)
         if not inserted:

@@ -9,7 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fleetwire.domain.clock import format_ms
 from fleetwire.domain.telemetry import Value
-from fleetwire.store.base import TelemetryPoint, scalar
+from fleetwire.store.base import TelemetryPoint
+from fleetwire.store.rules import scalar
 from fleetwire.store.schema import KIND_BOOL, KIND_FLOAT, KIND_INT, KIND_STR, telemetry
 
 COLUMNS: Final = ("device_id", "seq", "key", "ts", "kind", "num", "txt")
@@ -71,7 +72,7 @@ class Timestamps:
 def rows(device_id: str, seq: int, ts: int, values: dict[str, Value], out: list[tuple[Any, ...]]) -> None:
     """Append one row per key, in COLUMNS order (the ingest hot path).
 
-    Raises TypeError for a value that is no scalar (store.base.scalar): nothing of such a
+    Raises TypeError for a value that is no scalar (store.rules.scalar): nothing of such a
     group is written, and GroupWriter fails only the op that carried it.
     """
     for key, value in values.items():
