@@ -141,6 +141,8 @@ class Store(Protocol):
         """Raise StoreUnavailableError unless a trivial query succeeds."""
 
     # -- registry ------------------------------------------------------------------------
+    # create/update/delete_device change the registry without an event; the registry ops of
+    # `write` (RegisterDevice, UpdateDevice, DeleteDevice) do it with the event, atomically.
     async def create_device(self, device: Device) -> Device:
         """Insert; raise DuplicateError for an existing id. Returns the stored device."""
 
@@ -156,7 +158,8 @@ class Store(Protocol):
         """Delete with its history, telemetry and commands; returns it as it was."""
 
     # -- event log -----------------------------------------------------------------------
-    async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]: ...
+    async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
+        """Apply the group in one transaction, in order; one result per op (module docstring)."""
 
     async def events(self, device_id: str, after_seq: int, limit: int) -> list[Event]:
         """History with seq > after_seq, ascending, telemetry events included."""

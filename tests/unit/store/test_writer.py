@@ -14,7 +14,9 @@ from fleetwire.domain.devices import Device
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Record
 from fleetwire.store.base import (
+    DeleteDevice,
     EventWrite,
+    RegisterDevice,
     StoreUnavailableError,
     TelemetryWrite,
     WriteOp,
@@ -348,6 +350,32 @@ async def test_a_failing_callback_does_not_lose_acks(store: GatedStore) -> None:
         result = await writer.submit(_event(1))
         await writer.stop()
     assert result.events[0].seq == 1
+
+
+async def test_registry_ops_are_published_in_commit_order(store: GatedStore) -> None:
+    """Register, event, delete in one batch: published in that order with consecutive seqs,
+    the never-kept `device.deleted` included."""
+    published: list[Event] = []
+    writer = GroupWriter(store, published.extend)
+    writer.start()
+    with anyio.fail_after(LIMIT_S):
+        first = await _hold_first_transaction(store, writer)
+        register = asyncio.create_task(writer.submit(RegisterDevice(Device("d3"), 100)))
+        event = asyncio.create_task(writer.submit(_event(1, "d3")))
+        delete = asyncio.create_task(writer.submit(DeleteDevice("d3", 200)))
+        await _until(lambda: writer.queued == 3)
+        store.gate.set()
+        results = await asyncio.gather(first, register, event, delete)
+        await writer.stop()
+    assert [len(call) for call in store.calls] == [1, 3]
+    assert [(e.device_id, e.seq, e.name) for e in published] == [
+        ("d1", 1, "device.connected"),
+        ("d3", 1, "device.registered"),
+        ("d3", 2, "device.connected"),
+        ("d3", 3, "device.deleted"),
+    ]
+    assert results[3].device == Device("d3", created_at_ms=100, updated_at_ms=100, seq=2)
+    assert await store.get_device("d3") is None
 
 
 def test_limits_must_be_positive(tmp_path: Path) -> None:
