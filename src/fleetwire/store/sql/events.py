@@ -83,7 +83,7 @@ async def write(
 
 def device_of(op: WriteOp) -> str:
     """The id of the device an op writes to."""
-    return op.device.id if type(op) is RegisterDevice else op.device_id  # type: ignore[union-attr]  # narrowed: every other op has device_id
+    return op.device.id if isinstance(op, RegisterDevice) else op.device_id
 
 
 async def _write_registry(

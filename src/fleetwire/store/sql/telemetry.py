@@ -79,7 +79,7 @@ def rows(device_id: str, seq: int, ts: int, values: dict[str, Value], out: list[
         kind = type(value)
         if kind is float:
             out.append((device_id, seq, key, ts, KIND_FLOAT, value, None))
-        elif kind is int and -_EXACT_INT <= value <= _EXACT_INT:  # type: ignore[operator]  # int here
+        elif kind is int and -_EXACT_INT <= value <= _EXACT_INT:  # type: ignore[operator]  # `kind is int` does not narrow `value`
             out.append((device_id, seq, key, ts, KIND_INT, float(value), None))
         elif kind is bool:
             out.append((device_id, seq, key, ts, KIND_BOOL, 1.0 if value else 0.0, None))
