@@ -1,13 +1,17 @@
-"""The Store contract (store/base.py), one suite run on SQLite and on PostgreSQL.
+"""The Store contract (store/base.py), one suite run on every implementation.
 
-Every test opens a fresh database: a file in tmp_path, or a new PostgreSQL database from the
-`postgres_url` fixture (skipped when the server is not reachable).
+MemoryStore, SqlStore on SQLite and SqlStore on PostgreSQL. Every test opens a fresh
+database: a MemoryDatabase, a file in tmp_path, or a new PostgreSQL database from the
+`postgres_url` fixture (skipped when the server is not reachable). `backend.make()` opens
+another store on the same database, as another process would.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from enum import IntEnum
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -22,14 +26,19 @@ from fleetwire.domain.devices import Device, DeviceFilter
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Record
 from fleetwire.store.base import (
+    DeleteDevice,
     DuplicateError,
     EventWrite,
+    RegisterDevice,
     StatusWrite,
+    Store,
     StoreUnavailableError,
     TelemetryPoint,
     TelemetryWrite,
+    UpdateDevice,
     WriteResult,
 )
+from fleetwire.store.memory import MemoryDatabase, MemoryStore
 from fleetwire.store.sql import SqlStore, async_url
 
 pytestmark = pytest.mark.anyio
@@ -37,16 +46,40 @@ pytestmark = pytest.mark.anyio
 LIMIT_S = 30  # bound of every test body; the slowest (PostgreSQL, 40 000 ids) takes ~2 s
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
+@dataclass(frozen=True)
+class Backend:
+    """One database of one implementation; `make` opens a store on it."""
+
+    url: str | None  # None: in memory
+    memory: MemoryDatabase
+
+    def make(self, *, history: int = 1000) -> Store:
+        if self.url is None:
+            return MemoryStore(self.memory, history=history)
+        return SqlStore(self.url, history=history)
+
+
+def _sql_url(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> str:
+    if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'fleetwire.db'}"
     return str(request.getfixturevalue("postgres_url"))
 
 
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    url = None if request.param == "memory" else _sql_url(request, tmp_path, request.param)
+    return Backend(url, MemoryDatabase())
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """For what only a SQL database has (the schema's migrations)."""
+    return _sql_url(request, tmp_path, request.param)
+
+
 @pytest.fixture
-async def store(url: str) -> AsyncIterator[SqlStore]:
-    opened = SqlStore(url)
+async def store(backend: Backend) -> AsyncIterator[Store]:
+    opened = backend.make()
     with anyio.fail_after(LIMIT_S):
         await opened.open()
     try:
@@ -56,7 +89,7 @@ async def store(url: str) -> AsyncIterator[SqlStore]:
             await opened.close()
 
 
-async def _devices(store: SqlStore, *ids: str) -> None:
+async def _devices(store: Store, *ids: str) -> None:
     for device_id in ids:
         await store.create_device(Device(device_id, created_at_ms=1000, updated_at_ms=1000))
 
@@ -79,12 +112,12 @@ def _command(command_id: str, device_id: str = "d1", **fields: object) -> Comman
 # -- lifecycle -----------------------------------------------------------------------------
 
 
-async def test_open_twice_and_reopen_are_no_ops(store: SqlStore, url: str) -> None:
+async def test_open_twice_and_reopen_are_no_ops(store: Store, backend: Backend) -> None:
     """Migrations are idempotent: opening again, and another store on the same URL, keep data."""
     with anyio.fail_after(LIMIT_S):
         await _devices(store, "d1")
         await store.open()
-        again = SqlStore(url)
+        again = backend.make()
         await again.open()
         try:
             assert (await again.get_device("d1")) == await store.get_device("d1")
@@ -92,6 +125,18 @@ async def test_open_twice_and_reopen_are_no_ops(store: SqlStore, url: str) -> No
         finally:
             await again.close()
         assert (await store.get_device("d1")) is not None
+
+
+async def test_concurrent_opens_all_succeed(backend: Backend) -> None:
+    """Several processes starting together: every open succeeds, all see one database."""
+    with anyio.fail_after(LIMIT_S):
+        stores = [backend.make() for _ in range(4)]
+        await asyncio.gather(*(s.open() for s in stores))
+        try:
+            await _devices(stores[0], "d1")
+            assert (await stores[3].get_device("d1")) is not None
+        finally:
+            await asyncio.gather(*(s.close() for s in stores))
 
 
 async def test_concurrent_opens_migrate_once(url: str) -> None:
@@ -111,10 +156,10 @@ async def test_concurrent_opens_migrate_once(url: str) -> None:
             await asyncio.gather(*(s.close() for s in stores))
 
 
-async def test_closed_store_is_unavailable(url: str) -> None:
+async def test_closed_store_is_unavailable(backend: Backend) -> None:
     """After close() every call raises StoreUnavailableError instead of reconnecting."""
     with anyio.fail_after(LIMIT_S):
-        closed = SqlStore(url)
+        closed = backend.make()
         await closed.open()
         await closed.ping()
         await closed.close()
@@ -127,7 +172,7 @@ async def test_closed_store_is_unavailable(url: str) -> None:
 # -- registry ------------------------------------------------------------------------------
 
 
-async def test_create_and_get_round_trip_every_field(store: SqlStore) -> None:
+async def test_create_and_get_round_trip_every_field(store: Store) -> None:
     """A device comes back exactly as stored, JSON numbers and booleans included."""
     with anyio.fail_after(LIMIT_S):
         device = Device(
@@ -159,7 +204,7 @@ async def test_create_and_get_round_trip_every_field(store: SqlStore) -> None:
         assert await store.get_device("absent") is None
 
 
-async def test_create_fills_missing_timestamps(store: SqlStore) -> None:
+async def test_create_fills_missing_timestamps(store: Store) -> None:
     """created_at/updated_at of 0 mean "now"; the stored values are returned."""
     with anyio.fail_after(LIMIT_S):
         stored = await store.create_device(Device("d1"))
@@ -168,7 +213,7 @@ async def test_create_fills_missing_timestamps(store: SqlStore) -> None:
         assert await store.get_device("d1") == stored
 
 
-async def test_duplicate_device_is_refused(store: SqlStore) -> None:
+async def test_duplicate_device_is_refused(store: Store) -> None:
     """A second create with the same id raises DuplicateError and changes nothing."""
     with anyio.fail_after(LIMIT_S):
         await store.create_device(Device("d1", name="first", created_at_ms=1, updated_at_ms=1))
@@ -179,7 +224,7 @@ async def test_duplicate_device_is_refused(store: SqlStore) -> None:
         assert got.name == "first"
 
 
-async def test_list_filters(store: SqlStore) -> None:
+async def test_list_filters(store: Store) -> None:
     """status, tag and type filters, only_ids / exclude_ids, each alone and combined."""
     with anyio.fail_after(LIMIT_S):
         for device_id, status, tags, kind in [
@@ -210,7 +255,7 @@ async def test_list_filters(store: SqlStore) -> None:
         assert await ids(DeviceFilter(patterns=("a[12]",), only_ids=frozenset({"a2", "a3"}))) == ["a2"]
 
 
-async def test_list_patterns_match_like_fnmatchcase(store: SqlStore) -> None:
+async def test_list_patterns_match_like_fnmatchcase(store: Store) -> None:
     """`patterns` are the `devices` claim globs: the same matches as fnmatch.fnmatchcase."""
     with anyio.fail_after(LIMIT_S):
         ids = [
@@ -247,7 +292,7 @@ async def test_list_patterns_match_like_fnmatchcase(store: SqlStore) -> None:
         assert await store.list_devices(DeviceFilter(patterns=()), 100) == []
 
 
-async def test_list_pagination_covers_every_device_once(store: SqlStore) -> None:
+async def test_list_pagination_covers_every_device_once(store: Store) -> None:
     """Pages of `limit` ordered by id (code-point order on both databases) with `after`."""
     with anyio.fail_after(LIMIT_S):
         ids = [f"d{i:02d}" for i in range(23)] + ["B1", "a1", "Z-9", "z_1"]
@@ -269,7 +314,7 @@ async def test_list_pagination_covers_every_device_once(store: SqlStore) -> None
         assert [d.id for d in filtered] == ["d12", "d13", "d14", "d15", "d16"]
 
 
-async def test_list_with_very_many_only_ids(store: SqlStore) -> None:
+async def test_list_with_very_many_only_ids(store: Store) -> None:
     """only_ids / exclude_ids of 40 000 ids (beyond both databases' parameter limits) work."""
     with anyio.fail_after(LIMIT_S):
         await _devices(store, "d1", "d2", "d3")
@@ -279,7 +324,7 @@ async def test_list_with_very_many_only_ids(store: SqlStore) -> None:
         assert [d.id for d in excluded] == ["d1", "d3"]
 
 
-async def test_update_device(store: SqlStore) -> None:
+async def test_update_device(store: Store) -> None:
     """Only the given fields change, updated_at moves, status and seq are never touched."""
     with anyio.fail_after(LIMIT_S):
         await store.create_device(
@@ -317,7 +362,7 @@ async def test_update_device(store: SqlStore) -> None:
             await store.update_device("d1", {"status": "x"})
 
 
-async def test_delete_removes_history_telemetry_and_commands(store: SqlStore) -> None:
+async def test_delete_removes_history_telemetry_and_commands(store: Store) -> None:
     """delete_device returns the device; nothing of it remains, not even under the same id."""
     with anyio.fail_after(LIMIT_S):
         await _devices(store, "d1", "d2")
@@ -343,10 +388,183 @@ async def test_delete_removes_history_telemetry_and_commands(store: SqlStore) ->
         assert [e.seq for e in await store.events("d2", 0, 10)] == [1]
 
 
+# -- registry ops through write -------------------------------------------------------------
+
+
+async def test_register_device_writes_the_row_and_its_event_together(store: Store) -> None:
+    """RegisterDevice inserts the device and `device.registered` (data: the device as inserted,
+    seq 0, as REST showed it); result.device carries the event's seq; later ops of the group
+    already see the device."""
+    with anyio.fail_after(LIMIT_S):
+        results = await store.write(
+            [
+                RegisterDevice(Device("d1", name="Pump", tags=("a",), metadata={"k": 1}), 5000),
+                EventWrite("d1", "device.connected", 6000, {}),
+                TelemetryWrite("d1", [Record(7000, {"t": 1.5})]),
+            ]
+        )
+        inserted = Device(
+            "d1", name="Pump", tags=("a",), metadata={"k": 1}, created_at_ms=5000, updated_at_ms=5000
+        )
+        registered = Event("d1", 1, "device.registered", 5000, inserted.public())
+        assert inserted.public()["seq"] == 0
+        assert results == [
+            WriteResult(events=[registered], device=replace(inserted, seq=1)),
+            WriteResult(events=[Event("d1", 2, "device.connected", 6000, {})]),
+            WriteResult(
+                events=[
+                    Event("d1", 3, "device.telemetry", 7000, {"ts": format_ms(7000), "values": {"t": 1.5}})
+                ]
+            ),
+        ]
+        assert await store.get_device("d1") == replace(inserted, seq=3)
+        assert await store.events("d1", 0, 10) == [e for r in results for e in r.events]
+        kept = Device("d2", created_at_ms=1, updated_at_ms=2)
+        [result] = await store.write([RegisterDevice(kept, 9000)])
+        assert result.device == replace(kept, seq=1)  # given timestamps are kept
+
+
+async def test_a_failing_op_takes_the_registered_device_with_it(store: Store) -> None:
+    """The row and its event are in the group's one transaction: a later op of the group that
+    raises leaves neither behind."""
+    with anyio.fail_after(LIMIT_S):
+        poisoned = TelemetryWrite("d1", [Record(1, {"t": [1, 2]})])  # type: ignore[dict-item]  # the bug under test
+        with pytest.raises(
+            TypeError, match=r"^telemetry value of 't' must be a number, a boolean or a string, not list$"
+        ):
+            await store.write([RegisterDevice(Device("d1"), 5000), poisoned])
+        assert await store.get_device("d1") is None
+        assert await store.events("d1", 0, 10) == []
+        assert await store.list_devices(DeviceFilter(), 10) == []
+
+
+async def test_register_of_an_existing_id_is_a_duplicate_and_the_rest_commits(store: Store) -> None:
+    """RegisterDevice of a taken id writes nothing (duplicate=True), also within one group."""
+    with anyio.fail_after(LIMIT_S):
+        await store.create_device(Device("d1", name="first", created_at_ms=1, updated_at_ms=1))
+        results = await store.write(
+            [
+                RegisterDevice(Device("d1", name="second"), 10),
+                EventWrite("d1", "device.connected", 11, {}),
+                RegisterDevice(Device("d2"), 12),
+                RegisterDevice(Device("d2", name="again"), 13),
+            ]
+        )
+        d2 = Device("d2", created_at_ms=12, updated_at_ms=12)
+        assert results == [
+            WriteResult(duplicate=True),
+            WriteResult(events=[Event("d1", 1, "device.connected", 11, {})]),
+            WriteResult(
+                events=[Event("d2", 1, "device.registered", 12, d2.public())], device=replace(d2, seq=1)
+            ),
+            WriteResult(duplicate=True),
+        ]
+        assert await store.get_device("d1") == Device(
+            "d1", name="first", created_at_ms=1, updated_at_ms=1, seq=1
+        )
+        assert await store.get_device("d2") == replace(d2, seq=1)
+
+
+async def test_update_device_records_the_updated_device(store: Store) -> None:
+    """UpdateDevice applies the changes with updated_at = at_ms and records `device.updated`
+    (data: the updated device, seq before the event); missing and empty changes write nothing."""
+    with anyio.fail_after(LIMIT_S):
+        await store.create_device(
+            Device("d1", name="old", status="online", created_at_ms=1000, updated_at_ms=1000)
+        )
+        await store.write([EventWrite("d1", "device.connected", 1500, {})])
+        results = await store.write(
+            [
+                UpdateDevice("d1", {"name": "new", "tags": ["t1"], "metadata": {"k": 1}}, 2000),
+                UpdateDevice("ghost", {"name": "x"}, 2000),
+                UpdateDevice("d1", {}, 2100),
+            ]
+        )
+        updated = Device(
+            "d1",
+            name="new",
+            tags=("t1",),
+            metadata={"k": 1},
+            status="online",
+            created_at_ms=1000,
+            updated_at_ms=2000,
+            seq=1,
+        )
+        assert results == [
+            WriteResult(
+                events=[Event("d1", 2, "device.updated", 2000, updated.public())],
+                device=replace(updated, seq=2),
+            ),
+            WriteResult(missing=True),
+            WriteResult(device=replace(updated, seq=2)),
+        ]
+        assert await store.get_device("d1") == replace(updated, seq=2)
+        assert [e.name for e in await store.events("d1", 0, 10)] == ["device.connected", "device.updated"]
+        with pytest.raises(ValueError, match="status"):
+            await store.write([EventWrite("d1", "x", 3000, {}), UpdateDevice("d1", {"status": "x"}, 3000)])
+        assert await store.get_device("d1") == replace(updated, seq=2)  # nothing of that group
+
+
+async def test_delete_device_returns_its_last_event_and_keeps_nothing(store: Store) -> None:
+    """DeleteDevice removes the device, history, telemetry and commands; its `device.deleted`
+    event (seq = old seq + 1, data = the device as it was) is returned, not kept."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2")
+        await store.write(
+            [EventWrite("d1", "device.connected", 5, {}), TelemetryWrite("d1", [Record(10, {"t": 1.0})])]
+        )
+        await store.create_command(_command("c1"))
+        before = await store.get_device("d1")
+        assert before is not None
+        assert before.seq == 2
+        results = await store.write(
+            [
+                DeleteDevice("d1", 3000),
+                EventWrite("d1", "device.connected", 3001, {}),
+                DeleteDevice("ghost", 3002),
+                RegisterDevice(Device("d1", name="reborn"), 3003),
+            ]
+        )
+        reborn = Device("d1", name="reborn", created_at_ms=3003, updated_at_ms=3003)
+        assert results == [
+            WriteResult(events=[Event("d1", 3, "device.deleted", 3000, before.public())], device=before),
+            WriteResult(missing=True),
+            WriteResult(missing=True),
+            WriteResult(
+                events=[Event("d1", 1, "device.registered", 3003, reborn.public())],
+                device=replace(reborn, seq=1),
+            ),
+        ]
+        assert await store.events("d1", 0, 10) == results[3].events
+        assert await store.telemetry("d1", key=None, from_ms=None, to_ms=None, limit=10) == []
+        assert await store.get_command("c1") is None
+        assert await store.get_device("d2") == Device("d2", created_at_ms=1000, updated_at_ms=1000)
+
+
+async def test_telemetry_values_must_be_scalars(store: Store) -> None:
+    """A dict or None reaching the store fails the write (nothing of the group is written);
+    an int or str subclass is stored as the plain value."""
+
+    class Level(IntEnum):
+        HIGH = 2
+
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1")
+        for bad in ({"x": 1}, None):
+            with pytest.raises(TypeError, match=r"^telemetry value of 'v' must be"):
+                await store.write(
+                    [EventWrite("d1", "e", 1, {}), TelemetryWrite("d1", [Record(1, {"ok": 1, "v": bad})])]  # type: ignore[dict-item]  # the bug under test
+                )
+        assert await store.events("d1", 0, 10) == []
+        await store.write([TelemetryWrite("d1", [Record(2, {"n": Level.HIGH})])])
+        [point] = (await store.latest_telemetry("d1")).values()
+        assert (type(point.value), point.value, point.seq) == (int, 2, 1)
+
+
 # -- the event log -------------------------------------------------------------------------
 
 
-async def test_write_numbers_a_mixed_group_strictly_plus_one(store: SqlStore) -> None:
+async def test_write_numbers_a_mixed_group_strictly_plus_one(store: Store) -> None:
     """Seqs follow op order per device, +1 each, also across groups; results mirror ops."""
     with anyio.fail_after(LIMIT_S):
         await _devices(store, "d1", "d2")
@@ -401,7 +619,7 @@ async def test_write_numbers_a_mixed_group_strictly_plus_one(store: SqlStore) ->
         assert await store.events("d1", 0, 100) == d1_events
 
 
-async def test_status_writes_apply_in_order(store: SqlStore) -> None:
+async def test_status_writes_apply_in_order(store: Store) -> None:
     """Several StatusWrites for one device in one group: each compared with the previous."""
     with anyio.fail_after(LIMIT_S):
         await store.create_device(Device("d1", status="a", status_at_ms=1, created_at_ms=1, updated_at_ms=1))
@@ -429,7 +647,7 @@ async def test_status_writes_apply_in_order(store: SqlStore) -> None:
         assert (device.status_at_ms, device.seq) == (13, 2)
 
 
-async def test_missing_devices_change_nothing_and_the_rest_commits(store: SqlStore) -> None:
+async def test_missing_devices_change_nothing_and_the_rest_commits(store: Store) -> None:
     """Ops on absent devices come back missing; the group's other ops are written."""
     with anyio.fail_after(LIMIT_S):
         await _devices(store, "d1")
@@ -450,16 +668,16 @@ async def test_missing_devices_change_nothing_and_the_rest_commits(store: SqlSto
         assert await store.write([]) == []
 
 
-async def test_concurrent_writers_share_one_counter(url: str) -> None:
+async def test_concurrent_writers_share_one_counter(backend: Backend) -> None:
     """Two stores (as two processes) writing the same devices never reuse or skip a seq."""
     with anyio.fail_after(LIMIT_S):
-        first, second = SqlStore(url), SqlStore(url)
+        first, second = backend.make(), backend.make()
         await first.open()
         await second.open()
         try:
             await _devices(first, "d1", "d2")
 
-            async def writer(store: SqlStore, n: int) -> list[Event]:
+            async def writer(store: Store, n: int) -> list[Event]:
                 out: list[Event] = []
                 for i in range(n):
                     results = await store.write(
@@ -483,7 +701,7 @@ async def test_concurrent_writers_share_one_counter(url: str) -> None:
             await second.close()
 
 
-async def test_events_merge_history_and_telemetry_in_seq_order(store: SqlStore) -> None:
+async def test_events_merge_history_and_telemetry_in_seq_order(store: Store) -> None:
     """events() interleaves stored events and telemetry records by seq, paged by after/limit."""
     with anyio.fail_after(LIMIT_S):
         await _devices(store, "d1")
@@ -507,7 +725,7 @@ async def test_events_merge_history_and_telemetry_in_seq_order(store: SqlStore) 
         assert await store.events("ghost", 0, 10) == []
 
 
-async def test_telemetry_values_round_trip_exactly(store: SqlStore) -> None:
+async def test_telemetry_values_round_trip_exactly(store: Store) -> None:
     """Numbers, booleans and strings come back with their exact type and value."""
     with anyio.fail_after(LIMIT_S):
         await _devices(store, "d1")
@@ -539,7 +757,7 @@ async def test_telemetry_values_round_trip_exactly(store: SqlStore) -> None:
         }
 
 
-async def test_purge_drops_old_telemetry_and_keeps_recent_history(store: SqlStore) -> None:
+async def test_purge_drops_old_telemetry_and_keeps_recent_history(store: Store) -> None:
     """purge(before, history): telemetry with ts < before goes; `history` newest events stay."""
     with anyio.fail_after(LIMIT_S):
         await _devices(store, "d1", "d2")
@@ -570,10 +788,10 @@ async def test_purge_drops_old_telemetry_and_keeps_recent_history(store: SqlStor
         assert await store.events("d1", 0, 100) == []
 
 
-async def test_write_keeps_history_bounded_between_purges(url: str) -> None:
+async def test_write_keeps_history_bounded_between_purges(backend: Backend) -> None:
     """With history=5, write trims a device's events whenever its seq crosses a multiple of 5."""
     with anyio.fail_after(LIMIT_S):
-        small = SqlStore(url, history=5)
+        small = backend.make(history=5)
         await small.open()
         try:
             await _devices(small, "d1")
@@ -587,7 +805,7 @@ async def test_write_keeps_history_bounded_between_purges(url: str) -> None:
 # -- telemetry queries ---------------------------------------------------------------------
 
 
-async def _telemetry_fixture(store: SqlStore) -> list[TelemetryPoint]:
+async def _telemetry_fixture(store: Store) -> list[TelemetryPoint]:
     """Records with repeated and out-of-order timestamps; every point, newest first."""
     await _devices(store, "d1", "d2")
     records = [
@@ -606,7 +824,7 @@ async def _telemetry_fixture(store: SqlStore) -> list[TelemetryPoint]:
     return sorted(points, key=lambda p: (p.ts_ms, p.seq, p.key), reverse=True)
 
 
-async def test_telemetry_newest_first_with_ranges_and_keys(store: SqlStore) -> None:
+async def test_telemetry_newest_first_with_ranges_and_keys(store: Store) -> None:
     """Order is (ts, seq, key) descending; from/to are inclusive; `key` narrows to one key."""
     with anyio.fail_after(LIMIT_S):
         everything = await _telemetry_fixture(store)
@@ -631,7 +849,7 @@ async def test_telemetry_newest_first_with_ranges_and_keys(store: SqlStore) -> N
         assert await store.telemetry("ghost", key=None, from_ms=None, to_ms=None, limit=10) == []
 
 
-async def test_telemetry_pages_with_before_cursor(store: SqlStore) -> None:
+async def test_telemetry_pages_with_before_cursor(store: Store) -> None:
     """Following `before` = the last point of each page yields every point exactly once."""
     with anyio.fail_after(LIMIT_S):
         everything = await _telemetry_fixture(store)
@@ -652,7 +870,7 @@ async def test_telemetry_pages_with_before_cursor(store: SqlStore) -> None:
                 assert seen == expected, (key, size)
 
 
-async def test_telemetry_merges_many_keys(store: SqlStore) -> None:
+async def test_telemetry_merges_many_keys(store: Store) -> None:
     """More keys than one merged query holds (300 > 200) still come back in order."""
     with anyio.fail_after(LIMIT_S):
         await _devices(store, "d1")
@@ -674,7 +892,7 @@ async def test_telemetry_merges_many_keys(store: SqlStore) -> None:
         assert len(await store.latest_telemetry("d1")) == 300
 
 
-async def test_latest_telemetry_is_newest_ts_per_key(store: SqlStore) -> None:
+async def test_latest_telemetry_is_newest_ts_per_key(store: Store) -> None:
     """The latest value of each key is the one with the greatest (ts, seq), not the last written."""
     with anyio.fail_after(LIMIT_S):
         await _telemetry_fixture(store)
@@ -692,7 +910,23 @@ async def test_latest_telemetry_is_newest_ts_per_key(store: SqlStore) -> None:
 # -- commands ------------------------------------------------------------------------------
 
 
-async def test_create_and_get_command(store: SqlStore) -> None:
+async def test_error_text_carries_no_sql_parameters(url: str) -> None:
+    """hide_parameters: a database error on a value never quotes the value."""
+    with anyio.fail_after(LIMIT_S):
+        store = SqlStore(url)
+        await store.open()
+        try:
+            with pytest.raises(LookupError) as refused:
+                await store.create_command(_command("c1", device_id="ghost", params={"pin": "hunter2"}))
+        finally:
+            await store.close()
+        cause = refused.value.__cause__
+        assert isinstance(cause, sa.exc.IntegrityError)
+        assert "hunter2" not in str(cause)
+        assert "SQL parameters hidden" in str(cause)
+
+
+async def test_create_and_get_command(store: Store) -> None:
     """A command round-trips every field; a duplicate id or an absent device is refused."""
     with anyio.fail_after(LIMIT_S):
         await _devices(store, "d1")
@@ -714,7 +948,7 @@ async def test_create_and_get_command(store: SqlStore) -> None:
             await store.create_command(_command("c2", device_id="ghost"))
 
 
-async def test_find_command_by_idempotency_key(store: SqlStore) -> None:
+async def test_find_command_by_idempotency_key(store: Store) -> None:
     """The newest command of the issuer with the key, issued at or after since_ms."""
     with anyio.fail_after(LIMIT_S):
         await _devices(store, "d1")
@@ -732,7 +966,7 @@ async def test_find_command_by_idempotency_key(store: SqlStore) -> None:
         assert await store.find_command("carol", "k", 0) is None
 
 
-async def test_transition_command_is_compare_and_set(store: SqlStore) -> None:
+async def test_transition_command_is_compare_and_set(store: Store) -> None:
     """Only ALLOWED_FROM transitions succeed; they set sent_at / completed_at, result, error."""
     with anyio.fail_after(LIMIT_S):
         await _devices(store, "d1")
@@ -779,10 +1013,10 @@ async def test_transition_command_is_compare_and_set(store: SqlStore) -> None:
         assert await store.transition_command("absent", CommandState.SENT, 1) is None
 
 
-async def test_racing_transitions_have_exactly_one_winner(url: str) -> None:
+async def test_racing_transitions_have_exactly_one_winner(backend: Backend) -> None:
     """Two nodes (two stores) racing pending→sent or sent→final: exactly one succeeds each time."""
     with anyio.fail_after(LIMIT_S):
-        first, second = SqlStore(url), SqlStore(url)
+        first, second = backend.make(), backend.make()
         await first.open()
         await second.open()
         try:
@@ -807,7 +1041,7 @@ async def test_racing_transitions_have_exactly_one_winner(url: str) -> None:
             await second.close()
 
 
-async def test_pending_list_and_due_commands(store: SqlStore) -> None:
+async def test_pending_list_and_due_commands(store: Store) -> None:
     """pending: unexpired pending, oldest first; list: newest first, paged; due: expiry order."""
     with anyio.fail_after(LIMIT_S):
         await _devices(store, "d1", "d2")

@@ -1,1 +1,1 @@
-"""Durable state: the Store seam and its one SQL implementation (SQLite and PostgreSQL)."""
+"""Durable state: the Store seam (base), MemoryStore (memory) and SqlStore on SQLite or PostgreSQL (sql/)."""

@@ -5,8 +5,16 @@ Contract of every implementation:
   operation, in order. Each produced event gets the device's next `seq` (strictly +1 per
   device, also across processes sharing the database: the counter lives in the device row).
   Nothing of a group is visible or durable before `write` returns, and all of it is after.
+- Operations apply in order: an op sees what the ops before it in the group did (a device
+  registered earlier in the group exists, one deleted earlier is missing).
 - An operation on a device that does not exist produces no event and changes nothing
-  (WriteResult.missing); the rest of the group still commits.
+  (WriteResult.missing); a RegisterDevice of an existing id writes nothing
+  (WriteResult.duplicate); either way the rest of the group still commits.
+- An operation that raises anything else (a bad value: TypeError, ValueError) fails the
+  whole `write` call and nothing of the group is written; GroupWriter then isolates it.
+- Registry ops (RegisterDevice, UpdateDevice, DeleteDevice) write the registry row and its
+  event in the same transaction. `device.deleted` is returned but not kept: the device's
+  history goes with it.
 - Telemetry events are kept as the telemetry rows themselves (each row carries its seq);
   every other event is kept in the event history, at most `history` per device (`purge`).
 - `transition_command` is a compare-and-set: it succeeds only from the states that
@@ -62,7 +70,48 @@ class StatusWrite:
     at_ms: int
 
 
-WriteOp = EventWrite | TelemetryWrite | StatusWrite
+@dataclass(frozen=True, slots=True)
+class RegisterDevice:
+    """Insert the device and its `device.registered` event.
+
+    created_at 0 means `at_ms`, updated_at 0 means created_at. The event's data is the
+    stored device's public() as inserted (its seq the one before the event, as REST showed
+    it); WriteResult.device is the stored device with the event's seq.
+    """
+
+    device: Device
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateDevice:
+    """Apply `changes` (never status or seq), set updated_at = at_ms, record `device.updated`.
+
+    The event's data is the updated device's public() (seq the one before the event);
+    WriteResult.device is the updated device with the event's seq. Empty changes change
+    nothing and produce no event (WriteResult.device is the device as stored).
+    """
+
+    device_id: str
+    changes: DeviceChanges
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteDevice:
+    """Delete the device with its history, telemetry and commands.
+
+    WriteResult.events holds the `device.deleted` event (seq = the device's seq + 1, data =
+    its public() as it was), for publication; it is not kept. WriteResult.device is the
+    device as it was.
+    """
+
+    device_id: str
+    at_ms: int
+
+
+WriteOp = EventWrite | TelemetryWrite | StatusWrite | RegisterDevice | UpdateDevice | DeleteDevice
+RegistryOp = RegisterDevice | UpdateDevice | DeleteDevice
 
 
 @dataclass(slots=True)
@@ -70,6 +119,8 @@ class WriteResult:
     events: list[Event] = field(default_factory=list)
     missing: bool = False  # the device does not exist; nothing was written
     changed: bool = False  # StatusWrite: the status differed from the stored one
+    duplicate: bool = False  # RegisterDevice: the id exists already; nothing was written
+    device: Device | None = None  # registry ops: the device as stored (DeleteDevice: as it was)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +141,8 @@ class Store(Protocol):
         """Raise StoreUnavailableError unless a trivial query succeeds."""
 
     # -- registry ------------------------------------------------------------------------
+    # create/update/delete_device change the registry without an event; the registry ops of
+    # `write` (RegisterDevice, UpdateDevice, DeleteDevice) do it with the event, atomically.
     async def create_device(self, device: Device) -> Device:
         """Insert; raise DuplicateError for an existing id. Returns the stored device."""
 
@@ -105,7 +158,8 @@ class Store(Protocol):
         """Delete with its history, telemetry and commands; returns it as it was."""
 
     # -- event log -----------------------------------------------------------------------
-    async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]: ...
+    async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
+        """Apply the group in one transaction, in order; one result per op (module docstring)."""
 
     async def events(self, device_id: str, after_seq: int, limit: int) -> list[Event]:
         """History with seq > after_seq, ascending, telemetry events included."""

@@ -3,7 +3,12 @@
 Contract:
 - `submit(op)` resolves with the op's WriteResult only after the transaction holding it has
   committed (contract §2.2: an acked record is never lost); if that transaction failed with
-  StoreUnavailableError, every op of it gets that exception and none of it is acked.
+  StoreUnavailableError (an outage), every op of it gets that exception and none of it is acked.
+- A poisoned op does not take its group down: when `store.write` of a group fails with any
+  other exception (a bug, a value the store refuses), nothing of it was written, and the ops
+  are written again one at a time, each in its own transaction, in order. Only the op that
+  fails alone gets the exception; the others commit and are acked. An outage met during
+  those retries fails that op and every op after it, as it would have failed the group.
 - One writer task takes everything queued (up to `max_batch` ops and about `max_records`
   telemetry records) and writes it as ONE `store.write` call, so a burst of concurrent
   submitters costs one transaction, one fsync.
@@ -104,18 +109,41 @@ class GroupWriter:
     async def _write(self, batch: list[_Item]) -> None:
         try:
             results = await self._store.write([op for op, _ in batch])
-        except Exception as exc:  # nothing of the batch committed: nothing is acked
-            if not isinstance(exc, StoreUnavailableError):
-                log.exception("store.write failed on a batch of %d ops", len(batch))
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+        except StoreUnavailableError as exc:  # nothing of the batch committed: nothing is acked
+            _fail(batch, exc)
             return
+        except Exception as exc:
+            if len(batch) == 1:
+                log.exception("store.write failed on one op")
+                _fail(batch, exc)
+            else:
+                log.warning(
+                    "store.write failed on a batch of %d ops (%r); writing them one at a time",
+                    len(batch),
+                    exc,
+                )
+                await self._write_each(batch)
+            return
+        self._deliver(batch, results)
+
+    async def _write_each(self, batch: list[_Item]) -> None:
+        """The ops of a failed batch, one transaction each, so only the bad op fails."""
+        for index, item in enumerate(batch):
+            try:
+                results = await self._store.write([item[0]])
+            except StoreUnavailableError as exc:  # an outage: the rest would fail alike
+                _fail(batch[index:], exc)
+                return
+            except Exception as exc:
+                log.exception("store.write failed on one op: %s", type(item[0]).__name__)
+                _fail([item], exc)
+                continue
+            self._deliver([item], results)
+
+    def _deliver(self, batch: list[_Item], results: list[WriteResult]) -> None:
+        """Publish the committed events, then resolve the futures (in that order)."""
         if len(results) != len(batch):  # a broken Store; never ack what may not be stored
-            error = RuntimeError(f"store.write returned {len(results)} results for {len(batch)} ops")
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            _fail(batch, RuntimeError(f"store.write returned {len(results)} results for {len(batch)} ops"))
             return
         committed = [event for result in results for event in result.events]
         if committed:
@@ -126,6 +154,12 @@ class GroupWriter:
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():  # a submitter may have been cancelled meanwhile
                 future.set_result(result)
+
+
+def _fail(batch: list[_Item], exc: BaseException) -> None:
+    for _, future in batch:
+        if not future.done():  # a submitter may have been cancelled meanwhile
+            future.set_exception(exc)
 
 
 def _weight(op: WriteOp) -> int:

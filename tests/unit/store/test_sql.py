@@ -1,4 +1,4 @@
-"""The pure parts of store/sql.py: URLs, glob translation, value encoding, error mapping."""
+"""The pure parts of store/sql/: URLs, glob translation, value encoding, error mapping."""
 
 from __future__ import annotations
 
@@ -15,16 +15,10 @@ from fleetwire.domain.clock import format_ms
 from fleetwire.domain.telemetry import Record
 from fleetwire.store.base import DuplicateError, StoreUnavailableError
 from fleetwire.store.schema import KIND_BOOL, KIND_FLOAT, KIND_INT, KIND_STR
-from fleetwire.store.sql import (
-    SqlStore,
-    _glob_regex,
-    _glob_sqlite,
-    _telemetry_rows,
-    _Timestamps,
-    _translate,
-    _value,
-    async_url,
-)
+from fleetwire.store.sql import SqlStore, async_url
+from fleetwire.store.sql.errors import translate
+from fleetwire.store.sql.globs import glob_regex, glob_sqlite
+from fleetwire.store.sql.telemetry import Timestamps, rows, value
 
 ID_CHARS = "abAB09_.:-"
 PATTERN_CHARS = ID_CHARS + "*?[]!^\\"
@@ -84,8 +78,8 @@ async def test_an_unreachable_postgresql_is_unavailable() -> None:
     st.text(PATTERN_CHARS, min_size=1, max_size=8),
 )
 def test_sqlite_glob_matches_like_fnmatchcase(device_id: str, pattern: str) -> None:
-    """_glob_sqlite evaluated by SQLite's own GLOB agrees with fnmatchcase."""
-    glob = _glob_sqlite(pattern)
+    """glob_sqlite evaluated by SQLite's own GLOB agrees with fnmatchcase."""
+    glob = glob_sqlite(pattern)
     matched = False
     if glob is not None:  # None: no device id can match
         with sqlite3.connect(":memory:") as conn:
@@ -99,9 +93,9 @@ def test_sqlite_glob_matches_like_fnmatchcase(device_id: str, pattern: str) -> N
     st.text(PATTERN_CHARS, min_size=1, max_size=8),
 )
 def test_postgresql_regex_matches_like_fnmatchcase(device_id: str, pattern: str) -> None:
-    """_glob_regex agrees with fnmatchcase (checked with Python's re, whose syntax for this
+    """glob_regex agrees with fnmatchcase (checked with Python's re, whose syntax for this
     subset - anchors, `.`, `.*`, bracket sets, backslash + punctuation - is PostgreSQL's)."""
-    regex = _glob_regex(pattern)
+    regex = glob_regex(pattern)
     matched = regex is not None and re.search(regex, device_id) is not None
     assert matched == fnmatchcase(device_id, pattern)
 
@@ -109,7 +103,7 @@ def test_postgresql_regex_matches_like_fnmatchcase(device_id: str, pattern: str)
 @given(st.integers(min_value=0, max_value=253_402_300_799_999))
 def test_timestamps_format_like_format_ms(ms: int) -> None:
     """The cached formatter writes exactly what Record.event_data() would."""
-    stamp = _Timestamps()
+    stamp = Timestamps()
     assert stamp(ms) == format_ms(ms)
     assert stamp(ms + 1) == format_ms(ms + 1)  # the cached second, or the next one
     assert stamp(ms // 2) == format_ms(ms // 2)
@@ -133,15 +127,15 @@ def test_timestamps_format_like_format_ms(ms: int) -> None:
 )
 def test_glob_translations(pattern: str, regex: str | None, glob: str | None) -> None:
     """Examples of both translations, including sets that can match no device id."""
-    assert (_glob_regex(pattern), _glob_sqlite(pattern)) == (regex, glob)
+    assert (glob_regex(pattern), glob_sqlite(pattern)) == (regex, glob)
 
 
 def test_telemetry_values_are_typed_rows_and_back() -> None:
     """Each value kind gets its column and kind code, and decodes to the same type and value."""
     values = {"f": 1.5, "i": 7, "b": True, "s": "x", "big": 2**70, "huge": 10**400, "neg": -(2**53)}
-    rows: list[tuple[object, ...]] = []
-    _telemetry_rows("d1", 9, 123, values, rows)  # type: ignore[arg-type]
-    assert rows == [
+    out: list[tuple[object, ...]] = []
+    rows("d1", 9, 123, values, out)  # type: ignore[arg-type]  # a literal of mixed values infers dict[str, object]
+    assert out == [
         ("d1", 9, "f", 123, KIND_FLOAT, 1.5, None),
         ("d1", 9, "i", 123, KIND_INT, 7.0, None),
         ("d1", 9, "b", 123, KIND_BOOL, 1.0, None),
@@ -150,16 +144,16 @@ def test_telemetry_values_are_typed_rows_and_back() -> None:
         ("d1", 9, "huge", 123, KIND_INT, None, str(10**400)),
         ("d1", 9, "neg", 123, KIND_INT, float(-(2**53)), None),
     ]
-    decoded = {row[2]: _value(row[4], row[5], row[6]) for row in rows}  # type: ignore[arg-type]
+    decoded = {row[2]: value(row[4], row[5], row[6]) for row in out}  # type: ignore[arg-type]  # rows are tuples of object
     assert {k: (type(v), v) for k, v in decoded.items()} == {k: (type(v), v) for k, v in values.items()}
 
 
 def test_driver_errors_become_store_errors() -> None:
     """Lost connections and locks are retryable; unique violations are duplicates; bugs pass."""
-    locked = _translate(sqlite3.OperationalError("database is locked"))
+    locked = translate(sqlite3.OperationalError("database is locked"))
     assert isinstance(locked, StoreUnavailableError)
-    assert isinstance(_translate(ConnectionRefusedError(111, "refused")), StoreUnavailableError)
-    assert isinstance(_translate(TimeoutError()), StoreUnavailableError)
+    assert isinstance(translate(ConnectionRefusedError(111, "refused")), StoreUnavailableError)
+    assert isinstance(translate(TimeoutError()), StoreUnavailableError)
     with sqlite3.connect(":memory:") as conn:
         conn.execute("CREATE TABLE t (id TEXT PRIMARY KEY, v TEXT NOT NULL)")
         conn.execute("INSERT INTO t VALUES ('a', 'x')")
@@ -167,6 +161,6 @@ def test_driver_errors_become_store_errors() -> None:
             conn.execute("INSERT INTO t VALUES ('a', 'y')")
         with pytest.raises(sqlite3.IntegrityError) as not_null:
             conn.execute("INSERT INTO t VALUES ('b', NULL)")
-    assert isinstance(_translate(unique.value), DuplicateError)
-    assert _translate(not_null.value) is None
-    assert _translate(ValueError("a bug")) is None
+    assert isinstance(translate(unique.value), DuplicateError)
+    assert translate(not_null.value) is None
+    assert translate(ValueError("a bug")) is None

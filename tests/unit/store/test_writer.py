@@ -14,7 +14,9 @@ from fleetwire.domain.devices import Device
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Record
 from fleetwire.store.base import (
+    DeleteDevice,
     EventWrite,
+    RegisterDevice,
     StoreUnavailableError,
     TelemetryWrite,
     WriteOp,
@@ -216,6 +218,62 @@ async def test_a_failed_transaction_fails_every_op_of_it_and_the_writer_goes_on(
     assert [e.seq for e in await store.events("d1", 0, 10)] == [1]
 
 
+async def test_a_poisoned_op_fails_alone_and_the_rest_of_its_batch_commits(store: GatedStore) -> None:
+    """A dict where a telemetry value belongs (a bug upstream) fails only its own op.
+
+    The batch's transaction fails with TypeError; the writer then writes the ops one at a
+    time, so the good ones commit, are published in order and are acked.
+    """
+    published: list[Event] = []
+    writer = GroupWriter(store, published.extend)
+    writer.start()
+    poisoned = TelemetryWrite("d1", [Record(5, {"t": {"nested": 1}})])  # type: ignore[dict-item]  # the bug under test
+    with anyio.fail_after(LIMIT_S):
+        first = await _hold_first_transaction(store, writer)
+        good_before = asyncio.create_task(writer.submit(_event(1)))
+        bad = asyncio.create_task(writer.submit(poisoned))
+        good_after = asyncio.create_task(writer.submit(_event(2, "d2")))
+        await _until(lambda: writer.queued == 3)
+        store.gate.set()
+        outcomes = await asyncio.gather(first, good_before, bad, good_after, return_exceptions=True)
+        await writer.stop()
+    assert isinstance(outcomes[2], TypeError)
+    assert str(outcomes[2]) == "telemetry value of 't' must be a number, a boolean or a string, not dict"
+    assert [(e.device_id, e.seq, e.data) for e in published] == [
+        ("d1", 1, {"i": 0}),
+        ("d1", 2, {"i": 1}),
+        ("d2", 1, {"i": 2}),
+    ]
+    assert [[e.seq for e in o.events] for o in outcomes if isinstance(o, WriteResult)] == [[1], [2], [1]]
+    # The batch of three, then each op of it alone.
+    assert [len(call) for call in store.calls] == [1, 3, 1, 1, 1]
+    assert [e.seq for e in await store.events("d1", 0, 10)] == [1, 2]
+    assert await store.telemetry("d1", key=None, from_ms=None, to_ms=None, limit=10) == []
+
+
+async def test_an_outage_still_fails_the_whole_batch_without_retries(
+    store: GatedStore, tmp_path: Path
+) -> None:
+    """StoreUnavailableError is no poisoned op: the batch fails at once, nothing is retried."""
+    writer = GroupWriter(store, lambda events: None)
+    writer.start()
+    locker = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
+    try:
+        with anyio.fail_after(LIMIT_S):
+            first = await _hold_first_transaction(store, writer)
+            rest = [asyncio.create_task(writer.submit(_event(i))) for i in (1, 2)]
+            await _until(lambda: writer.queued == 2)
+            locker.execute("BEGIN IMMEDIATE")
+            store.gate.set()
+            outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+            locker.execute("ROLLBACK")
+            await writer.stop()
+    finally:
+        locker.close()
+    assert [type(o) for o in outcomes] == [StoreUnavailableError] * 3
+    assert [len(call) for call in store.calls] == [1, 2]  # the batch of two, not retried alone
+
+
 async def test_a_closed_store_fails_submits_until_reopened(store: GatedStore) -> None:
     """After store.close() submits raise StoreUnavailableError; after open() they succeed."""
     writer = GroupWriter(store, lambda events: None)
@@ -292,6 +350,32 @@ async def test_a_failing_callback_does_not_lose_acks(store: GatedStore) -> None:
         result = await writer.submit(_event(1))
         await writer.stop()
     assert result.events[0].seq == 1
+
+
+async def test_registry_ops_are_published_in_commit_order(store: GatedStore) -> None:
+    """Register, event, delete in one batch: published in that order with consecutive seqs,
+    the never-kept `device.deleted` included."""
+    published: list[Event] = []
+    writer = GroupWriter(store, published.extend)
+    writer.start()
+    with anyio.fail_after(LIMIT_S):
+        first = await _hold_first_transaction(store, writer)
+        register = asyncio.create_task(writer.submit(RegisterDevice(Device("d3"), 100)))
+        event = asyncio.create_task(writer.submit(_event(1, "d3")))
+        delete = asyncio.create_task(writer.submit(DeleteDevice("d3", 200)))
+        await _until(lambda: writer.queued == 3)
+        store.gate.set()
+        results = await asyncio.gather(first, register, event, delete)
+        await writer.stop()
+    assert [len(call) for call in store.calls] == [1, 3]
+    assert [(e.device_id, e.seq, e.name) for e in published] == [
+        ("d1", 1, "device.connected"),
+        ("d3", 1, "device.registered"),
+        ("d3", 2, "device.connected"),
+        ("d3", 3, "device.deleted"),
+    ]
+    assert results[3].device == Device("d3", created_at_ms=100, updated_at_ms=100, seq=2)
+    assert await store.get_device("d3") is None
 
 
 def test_limits_must_be_positive(tmp_path: Path) -> None:
