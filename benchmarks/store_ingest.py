@@ -23,9 +23,9 @@ from pathlib import Path
 from fleetwire.domain.devices import Device
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Record
+from fleetwire.events.writer import GroupWriter
 from fleetwire.store.base import TelemetryWrite, WriteOp, WriteResult
 from fleetwire.store.sql import SqlStore
-from fleetwire.store.writer import GroupWriter
 
 
 class CountingStore(SqlStore):

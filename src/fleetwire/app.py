@@ -21,6 +21,7 @@ from fleetwire.broker.base import Broker
 from fleetwire.domain.clock import Clock, SystemClock
 from fleetwire.events.hub import Hub
 from fleetwire.events.publisher import EventPublisher
+from fleetwire.events.writer import GroupWriter
 from fleetwire.presence.base import Presence
 from fleetwire.realtime.endpoint import EndpointServices
 from fleetwire.realtime.handshake import Handshake
@@ -37,7 +38,6 @@ from fleetwire.services.subscriptions import SubscriptionService
 from fleetwire.services.tasks import Tasks
 from fleetwire.settings import Settings
 from fleetwire.store.base import Store
-from fleetwire.store.writer import GroupWriter
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,6 @@ def build_services(
     registry = RegistryService(
         store=store,
         writer=writer,
-        publisher=publisher,
         presence=presence,
         sessions=sessions,
         ingest=ingest,

@@ -20,11 +20,11 @@ from fleetwire.broker.base import Published
 from fleetwire.domain.clock import Clock, Timer, format_ms
 from fleetwire.domain.commands import Command, CommandIds, CommandRequest, CommandState
 from fleetwire.domain.errors import ErrorCode, FleetwireError
+from fleetwire.events.writer import GroupWriter
 from fleetwire.presence.base import Presence
 from fleetwire.services.routing import NodeRouter
 from fleetwire.services.tasks import Tasks
 from fleetwire.store.base import EventWrite, Store
-from fleetwire.store.writer import GroupWriter
 
 log = logging.getLogger(__name__)
 

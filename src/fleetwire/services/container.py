@@ -17,6 +17,7 @@ from fleetwire.domain.clock import Clock
 from fleetwire.domain.close import Close
 from fleetwire.events.hub import Hub
 from fleetwire.events.publisher import EventPublisher
+from fleetwire.events.writer import GroupWriter
 from fleetwire.presence.base import Presence
 from fleetwire.services.auth import Authenticator
 from fleetwire.services.commands import CommandService
@@ -27,7 +28,6 @@ from fleetwire.services.sessions import SessionService
 from fleetwire.services.subscriptions import SubscriptionService
 from fleetwire.services.tasks import Tasks
 from fleetwire.store.base import Store
-from fleetwire.store.writer import GroupWriter
 
 
 @dataclass(frozen=True, slots=True)

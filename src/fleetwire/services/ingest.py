@@ -7,6 +7,7 @@ from fleetwire.domain.clock import Clock
 from fleetwire.domain.devices import Device
 from fleetwire.domain.errors import ErrorCode, FleetwireError
 from fleetwire.domain.telemetry import Record, SchemaCache
+from fleetwire.events.writer import GroupWriter
 from fleetwire.store.base import (
     StatusWrite,
     Store,
@@ -16,7 +17,6 @@ from fleetwire.store.base import (
     WriteOp,
     WriteResult,
 )
-from fleetwire.store.writer import GroupWriter
 
 
 class IngestService:

@@ -1,13 +1,13 @@
 """The device registry (contract §3): register, change, delete, read, with their events.
 
-Every change is recorded as a registry event (`device.registered|updated|deleted`) that
-subscribers, the hub and every node's sessions follow; disabling or deleting a device ends
-its live session wherever it is (4003).
+Every change is one group-writer operation whose registry event (`device.registered`,
+`device.updated`, `device.deleted`) commits in the same transaction; subscribers, the hub and
+every node's sessions follow those events. Disabling or deleting a device ends its live
+session wherever it is (4003).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from fleetwire.domain.clock import Clock
@@ -16,12 +16,19 @@ from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
 from fleetwire.domain.errors import ErrorCode, FleetwireError
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import check_schema
-from fleetwire.events.publisher import EventPublisher
+from fleetwire.events.writer import GroupWriter
 from fleetwire.presence.base import Presence, SessionInfo
-from fleetwire.services.ingest import IngestService
+from fleetwire.services.ingest import IngestService, unavailable
 from fleetwire.services.sessions import SessionService
-from fleetwire.store.base import DuplicateError, EventWrite, Store
-from fleetwire.store.writer import GroupWriter
+from fleetwire.store.base import (
+    DeleteDevice,
+    RegisterDevice,
+    Store,
+    StoreUnavailableError,
+    UpdateDevice,
+    WriteOp,
+    WriteResult,
+)
 
 OFFLINE: dict[str, Any] = {
     "connected": False,
@@ -38,7 +45,6 @@ class RegistryService:
         *,
         store: Store,
         writer: GroupWriter,
-        publisher: EventPublisher,
         presence: Presence,
         sessions: SessionService,
         ingest: IngestService,
@@ -46,24 +52,20 @@ class RegistryService:
     ) -> None:
         self._store = store
         self._writer = writer
-        self._publisher = publisher
         self._presence = presence
         self._sessions = sessions
         self._ingest = ingest
         self._clock = clock
 
-    # -- changes ----------------------------------------------------------------------------
+    # -- changes: each one operation of the group writer, with its event in the same transaction
     async def register(self, device: Device) -> Device:
         if device.telemetry_schema is not None:
             check_schema(device.telemetry_schema)
-        now = self._clock.now_ms()
-        device = replace(device, created_at_ms=now, updated_at_ms=now)
-        try:
-            device = await self._store.create_device(device)
-        except DuplicateError as exc:
-            raise FleetwireError(ErrorCode.CONFLICT, f"device {device.id!r} exists already") from exc
-        result = await self._writer.submit(EventWrite(device.id, "device.registered", now, device.public()))
-        return replace(device, seq=result.events[-1].seq) if result.events else device
+        result = await self._write(RegisterDevice(device, self._clock.now_ms()))
+        if result.duplicate:
+            raise FleetwireError(ErrorCode.CONFLICT, f"device {device.id!r} exists already")
+        assert result.device is not None  # a registration that is no duplicate stored it
+        return result.device
 
     async def update(self, device_id: str, changes: DeviceChanges, status: str | None) -> Device:
         """Apply registry fields and, separately, a status set by an operator (`source: api`)."""
@@ -71,16 +73,17 @@ class RegistryService:
         schema = changes.get("telemetry_schema")
         if schema is not None:
             check_schema(schema)
-        if changes and await self._store.update_device(device_id, changes) is None:
-            raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
+        device: Device | None = None
+        if changes:
+            result = await self._write(UpdateDevice(device_id, changes, self._clock.now_ms()))
+            if result.missing:
+                raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
+            device = result.device
         if status is not None:
             await self._ingest.status(device_id, status, "api")
-        device = await self.get(device_id)
-        if changes:
-            event = EventWrite(device_id, "device.updated", self._clock.now_ms(), device.public())
-            result = await self._writer.submit(event)
-            if result.events:
-                device = replace(device, seq=result.events[-1].seq)
+            device = None  # its seq and status moved on: read it back
+        if device is None:
+            device = await self.get(device_id)
         if changes.get("disabled"):
             await self._sessions.close_device(device_id, Close.FORBIDDEN)
         return device
@@ -89,12 +92,16 @@ class RegistryService:
         await self.get(device_id)
         # Subscribers learn the session ended before they learn the device is gone (R1.2).
         await self._sessions.end_device(device_id, Close.FORBIDDEN, "forbidden")
-        device = await self._store.delete_device(device_id)
-        if device is None:
+        # The history goes with the device; its `device.deleted` is published, not kept.
+        result = await self._write(DeleteDevice(device_id, self._clock.now_ms()))
+        if result.missing:
             raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
-        # The history went with the device, so this last event is published but not kept.
-        deleted = Event(device_id, device.seq + 1, "device.deleted", self._clock.now_ms(), device.public())
-        self._publisher.submit([deleted])
+
+    async def _write(self, op: WriteOp) -> WriteResult:
+        try:
+            return await self._writer.submit(op)
+        except StoreUnavailableError as exc:
+            raise unavailable(exc) from exc
 
     # -- reads ------------------------------------------------------------------------------
     async def find(self, device_id: str) -> Device | None:

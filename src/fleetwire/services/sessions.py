@@ -19,13 +19,13 @@ from fleetwire.broker.base import Published
 from fleetwire.domain.clock import Clock
 from fleetwire.domain.close import Close
 from fleetwire.domain.devices import Device
+from fleetwire.events.writer import GroupWriter
 from fleetwire.presence.base import Presence, SessionInfo
 from fleetwire.services.commands import CommandService
 from fleetwire.services.local import LocalDeviceSession, LocalSession, LocalSessions
 from fleetwire.services.routing import NodeRouter
 from fleetwire.services.tasks import Tasks
 from fleetwire.store.base import EventWrite
-from fleetwire.store.writer import GroupWriter
 
 _PAGE = 500
 

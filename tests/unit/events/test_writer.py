@@ -13,6 +13,7 @@ import pytest
 from fleetwire.domain.devices import Device
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Record
+from fleetwire.events.writer import GroupWriter
 from fleetwire.store.base import (
     DeleteDevice,
     EventWrite,
@@ -23,7 +24,6 @@ from fleetwire.store.base import (
     WriteResult,
 )
 from fleetwire.store.sql import SqlStore
-from fleetwire.store.writer import GroupWriter
 
 pytestmark = pytest.mark.anyio
 
