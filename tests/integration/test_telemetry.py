@@ -133,3 +133,39 @@ async def test_client_sending_telemetry_is_forbidden(node: Node) -> None:
     client = await node.client("admin")
     reply = await client.request({"type": "telemetry", "data": {"a": 1}})
     assert reply["code"] == "forbidden"
+
+
+async def test_a_disabled_or_deleted_device_token_opens_no_rest_route(node: Node) -> None:
+    """Issue 13.7: the token of a disabled or deleted device gets 403 on every REST route,
+    its own telemetry included; enabled again, the same token works."""
+    await node.register("d1", "d2")
+    async with node.rest() as admin:
+        assert (await admin.patch("/devices/d1", json={"disabled": True})).status_code == 200
+        assert (await admin.delete("/devices/d2")).status_code == 204
+    for device_id in ("d1", "d2"):
+        async with node.rest("device", sub=device_id) as rest:
+            for response in (
+                await rest.post(f"/devices/{device_id}/telemetry", json={"data": {"t": 1}}),
+                await rest.get(f"/devices/{device_id}/telemetry"),
+                await rest.get(f"/devices/{device_id}/telemetry/latest"),
+            ):
+                assert (response.status_code, response.json()["code"]) == (403, "forbidden")
+    async with node.rest() as admin:
+        assert (await admin.patch("/devices/d1", json={"disabled": False})).status_code == 200
+    async with node.rest("device", sub="d1") as rest:
+        assert (await rest.post("/devices/d1/telemetry", json={"data": {"t": 1}})).status_code == 200
+
+
+async def test_rest_accepts_a_websocket_message_copied_verbatim(node: Node) -> None:
+    """Issue 13.19: one JSON works on both: `type` (matching the body) and `id` are accepted
+    over REST; a `type` that does not match the body is refused and stores nothing."""
+    await node.register("d1")
+    async with node.rest("device", sub="d1") as rest:
+        single = {"type": "telemetry", "id": 7, "data": {"t": 1}}
+        batch = {"type": "telemetry_batch", "id": "b", "records": [{"data": {"t": 2}}]}
+        assert (await rest.post("/devices/d1/telemetry", json=single)).json() == {"accepted": 1}
+        assert (await rest.post("/devices/d1/telemetry", json=batch)).json() == {"accepted": 1}
+        wrong = await rest.post("/devices/d1/telemetry", json={"type": "status", "data": {"t": 3}})
+        assert (wrong.status_code, wrong.json()["code"]) == (422, "invalid_message")
+        points = (await rest.get("/devices/d1/telemetry")).json()["items"]
+    assert sorted(p["value"] for p in points) == [1, 2]

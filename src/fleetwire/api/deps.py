@@ -40,9 +40,13 @@ async def get_principal(
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise FleetwireError(ErrorCode.UNAUTHORIZED, "a bearer token is required")
     try:
-        return await services.auth.verify(credentials.credentials)
+        principal = await services.auth.verify(credentials.credentials)
     except AuthError as exc:
         raise FleetwireError(ErrorCode.UNAUTHORIZED, str(exc) or "token refused") from exc
+    if principal.role is Role.DEVICE:
+        # A disabled or deleted device keeps a valid token; it opens nothing (issue 13.7).
+        await services.registry.require_active(principal.sub)
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -39,8 +39,10 @@ async def post_telemetry(
         ),
     ],
 ) -> dict[str, Any]:
-    """`{ts?, data}` like `telemetry`, or `{records: [...]}` like `telemetry_batch`."""
+    """`{ts?, data}` like `telemetry`, or `{records: [...]}` like `telemetry_batch`; a
+    WebSocket message copied verbatim (with its `type` and `id`) is accepted too."""
     require_device_access(principal, device_id, Role.ADMIN, device_itself=True)
+    body = _without_envelope(body)
     device = await services.ingest.device(device_id)
     skew = int(settings.max_clock_skew_s * 1000)
     now = services.clock.now_ms()
@@ -56,6 +58,25 @@ async def post_telemetry(
         batch = False
     accepted = await services.ingest.telemetry(device, records, batch=batch)
     return {"accepted": accepted}
+
+
+def _without_envelope(body: dict[str, Any]) -> dict[str, Any]:
+    """Drop a WebSocket envelope whose `type` matches the body's shape (issue 13.19)."""
+    if "type" not in body and "id" not in body:
+        return body
+    kind = body.get("type")
+    expected = "telemetry_batch" if "records" in body else "telemetry"
+    problems = []
+    if "type" in body and kind != expected:
+        problems.append({"loc": ["type"], "msg": f"must be {expected!r} for this body"})
+    request_id = body.get("id")
+    if request_id is not None and not (
+        (type(request_id) is str and len(request_id) <= 64) or type(request_id) is int
+    ):
+        problems.append({"loc": ["id"], "msg": "must be a string of up to 64 chars or an integer"})
+    if problems:
+        raise invalid("invalid envelope", problems)
+    return {k: v for k, v in body.items() if k not in ("type", "id")}
 
 
 def _time(value: str | None, name: str) -> int | None:

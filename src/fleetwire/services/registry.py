@@ -107,6 +107,12 @@ class RegistryService:
     async def find(self, device_id: str) -> Device | None:
         return await self._store.get_device(device_id)
 
+    async def require_active(self, device_id: str) -> None:
+        """For a device's own token: its device must exist and be enabled (else forbidden)."""
+        device = await self._store.get_device(device_id)
+        if device is None or device.disabled:
+            raise FleetwireError(ErrorCode.FORBIDDEN, "unknown or disabled device")
+
     async def get(self, device_id: str) -> Device:
         device = await self._store.get_device(device_id)
         if device is None:
