@@ -82,6 +82,11 @@ async def test_database_outage_no_false_ack_and_recovery_without_duplicates(
     for message in (single, batch, {"type": "status", "status": "down"}):
         reply = await device.request(message)
         assert (reply["type"], reply["code"]) == ("error", "unavailable"), reply
+        # No SQL, driver or library text reaches the client (issue 13.15).
+        assert reply["message"] in (
+            "storage unavailable, retry later",
+            "a backing service is unavailable; retry later",
+        )
     status, body, headers = await readyz(node)
     assert (status, body["status"], headers["retry-after"]) == (503, "unavailable", "5")
     assert body["checks"]["store"].startswith("unavailable")

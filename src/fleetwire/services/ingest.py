@@ -3,6 +3,8 @@ group writer, so an answer means the data is durable (contract §2.2), and store
 
 from __future__ import annotations
 
+import logging
+
 from fleetwire.domain.clock import Clock
 from fleetwire.domain.devices import Device
 from fleetwire.domain.errors import ErrorCode, FleetwireError
@@ -17,6 +19,8 @@ from fleetwire.store.base import (
     WriteOp,
     WriteResult,
 )
+
+log = logging.getLogger(__name__)
 
 
 class IngestService:
@@ -79,4 +83,6 @@ class IngestService:
 
 
 def unavailable(exc: Exception) -> FleetwireError:
-    return FleetwireError(ErrorCode.UNAVAILABLE, f"storage unavailable, retry later: {exc}")
+    """The client learns to retry; the detail (SQL, driver text) stays in the log (13.15)."""
+    log.warning("storage unavailable: %s", exc)
+    return FleetwireError(ErrorCode.UNAVAILABLE, "storage unavailable, retry later")
