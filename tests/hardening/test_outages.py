@@ -5,7 +5,9 @@ errors, honest /readyz, recovery without duplicates."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -157,3 +159,31 @@ async def test_broker_outage_on_a_single_node(
         raise AssertionError("no live event after Redis came back")
     assert event["data"]["source"] == "device"
     assert (await device.request({"type": "telemetry", "data": {"n": 6}}))["accepted"] == 1
+
+
+async def test_a_device_connecting_during_a_database_stall_is_closed_not_half_connected(
+    make_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """Issue 13.8: when `device.connected` cannot be recorded (the database is held locked
+    by another connection past the busy timeout), the session is closed 1001 so the device
+    reconnects; subscribers see no disconnect of a session they never saw connect. Once the
+    lock is gone, a reconnect is announced as usual."""
+    database = tmp_path / "stalled.db"
+    node = make_node(database_url=f"sqlite:///{database}?busy_timeout=200")
+    await node.register("d1")
+    client = await node.client()
+    await client.request({"type": "subscribe", "devices": ["d1"]})
+    lock = sqlite3.connect(database, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        stalled = await node.device("d1")
+        assert await stalled.closed() == (1001, "server_shutdown")
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    device = await node.device("d1")
+    connected = await client.next_of("event")
+    assert (connected["event"], connected["data"]["session_id"]) == (
+        "device.connected",
+        device.welcome["session_id"],
+    )

@@ -11,6 +11,7 @@ device sends (the endpoint holds requests until `connected()`).
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 import orjson
@@ -24,10 +25,11 @@ from fleetwire.presence.base import Presence, SessionInfo
 from fleetwire.services.commands import CommandService
 from fleetwire.services.local import LocalDeviceSession, LocalSession, LocalSessions
 from fleetwire.services.routing import NodeRouter
-from fleetwire.services.tasks import Tasks
+from fleetwire.services.tasks import OUTAGES, Tasks
 from fleetwire.store.base import EventWrite
 
 _PAGE = 500
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -62,6 +64,7 @@ class SessionService:
         self._tasks = tasks
         self._clock = clock
         self._online: dict[str, _Online] = {}  # by session id, device sessions only
+        self._announced: set[str] = set()  # sessions whose `device.connected` is recorded
 
     # -- a session opens and closes -----------------------------------------------------------
     def opened(self, session: LocalSession) -> None:
@@ -78,6 +81,18 @@ class SessionService:
         self._online[session.session_id] = _Online(task, session.connected_at_ms)
 
     async def _device_online(
+        self, session: LocalDeviceSession, local_previous: LocalDeviceSession | None
+    ) -> None:
+        """Claim presence, report a replaced predecessor, record `device.connected`, deliver
+        queued commands. If a backing service fails on the way, the session is closed 1001
+        so the device reconnects, instead of staying half-connected (issue 13.8)."""
+        try:
+            await self._go_online(session, local_previous)
+        except OUTAGES as exc:
+            log.warning("device %s could not go online, closing its session: %s", session.device_id, exc)
+            session.close(Close.SERVER_SHUTDOWN)
+
+    async def _go_online(
         self, session: LocalDeviceSession, local_previous: LocalDeviceSession | None
     ) -> None:
         info = SessionInfo(
@@ -110,7 +125,9 @@ class SessionService:
         device_id = session.device_id
         if self.local.devices.get(device_id) is session:
             del self.local.devices[device_id]
-        if not suppressed:
+        if suppressed:
+            self._announced.discard(session.session_id)
+        else:
             self._tasks.spawn(self._device_offline(device_id, session, online, reason))
 
     async def _device_offline(
@@ -118,9 +135,12 @@ class SessionService:
     ) -> None:
         if online is not None:
             await asyncio.wait([online.task])  # connected is recorded before disconnected
+        announced = session.session_id in self._announced
+        self._announced.discard(session.session_id)
         if not await self._presence.remove(device_id, session.session_id):
             return  # replaced meanwhile: the successor reported this session's end
-        await self._disconnected(device_id, session.session_id, session.connected_at_ms, reason)
+        if announced:  # a session nobody saw connect is not reported as gone either
+            await self._disconnected(device_id, session.session_id, session.connected_at_ms, reason)
 
     async def _disconnected(self, device_id: str, session_id: str, connected_at_ms: int, reason: str) -> None:
         at = self._clock.now_ms()
@@ -136,6 +156,7 @@ class SessionService:
         await self._writer.submit(
             EventWrite(session.device_id, "device.connected", session.connected_at_ms, data)
         )
+        self._announced.add(session.session_id)
         session.connected()
 
     async def close_device(self, device_id: str, code: Close) -> None:
