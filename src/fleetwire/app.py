@@ -174,7 +174,12 @@ def build_services(
         commands=commands,
         sessions=sessions,
         subscriptions=SubscriptionService(
-            store=store, presence=presence, hub=hub, history=settings.event_history
+            store=store,
+            presence=presence,
+            hub=hub,
+            history=settings.event_history,
+            max_subscriptions=settings.max_subscriptions,
+            max_patterns=settings.max_patterns,
         ),
         registry=registry,
         periods=Periods(

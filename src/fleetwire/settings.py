@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     handshake_timeout_s: float = 10.0
     close_grace_s: float = 2.0  # after a close frame, how long a peer has to read it
     max_in_flight: int = Field(default=64, ge=1)  # requests per session awaiting their reply
+    max_subscriptions: int = Field(default=100, ge=1)  # per client connection
+    max_patterns: int = Field(default=1000, ge=1)  # device ids and globs per client connection
     max_header_bytes: int = 16_000
     event_history: int = Field(default=1000, ge=1)
     telemetry_retention_days: float = 30.0

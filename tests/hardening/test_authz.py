@@ -112,8 +112,11 @@ async def test_clients_outside_their_devices_claim(node: Node) -> None:
         assert (await rest.patch("/devices/site-b.1", json={"status": "x"})).status_code == 403
         listed = (await rest.get("/devices")).json()["items"]
         assert [d["id"] for d in listed] == ["site-a.1"]
-        connections = (await rest.get("/connections")).json()["items"]
-        assert [c["device_id"] for c in connections] == ["site-a.1"]
+        connections = (await rest.get("/connections")).json()
+        assert [c["device_id"] for c in connections["items"]] == ["site-a.1"]
+        assert connections["count"] == 1  # site-b.1 is connected too, but not counted (13.13)
+        bad_cursor = await rest.get("/connections", params={"cursor": "WzFd"})  # base64 of [1]
+        assert (bad_cursor.status_code, bad_cursor.json()["code"]) == (422, "invalid_message")
     wide = await node.client("operator", sub="wide")
     legit = await wide.request({"type": "command", "device_id": "site-b.1", "name": "legit"})
     first = await b.next_of("command")

@@ -157,3 +157,26 @@ async def test_requests_in_flight_are_capped_and_reading_pauses_during_a_stall(
     acks = [await device.recv() for _ in range(100)]
     assert [a["id"] for a in acks] == list(range(1, 101))
     assert all(a["type"] == "ack" for a in acks)
+
+
+async def test_subscriptions_and_patterns_per_connection_are_capped(make_node: Callable[..., Node]) -> None:
+    """Issue 13.4: with FLEETWIRE_MAX_SUBSCRIPTIONS=3 and FLEETWIRE_MAX_PATTERNS=5, the 4th
+    subscribe, or one that takes the connection past 5 ids and patterns, gets `too_large`
+    and adds nothing; unsubscribing frees room; another connection has its own budget."""
+    node = make_node(max_subscriptions=3, max_patterns=5)
+    await node.register("d1")
+    viewer = await node.client()
+    ok = [await viewer.request({"type": "subscribe", "devices": [f"x{n}-*"]}) for n in range(2)]
+    assert [r["subscription_id"] for r in ok] == ["sub-1", "sub-2"]
+    wide = await viewer.request({"type": "subscribe", "devices": ["a*", "b*", "c*", "d*"]})
+    assert wide["code"] == "too_large"
+    third = await viewer.request({"type": "subscribe", "devices": ["a*", "b*", "c*"]})
+    assert third["subscription_id"] == "sub-3"
+    fourth = await viewer.request({"type": "subscribe", "devices": ["d1"]})
+    assert fourth["code"] == "too_large"
+    assert (await viewer.request({"type": "unsubscribe", "subscription_id": "sub-1"}))["type"] == "ack"
+    assert (await viewer.request({"type": "subscribe", "devices": ["d1"]}))["subscription_id"] == "sub-4"
+    other = await node.client()
+    assert (await other.request({"type": "subscribe", "devices": ["a*", "b*", "c*", "d*", "e*"]}))[
+        "type"
+    ] == "ack"

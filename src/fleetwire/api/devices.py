@@ -120,6 +120,8 @@ async def list_connections(
     """Live device sessions on every node, ordered by device id."""
     require(principal, Role.VIEWER)
     after = decode_cursor(cursor)
+    if after is not None and not isinstance(after, str):
+        raise FleetwireError(ErrorCode.INVALID_MESSAGE, "bad cursor")
     items: list[dict[str, Any]] = []
     last: str | None = after
     while len(items) < limit:
@@ -131,7 +133,11 @@ async def list_connections(
         last = page[-1].device_id
     items = items[:limit]
     next_cursor = encode_cursor(items[-1]["device_id"]) if len(items) == limit else None
-    return {"items": items, "next_cursor": next_cursor, "count": await services.registry.session_count()}
+    return {
+        "items": items,
+        "next_cursor": next_cursor,
+        "count": await services.registry.session_count(principal),
+    }
 
 
 @router.get("/devices/{device_id}/events")

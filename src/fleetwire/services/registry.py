@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fleetwire.auth.principal import Principal
 from fleetwire.domain.clock import Clock
 from fleetwire.domain.close import Close
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
@@ -30,6 +31,7 @@ from fleetwire.store.base import (
     WriteResult,
 )
 
+_PAGE = 500
 OFFLINE: dict[str, Any] = {
     "connected": False,
     "session_id": None,
@@ -140,8 +142,18 @@ class RegistryService:
     async def sessions(self, limit: int, after: str | None) -> list[SessionInfo]:
         return await self._presence.list_sessions(limit, after)
 
-    async def session_count(self) -> int:
-        return await self._presence.count()
+    async def session_count(self, principal: Principal) -> int:
+        """Live sessions the principal may see: a restricted viewer does not learn the size
+        of the fleet beyond its claim (issue 13.13); counting those costs a scan."""
+        if principal.device_patterns is None:
+            return await self._presence.count()
+        count, after = 0, None
+        while True:
+            page = await self._presence.list_sessions(_PAGE, after)
+            count += sum(1 for s in page if principal.may_see(s.device_id))
+            if len(page) < _PAGE:
+                return count
+            after = page[-1].device_id
 
 
 def connection_block(session: SessionInfo | None) -> dict[str, Any]:

@@ -44,13 +44,25 @@ class SubscriptionPlan:
 
 
 class SubscriptionService:
-    def __init__(self, *, store: Store, presence: Presence, hub: Hub, history: int) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        presence: Presence,
+        hub: Hub,
+        history: int,
+        max_subscriptions: int = 100,
+        max_patterns: int = 1000,
+    ) -> None:
         self._store = store
         self._presence = presence
         self._hub = hub
         self._history = history
+        self._max_subscriptions = max_subscriptions
+        self._max_patterns = max_patterns
 
     async def subscribe(self, subscriber: HoldingSubscriber, wanted: Subscribe) -> SubscriptionPlan:
+        self._check_caps(subscriber, wanted)
         principal = subscriber.principal
         exact = [d for d in wanted.devices if not is_pattern(d)]
         patterns = tuple(d for d in wanted.devices if is_pattern(d))
@@ -89,6 +101,21 @@ class SubscriptionService:
             wanted.resume or {},
             held,
         )
+
+    def _check_caps(self, subscriber: Subscriber, wanted: Subscribe) -> None:
+        """Bounded memory and routing cost per connection (issue 13.4): ids and patterns
+        count alike, over every subscription of the connection."""
+        current = subscriber.subscriptions.values()
+        if len(current) >= self._max_subscriptions:
+            raise FleetwireError(
+                ErrorCode.TOO_LARGE, f"at most {self._max_subscriptions} subscriptions per connection"
+            )
+        entries = sum(len(s.exact) + len(s.patterns) for s in current) + len(wanted.devices)
+        if entries > self._max_patterns:
+            raise FleetwireError(
+                ErrorCode.TOO_LARGE,
+                f"at most {self._max_patterns} device ids and patterns per connection in all",
+            )
 
     def unsubscribe(self, subscriber: Subscriber, subscription_id: str) -> None:
         if not self._hub.remove(subscriber, subscription_id):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sqlite3
 from fnmatch import fnmatchcase
+from pathlib import Path
 
 import anyio
 import pytest
@@ -164,3 +165,25 @@ def test_driver_errors_become_store_errors() -> None:
     assert isinstance(translate(unique.value), DuplicateError)
     assert translate(not_null.value) is None
     assert translate(ValueError("a bug")) is None
+
+
+@pytest.mark.anyio
+async def test_a_new_sqlite_database_is_private(tmp_path: Path) -> None:
+    """Issue 13.16: a new data directory is 0700 and the database with its WAL files 0600."""
+    import stat
+
+    from fleetwire.domain.devices import Device
+    from fleetwire.store.base import RegisterDevice
+    from fleetwire.store.sql import SqlStore
+
+    database = tmp_path / "fresh" / "fleetwire.db"
+    store = SqlStore(f"sqlite:///{database}", history=10)
+    await store.open()
+    try:
+        await store.write([RegisterDevice(Device(id="d1"), 1)])
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in database.parent.iterdir()}
+    finally:
+        await store.close()
+    assert stat.S_IMODE(database.parent.stat().st_mode) == 0o700
+    assert modes["fleetwire.db"] == 0o600
+    assert all(mode == 0o600 for mode in modes.values()), modes

@@ -10,6 +10,7 @@ to ``busy_timeout`` ms (default 10000, ``?busy_timeout=`` in the URL) for the lo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Final
 
@@ -83,11 +84,19 @@ def sqlite_options(url: str) -> tuple[str, int]:
     return synchronous.upper(), int(busy_timeout)
 
 
+def create_private(database: Path) -> None:
+    """A new database (and a new directory for it) only its owner can read (SECURITY.md):
+    SQLite gives its -wal and -shm files the mode of the database file."""
+    database.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not database.exists():
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+
+
 def _sqlite_engine(url: str) -> AsyncEngine:
     synchronous, busy_timeout = sqlite_options(url)
     database = make_url(url).database
     assert database is not None  # async_url refuses URLs without a file
-    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    create_private(Path(database).expanduser())
     engine = create_async_engine(
         async_url(url),
         json_serializer=dumps,
