@@ -255,6 +255,16 @@ async def test_list_filters(store: Store) -> None:
         assert await ids(DeviceFilter(patterns=("a[12]",), only_ids=frozenset({"a2", "a3"}))) == ["a2"]
 
 
+async def test_a_thousand_patterns_are_one_query(store: Store) -> None:
+    """Issue 13.14: 1,000 patterns (the subscribe maximum) match like fewer; SQLite used to
+    fail with "Expression tree is too large" on one OR term each."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "p-0007", "p-0999", "q-1", "z")
+        patterns = tuple(f"p-{n:04d}" for n in range(998)) + ("p-0999*", "q-?")
+        found = [d.id for d in await store.list_devices(DeviceFilter(patterns=patterns), 100)]
+        assert found == ["p-0007", "p-0999", "q-1"]
+
+
 async def test_list_patterns_match_like_fnmatchcase(store: Store) -> None:
     """`patterns` are the `devices` claim globs: the same matches as fnmatch.fnmatchcase."""
     with anyio.fail_after(LIMIT_S):

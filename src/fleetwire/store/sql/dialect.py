@@ -50,6 +50,10 @@ class Dialect(Protocol):
     def glob(self, column: sa.ColumnElement[str], pattern: str) -> sa.ColumnElement[bool] | None:
         """`column` matches the glob (fnmatchcase); None if no device id can match."""
 
+    def globs_any(self, column: sa.ColumnElement[str], patterns: Iterable[str]) -> sa.ColumnElement[bool]:
+        """`column` matches one of the globs, as ONE parameter: a thousand patterns are one
+        term, not a thousand ORs (SQLite's expression tree has a depth limit)."""
+
     def insert_new(self, table: sa.Table) -> Any:
         """INSERT … ON CONFLICT DO NOTHING: a duplicate key inserts nothing and fails nothing."""
 
@@ -89,6 +93,11 @@ class _Sqlite:
     def glob(self, column: sa.ColumnElement[str], pattern: str) -> sa.ColumnElement[bool] | None:
         glob = glob_sqlite(pattern)
         return None if glob is None else column.op("GLOB")(glob)
+
+    def globs_any(self, column: sa.ColumnElement[str], patterns: Iterable[str]) -> sa.ColumnElement[bool]:
+        globs = sorted({g for g in map(glob_sqlite, patterns) if g is not None})
+        each = sa.func.json_each(sa.bindparam(None, dumps(globs), type_=sa.Text)).table_valued("value")
+        return sa.exists(sa.select(1).select_from(each).where(column.op("GLOB")(each.c.value)))
 
     def insert_new(self, table: sa.Table) -> Any:
         return sqlite.insert(table).on_conflict_do_nothing()
@@ -151,6 +160,10 @@ class _Postgresql:
     def glob(self, column: sa.ColumnElement[str], pattern: str) -> sa.ColumnElement[bool] | None:
         regex = glob_regex(pattern)
         return None if regex is None else column.op("~")(regex)
+
+    def globs_any(self, column: sa.ColumnElement[str], patterns: Iterable[str]) -> sa.ColumnElement[bool]:
+        regexes = sorted({r for r in map(glob_regex, patterns) if r is not None})
+        return column.op("~")(sa.any_(sa.bindparam(None, regexes, type_=postgresql.ARRAY(sa.Text))))
 
     def insert_new(self, table: sa.Table) -> Any:
         return postgresql.insert(table).on_conflict_do_nothing()

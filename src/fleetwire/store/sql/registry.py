@@ -48,11 +48,14 @@ def list_query(dialect: Dialect, where: DeviceFilter, limit: int, after: str | N
     if where.exclude_ids:
         query = query.where(sa.not_(dialect.ids_in(devices.c.id, where.exclude_ids)))
     if where.patterns is not None:
+        # Two terms whatever the number of patterns: exact ids, and globs (issue 13.14).
+        ids = [p for p in where.patterns if not has_wildcard(p)]
+        globs = [p for p in where.patterns if has_wildcard(p)]
         matches: list[sa.ColumnElement[bool]] = []
-        for pattern in where.patterns:
-            match = dialect.glob(devices.c.id, pattern) if has_wildcard(pattern) else devices.c.id == pattern
-            if match is not None:
-                matches.append(match)
+        if ids:
+            matches.append(dialect.ids_in(devices.c.id, ids))
+        if any(dialect.glob(devices.c.id, g) is not None for g in globs):
+            matches.append(dialect.globs_any(devices.c.id, globs))
         if not matches:
             return None
         query = query.where(sa.or_(*matches))
