@@ -227,3 +227,29 @@ async def test_redis_restart_recovers(cluster: Callable[..., Any], private_redis
         except TimeoutError:
             continue
     assert event["data"]["source"] == "device"
+
+
+async def test_command_lifecycle_is_stored_in_order_across_nodes(cluster: Callable[..., Any]) -> None:
+    """Issue 13.12a: the issuer on B, the device on A answering at once: for every command
+    the history holds `sent` before `succeeded` (seq order), also when both are recorded by
+    different nodes within a millisecond of each other."""
+    a, b = await cluster("a", "b")
+    async with a.rest() as rest:
+        assert (await rest.post("/devices", json={"id": "d1"})).status_code == 201
+    device = await a.device("d1")
+    client = await b.client()
+    ids = []
+    for _ in range(40):
+        await client.send({"type": "command", "device_id": "d1", "name": "blink", "id": "c"})
+        command = await device.next_of("command")
+        await device.send({"type": "command_result", "command_id": command["command_id"], "ok": True})
+        ids.append(command["command_id"])
+    for _ in ids:  # every result has reached the issuer: both events are committed
+        await client.next_of("command_result")
+    async with b.rest("viewer") as rest:
+        events = (await rest.get("/devices/d1/events", params={"limit": 1000})).json()["items"]
+    states: dict[str, list[str]] = {}
+    for event in events:
+        if event["event"] == "command.updated":
+            states.setdefault(event["data"]["command_id"], []).append(event["data"]["state"])
+    assert [states[i] for i in ids] == [["sent", "succeeded"]] * len(ids)

@@ -48,7 +48,6 @@ class CommandService:
         self._clock = clock
         self._ids = CommandIds()
         self._timers: dict[str, Timer] = {}
-        self._first_event: dict[str, asyncio.Task[None]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     # -- issuing -------------------------------------------------------------------------------
@@ -105,11 +104,11 @@ class CommandService:
         except LookupError as exc:
             raise FleetwireError(ErrorCode.NOT_FOUND, "no such device") from exc
         self.arm(command)
+        # Its first `command.updated` is committed before the command can leave: a result
+        # recorded on another node can then never take a lower seq than `sent` (issue 13.12a).
+        await self.updated(command)
         if session is not None:
             await self._router.send(session.node, session.session_id, command.device_message())
-        # The ack goes out now, before the device can answer; the `command.updated` event is
-        # recorded meanwhile, and finished() waits for it so that subscribers see it first.
-        self._first_event[command.id] = self._tasks.spawn(self.updated(command))
         return command
 
     # -- device side --------------------------------------------------------------------------
@@ -118,8 +117,8 @@ class CommandService:
         for command in await self._store.pending_commands(device_id, self._clock.now_ms()):
             sent = await self._store.transition_command(command.id, CommandState.SENT, self._clock.now_ms())
             if sent is not None:
+                await self.updated(sent)  # recorded before the device can answer
                 send(orjson.dumps(sent.device_message()))
-                await self.updated(sent)
 
     async def result(
         self,
@@ -178,9 +177,6 @@ class CommandService:
         timer = self._timers.pop(command.id, None)
         if timer is not None:
             timer.cancel()
-        first = self._first_event.pop(command.id, None)
-        if first is not None:
-            await asyncio.wait([first])
         if command.issuer_node is not None and command.issuer_session is not None:
             message = {
                 "type": "command_result",
