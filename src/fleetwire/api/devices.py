@@ -20,7 +20,7 @@ from fleetwire.domain.clock import now_ms
 from fleetwire.domain.devices import Device, DeviceFilter
 from fleetwire.domain.errors import ErrorCode, FleetwireError
 from fleetwire.domain.events import Event
-from fleetwire.domain.telemetry import check_schema
+from fleetwire.domain.telemetry import check_schema_async
 from fleetwire.realtime.codes import Close
 from fleetwire.store.base import DuplicateError, EventWrite
 
@@ -60,7 +60,7 @@ async def connection_block(node: NodeDep, device_id: str) -> dict[str, Any]:
 async def register_device(body: DeviceCreate, node: NodeDep, principal: PrincipalDep) -> dict[str, Any]:
     require_device_access(principal, body.id, Role.ADMIN)
     if body.telemetry_schema is not None:
-        check_schema(body.telemetry_schema)
+        await check_schema_async(body.telemetry_schema)
     now = now_ms()
     device = Device(
         id=body.id,
@@ -142,7 +142,7 @@ async def update_device(
     require_device_access(principal, device_id, Role.OPERATOR if given <= {"status"} else Role.ADMIN)
     await _device(node, device_id)
     if body.telemetry_schema is not None:
-        check_schema(body.telemetry_schema)
+        await check_schema_async(body.telemetry_schema)
     changes = {k: getattr(body, k) for k in given if k != "status"}
     if "tags" in changes:
         changes["tags"] = tuple(changes["tags"] or ())
