@@ -43,6 +43,13 @@ MAX_SCHEMA_DEPTH: Final = 32
 # Without refs it is the schema's own object count (a 64 KiB schema has at most ~4000); with refs
 # two-way `anyOf` nesting doubles it at each level, which this bound stops.
 MAX_SCHEMA_EXPANSION: Final = 4096
+# fastjsonschema writes each object's definition (its `$ref`s replaced by their targets) into the
+# generated code at every check that can fail, for the exception, and builds it again when that
+# check fails: code size and the cost of a failing record grow with the sum, over objects, of
+# their expanded JSON text. An inline two-way `anyOf` tree of 48 KiB sums to 540 KiB: 3.4 MB of
+# code, 1.3 s to compile, 150 ms to refuse one record; at this cap the worst measured is 50 ms to
+# compile and 2.5 ms to refuse a record. 256 typed properties with ranges sum to about 37 KiB.
+MAX_SCHEMA_EMBEDDED_BYTES: Final = 65_536
 COMPILE_TIMEOUT_S: Final = 5.0
 
 FIELD: Final = "telemetry_schema"
@@ -70,6 +77,7 @@ class SchemaLimits:
     max_bytes: int = MAX_SCHEMA_BYTES
     max_depth: int = MAX_SCHEMA_DEPTH
     max_expansion: int = MAX_SCHEMA_EXPANSION
+    max_embedded_bytes: int = MAX_SCHEMA_EMBEDDED_BYTES
 
 
 DEFAULT_LIMITS: Final = SchemaLimits()
@@ -238,7 +246,7 @@ def _subtree(node: Any) -> Iterator[Any]:
 
 
 def _check_refs(
-    schema: dict[str, Any], refs: list[tuple[Loc, str]], max_expansion: int
+    schema: dict[str, Any], refs: list[tuple[Loc, str]], limits: SchemaLimits
 ) -> list[dict[str, Any]]:
     """Resolve every `$ref`, then refuse cycles and an expansion beyond `max_expansion`.
 
@@ -282,6 +290,7 @@ def _check_refs(
         local[id(target)] = count
         edges[id(target)] = out
 
+    max_expansion = limits.max_expansion
     cap = max_expansion + 1
     visiting: set[int] = set()
     value: dict[int, int] = {}
@@ -314,7 +323,38 @@ def _check_refs(
         return [
             _problem((), f"expands to more than {max_expansion} schema objects once every `$ref` is followed")
         ]
+    embedded = _embedded_bytes(schema, refs, holders, target_of)
+    if embedded > limits.max_embedded_bytes:
+        return [
+            _problem(
+                (),
+                f"compiles to too much code: its checks embed {embedded} bytes of schema text, "
+                f"more than {limits.max_embedded_bytes}",
+            )
+        ]
     return []
+
+
+def _embedded_bytes(
+    schema: dict[str, Any], refs: list[tuple[Loc, str]], holders: list[Any], target_of: dict[int, Any]
+) -> int:
+    """The sum over schema objects of their compact JSON with every `$ref` inside replaced by its
+    target (one level, as fastjsonschema's `_expand_refs` does): what the generated code embeds.
+    Bounded before it is computed: depth x size of the document."""
+    raw: dict[int, int] = {}
+    total = 0
+    for item in _subtree(schema):
+        raw[id(item)] = size = len(orjson.dumps(item))
+        total += size
+    for (loc, _), holder in zip(refs, holders, strict=True):
+        delta = raw[id(target_of[id(holder)])] - raw[id(holder)]
+        node: Any = schema
+        enclosing = 1 if isinstance(node, dict) else 0
+        for part in loc:
+            node = node[part]
+            enclosing += isinstance(node, dict)
+        total += delta * enclosing
+    return total
 
 
 def _holders(schema: dict[str, Any], refs: list[tuple[Loc, str]]) -> Iterator[Any]:
@@ -346,7 +386,7 @@ def inspect_schema(schema: object, limits: SchemaLimits = DEFAULT_LIMITS) -> tup
         raise _refusal(found.problems)
     if text is None:
         raise _refusal([_problem((), f"not representable as JSON: {unencodable}")])
-    problems = _check_refs(schema, found.refs, limits.max_expansion)
+    problems = _check_refs(schema, found.refs, limits)
     if problems:
         raise _refusal(problems)
     return text, found.patterns
@@ -415,6 +455,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "MAX_SCHEMA_BYTES",
     "MAX_SCHEMA_DEPTH",
+    "MAX_SCHEMA_EMBEDDED_BYTES",
     "MAX_SCHEMA_EXPANSION",
     "NO_FETCH",
     "FetchRefused",

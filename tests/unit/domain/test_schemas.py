@@ -15,6 +15,7 @@ from fleetwire.domain.errors import ErrorCode, FleetwireError
 from fleetwire.domain.schemas import (
     MAX_SCHEMA_BYTES,
     MAX_SCHEMA_DEPTH,
+    MAX_SCHEMA_EMBEDDED_BYTES,
     MAX_SCHEMA_EXPANSION,
     NO_FETCH,
     FetchRefused,
@@ -43,9 +44,10 @@ def listener() -> Iterator[Listener]:
 
 
 def test_defaults() -> None:
-    """The documented defaults (SECURITY.md): 64 KiB, 32 levels, 4096 objects."""
+    """The documented defaults (SECURITY.md): 64 KiB, 32 levels, 4096 objects, 64 KiB embedded."""
     assert (MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, MAX_SCHEMA_EXPANSION) == (65_536, 32, 4096)
-    assert SchemaLimits() == SchemaLimits(65_536, 32, 4096)
+    assert MAX_SCHEMA_EMBEDDED_BYTES == 65_536
+    assert SchemaLimits() == SchemaLimits(65_536, 32, 4096, 65_536)
 
 
 def test_size_cap_is_exact() -> None:
@@ -125,6 +127,38 @@ def test_expansion_counts_every_ref() -> None:
     check_schema(schema, SchemaLimits(max_expansion=6))
     assert details(schema, SchemaLimits(max_expansion=5))[0]["msg"] == (
         "expands to more than 5 schema objects once every `$ref` is followed"
+    )
+
+
+def bush(levels: int) -> dict[str, Any]:
+    """An inline two-way anyOf tree: small as JSON, but every object's definition is written
+    into the generated code at each of its checks."""
+    if levels == 0:
+        return {"type": "string", "minLength": 1000}
+    return {"anyOf": [bush(levels - 1), bush(levels - 1)]}
+
+
+def test_embedded_schema_text_is_capped() -> None:
+    """The sum of every object's JSON (what the generated code embeds) is capped: a 12 KiB
+    anyOf tree embedding 111 KiB is refused; the count is exact at the boundary."""
+    schema = {"additionalProperties": bush(8)}
+    assert len(orjson.dumps(schema)) == 12_044
+    assert details(schema) == [
+        {
+            "loc": ["telemetry_schema"],
+            "msg": "compiles to too much code: its checks embed 113689 bytes of schema text, more than 65536",
+        }
+    ]
+    check_schema(schema, SchemaLimits(max_embedded_bytes=113_689))
+    # A $ref's target is embedded at every object enclosing the reference.
+    refs = {"definitions": {"b": {"enum": ["x" * 100]}}, "properties": {"a": {"$ref": "#/definitions/b"}}}
+    raw = sum(len(orjson.dumps(o)) for o in (refs, refs["definitions"], refs["definitions"]["b"]))
+    raw += sum(len(orjson.dumps(o)) for o in (refs["properties"], refs["properties"]["a"]))
+    delta = len(orjson.dumps(refs["definitions"]["b"])) - len(orjson.dumps(refs["properties"]["a"]))
+    expected = raw + 3 * delta  # root, properties and the holder itself enclose the reference
+    check_schema(refs, SchemaLimits(max_embedded_bytes=expected))
+    assert details(refs, SchemaLimits(max_embedded_bytes=expected - 1))[0]["msg"] == (
+        f"compiles to too much code: its checks embed {expected} bytes of schema text, more than {expected - 1}"
     )
 
 
