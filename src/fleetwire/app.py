@@ -19,6 +19,7 @@ from fleetwire.auth.principal import TokenVerifier
 from fleetwire.auth.secret import signing_secret
 from fleetwire.broker.base import Broker
 from fleetwire.domain.clock import Clock, SystemClock
+from fleetwire.domain.schemas import SchemaLimits
 from fleetwire.events.hub import Hub
 from fleetwire.events.publisher import EventPublisher
 from fleetwire.events.writer import GroupWriter
@@ -132,7 +133,12 @@ def build_services(
     tasks = Tasks(clock)
     local = LocalSessions()
     router = NodeRouter(node_id, broker, local)
-    ingest = IngestService(store=store, writer=writer, clock=clock)
+    schema_limits = SchemaLimits(
+        max_bytes=settings.max_schema_bytes,
+        max_depth=settings.max_schema_depth,
+        max_expansion=settings.max_schema_expansion,
+    )
+    ingest = IngestService(store=store, writer=writer, clock=clock, schema_limits=schema_limits)
     commands = CommandService(
         store=store, writer=writer, presence=presence, router=router, tasks=tasks, clock=clock
     )
@@ -154,6 +160,7 @@ def build_services(
         sessions=sessions,
         ingest=ingest,
         clock=clock,
+        schema_limits=schema_limits,
     )
     hub.listeners.append(sessions.on_event)
     hub.listeners.append(commands.on_event)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -13,6 +13,14 @@ import orjson
 from fleetwire.domain.clock import format_ms, parse_rfc3339
 from fleetwire.domain.devices import NAME
 from fleetwire.domain.errors import FleetwireError, invalid
+from fleetwire.domain.schemas import (
+    DEFAULT_LIMITS,
+    SchemaLimits,
+    Validator,
+    check_schema,
+    check_schema_async,
+    compile_validator,
+)
 
 MAX_KEYS: Final = 256
 MAX_STRING: Final = 1024
@@ -135,21 +143,47 @@ def parse_batch(raw_records: object, now_ms: int, max_skew_ms: int) -> list[Reco
     return [r for r in records if r is not None]
 
 
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """A stored schema that compile_validator refused, remembered like a validator. The error is
+    built afresh at each raise: re-raising one instance would grow its traceback every time."""
+
+    message: str
+    details: list[dict[str, Any]]
+
+
 class SchemaCache:
-    """Compiled telemetry JSON Schemas, keyed by their canonical text, built once each."""
+    """Compiled telemetry JSON Schemas, keyed by their canonical text, built once each.
 
-    def __init__(self, limit: int = 1024) -> None:
-        self._compiled: dict[bytes, Callable[[Any], Any]] = {}
+    Schemas are checked at registration, but one stored before those checks may be hostile: it
+    goes through the same compile_validator, and a refusal is kept and answered as
+    `invalid_message` for every message of that device until the schema is replaced."""
+
+    def __init__(self, limit: int = 1024, limits: SchemaLimits = DEFAULT_LIMITS) -> None:
+        self._compiled: dict[bytes, Validator | _Refused] = {}
         self._limit = limit
+        self._limits = limits
 
-    def validator(self, schema: Mapping[str, Any]) -> Callable[[Any], Any]:
-        key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
-        found = self._compiled.get(key)
+    def validator(self, schema: Mapping[str, Any]) -> Validator:
+        try:
+            key: bytes | None = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            key = None  # not JSON: compile_validator refuses it, uncached
+        found = self._compiled.get(key) if key is not None else None
         if found is None:
-            if len(self._compiled) >= self._limit:
-                self._compiled.pop(next(iter(self._compiled)))
-            found = fastjsonschema.compile(dict(schema))
-            self._compiled[key] = found
+            try:
+                found = compile_validator(schema, self._limits)
+            except FleetwireError as exc:
+                found = _Refused(
+                    "the device's telemetry_schema is refused; none stored: " + exc.details[0]["msg"],
+                    exc.details,
+                )
+            if key is not None:
+                if len(self._compiled) >= self._limit:
+                    self._compiled.pop(next(iter(self._compiled)))
+                self._compiled[key] = found
+        if isinstance(found, _Refused):
+            raise invalid(found.message, list(found.details))
         return found
 
     def check(self, schema: Mapping[str, Any], records: list[Record], batch: bool) -> None:
@@ -165,14 +199,13 @@ class SchemaCache:
             raise invalid("telemetry does not match the device's schema; none stored", problems)
 
 
-def check_schema(schema: object) -> None:
-    """Refuse a telemetry_schema that is not a compilable JSON Schema object."""
-    if not isinstance(schema, dict):
-        raise invalid("telemetry_schema must be a JSON Schema object")
-    try:
-        fastjsonschema.compile(schema)
-    except (fastjsonschema.JsonSchemaDefinitionException, TypeError, ValueError) as exc:
-        raise invalid(f"telemetry_schema is not a valid JSON Schema: {exc}") from exc
-
-
-__all__ = ["FleetwireError", "Record", "SchemaCache", "check_schema", "parse_batch", "parse_single"]
+__all__ = [
+    "FleetwireError",
+    "Record",
+    "SchemaCache",
+    "SchemaLimits",
+    "check_schema",
+    "check_schema_async",
+    "parse_batch",
+    "parse_single",
+]

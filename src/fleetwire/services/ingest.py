@@ -8,6 +8,7 @@ import logging
 from fleetwire.domain.clock import Clock
 from fleetwire.domain.devices import Device
 from fleetwire.domain.errors import ErrorCode, FleetwireError
+from fleetwire.domain.schemas import DEFAULT_LIMITS, SchemaLimits
 from fleetwire.domain.telemetry import Record, SchemaCache
 from fleetwire.events.writer import GroupWriter
 from fleetwire.store.base import (
@@ -24,11 +25,13 @@ log = logging.getLogger(__name__)
 
 
 class IngestService:
-    def __init__(self, *, store: Store, writer: GroupWriter, clock: Clock) -> None:
+    def __init__(
+        self, *, store: Store, writer: GroupWriter, clock: Clock, schema_limits: SchemaLimits = DEFAULT_LIMITS
+    ) -> None:
         self._store = store
         self._writer = writer
         self._clock = clock
-        self._schemas = SchemaCache()
+        self._schemas = SchemaCache(limits=schema_limits)
 
     async def telemetry(self, device: Device, records: list[Record], *, batch: bool) -> int:
         """Validate against the device's schema, store, and return how many were accepted."""

@@ -16,7 +16,7 @@ from fleetwire.domain.close import Close
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
 from fleetwire.domain.errors import ErrorCode, FleetwireError
 from fleetwire.domain.events import Event
-from fleetwire.domain.telemetry import check_schema
+from fleetwire.domain.schemas import DEFAULT_LIMITS, SchemaLimits, check_schema_async
 from fleetwire.events.writer import GroupWriter
 from fleetwire.presence.base import Presence, SessionInfo
 from fleetwire.services.ingest import IngestService, unavailable
@@ -51,7 +51,9 @@ class RegistryService:
         sessions: SessionService,
         ingest: IngestService,
         clock: Clock,
+        schema_limits: SchemaLimits = DEFAULT_LIMITS,
     ) -> None:
+        self._schema_limits = schema_limits
         self._store = store
         self._writer = writer
         self._presence = presence
@@ -62,7 +64,7 @@ class RegistryService:
     # -- changes: each one operation of the group writer, with its event in the same transaction
     async def register(self, device: Device) -> Device:
         if device.telemetry_schema is not None:
-            check_schema(device.telemetry_schema)
+            await check_schema_async(device.telemetry_schema, self._schema_limits)
         result = await self._write(RegisterDevice(device, self._clock.now_ms()))
         if result.duplicate:
             raise FleetwireError(ErrorCode.CONFLICT, f"device {device.id!r} exists already")
@@ -74,7 +76,7 @@ class RegistryService:
         await self.get(device_id)
         schema = changes.get("telemetry_schema")
         if schema is not None:
-            check_schema(schema)
+            await check_schema_async(schema, self._schema_limits)
         device: Device | None = None
         if changes:
             result = await self._write(UpdateDevice(device_id, changes, self._clock.now_ms()))
