@@ -1092,3 +1092,18 @@ async def test_pending_list_and_due_commands(store: Store) -> None:
         assert await ids(await store.due_commands(5000, 10)) == ["000004d", "000002b"]
         assert await ids(await store.due_commands(20_000, 10)) == ["000004d", "000002b", "000001a", "000003c"]
         assert await ids(await store.due_commands(20_000, 1)) == ["000004d"]
+
+
+async def test_purge_drops_final_commands_completed_before_the_cutoff(store: Store) -> None:
+    """Issue 13.17: final commands completed before the cutoff go; later ones, pending and
+    sent ones (however old) stay."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1")
+        for command_id in ("old-done", "new-done", "old-pending", "old-sent"):
+            await store.create_command(_command(command_id, issued_at_ms=10, expires_at_ms=10**12))
+        await store.transition_command("old-done", CommandState.EXPIRED, 100)
+        await store.transition_command("new-done", CommandState.EXPIRED, 300)
+        await store.transition_command("old-sent", CommandState.SENT, 100)
+        await store.purge(200, 10)
+        kept = await store.list_commands("d1", None, 10)
+        assert sorted(c.id for c in kept) == ["new-done", "old-pending", "old-sent"]

@@ -164,7 +164,9 @@ class Store(Protocol):
     async def events(self, device_id: str, after_seq: int, limit: int) -> list[Event]:
         """History with seq > after_seq, ascending, telemetry events included."""
 
-    async def purge(self, telemetry_before_ms: int, history: int) -> None: ...
+    async def purge(self, telemetry_before_ms: int, history: int) -> None:
+        """Telemetry with ts before the cutoff, events beyond `history` per device, and final
+        commands completed before the cutoff (pending and sent ones stay)."""
 
     # -- telemetry -----------------------------------------------------------------------
     async def telemetry(

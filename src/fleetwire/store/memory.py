@@ -235,6 +235,9 @@ class MemoryStore:
             db.telemetry[device_id] = [r for r in records if r.ts >= telemetry_before_ms]
         for device_id in list(db.history):
             db.trim(device_id, max(history, 0))
+        for command in list(db.commands.values()):  # final commands live as long as telemetry
+            if command.completed_at_ms is not None and command.completed_at_ms < telemetry_before_ms:
+                del db.commands[command.id]
 
     # -- telemetry -----------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from fleetwire.store.base import (
     WriteResult,
 )
 from fleetwire.store.rules import to_store
-from fleetwire.store.schema import devices, events, telemetry
+from fleetwire.store.schema import commands, devices, events, telemetry
 from fleetwire.store.sql import registry
 from fleetwire.store.sql import telemetry as tm
 from fleetwire.store.sql.dialect import Dialect
@@ -305,5 +305,13 @@ async def purge_chunk(
         )
     )
     await trim(conn, dialect, ids, max(history, 0))
+    # Final commands live as long as telemetry (issue 13.17); non-final ones are never purged.
+    await conn.execute(
+        commands.delete().where(
+            dialect.ids_in(commands.c.device_id, ids),
+            commands.c.completed_at.is_not(None),
+            commands.c.completed_at < telemetry_before_ms,
+        )
+    )
     last: str = ids[-1]
     return last
