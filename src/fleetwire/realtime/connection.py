@@ -26,8 +26,8 @@ from fleetwire.realtime import protocol
 from fleetwire.realtime.codes import Close
 from fleetwire.realtime.hub import Subscription
 from fleetwire.realtime.protocol import CloseWith, Reply, Request, SessionProtocol
-from fleetwire.realtime.transport import Socket
 from fleetwire.store.base import StoreUnavailableError
+from fleetwire.transport.base import Socket
 
 if TYPE_CHECKING:
     from fleetwire.realtime.node import Node

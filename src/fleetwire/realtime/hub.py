@@ -22,7 +22,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Protocol
 
 from fleetwire.broker.base import Published
-from fleetwire.realtime.transport import text_frame
+from fleetwire.transport.base import text_frame
 
 if TYPE_CHECKING:
     from fleetwire.auth.principal import Principal

@@ -32,7 +32,6 @@ from fleetwire.realtime.connection import ClientConnection, Connection, DeviceCo
 from fleetwire.realtime.hub import Hub, Subscription, is_pattern
 from fleetwire.realtime.protocol import Request, SessionProtocol
 from fleetwire.realtime.publisher import EventPublisher
-from fleetwire.realtime.transport import Handler, Refusal, UpgradeRequest
 from fleetwire.settings import Settings
 from fleetwire.store.base import (
     EventWrite,
@@ -43,6 +42,7 @@ from fleetwire.store.base import (
     WriteResult,
 )
 from fleetwire.store.writer import GroupWriter
+from fleetwire.transport.base import Handler, Refusal, UpgradeRequest
 
 log = logging.getLogger(__name__)
 _SNAPSHOT_PAGE = 500
