@@ -86,7 +86,7 @@ from fleetwire.transport.base import (
     text_frame,
 )
 from fleetwire.transport.logs import TRANSPORT_LOGGER, redact_access_token
-from fleetwire.transport.rfc6455 import MessageAssembler, ProtocolError, check_reserved_bits, parse_close
+from fleetwire.transport.rfc6455 import MessageAssembler, ProtocolError, parse_close, reserved_bits_error
 
 __all__ = [
     "PicowsTransport",
@@ -362,14 +362,23 @@ class _Connection(WSListener):
             if msg_type is _CLOSE:
                 self._on_close_frame(frame)
             return
+        assembler = self._assembler
         try:
-            check_reserved_bits(frame.rsv1, frame.rsv2, frame.rsv3)
-            if msg_type is _TEXT:
-                message = self._assembler.data(True, frame.fin, frame.get_payload_as_memoryview())
-            elif msg_type is _BINARY:
-                message = self._assembler.data(False, frame.fin, frame.get_payload_as_memoryview())
+            if frame.rsv1 or frame.rsv2 or frame.rsv3:
+                rsv_error = reserved_bits_error(frame.rsv1, frame.rsv2, frame.rsv3)
+                if rsv_error is not None:
+                    raise rsv_error
+            if msg_type is _TEXT or msg_type is _BINARY:
+                if frame.fin:  # the common case: one frame, one message, one copy (picows')
+                    message = assembler.single(msg_type is _TEXT, frame.get_payload_as_bytes())
+                else:
+                    assembler.begin(msg_type is _TEXT, frame.get_payload_as_memoryview())
+                    return
             elif msg_type is _CONTINUATION:
-                message = self._assembler.continuation(frame.fin, frame.get_payload_as_memoryview())
+                completed = assembler.continuation(frame.fin, frame.get_payload_as_memoryview())
+                if completed is None:
+                    return
+                message = completed
             elif msg_type is _PING:  # §5.5.3: a pong carries the ping's payload
                 self._ws.send_pong(frame.get_payload_as_bytes())
                 return
@@ -384,12 +393,11 @@ class _Connection(WSListener):
         except ProtocolError as error:
             self._fail(error.code, error.reason)
             return
-        if message is not None:
-            try:
-                self._handler.on_message(message[0], message[1])
-            except Exception:
-                logger.exception("Handler.on_message failed")
-                self.close(1011, "internal_error")
+        try:
+            self._handler.on_message(message, assembler.text)
+        except Exception:
+            logger.exception("Handler.on_message failed")
+            self.close(1011, "internal_error")
 
     def _on_pong(self) -> None:
         try:

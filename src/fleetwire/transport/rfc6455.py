@@ -25,10 +25,10 @@ __all__ = [
     "MessageAssembler",
     "ProtocolError",
     "Rejection",
-    "check_reserved_bits",
     "check_upgrade_request",
     "is_utf8",
     "parse_close",
+    "reserved_bits_error",
     "server_frame",
     "valid_peer_close_code",
 ]
@@ -76,10 +76,12 @@ def server_frame(opcode: int, payload: bytes) -> bytes:
     return bytes((first, 127)) + size.to_bytes(8, "big") + payload
 
 
-def check_reserved_bits(rsv1: int, rsv2: int, rsv3: int) -> None:
-    """§5.2: RSV1-3 MUST be 0 unless an extension defining them was negotiated (none is)."""
+def reserved_bits_error(rsv1: int, rsv2: int, rsv3: int) -> ProtocolError | None:
+    """§5.2: RSV1-3 MUST be 0 unless an extension defining them was negotiated (none is).
+    Adapters call this only when a bit is set: the common case costs them one test."""
     if rsv1 or rsv2 or rsv3:
-        raise ProtocolError(PROTOCOL_ERROR, "reserved bits set")
+        return ProtocolError(PROTOCOL_ERROR, "reserved bits set")
+    return None
 
 
 def is_utf8(data: bytes) -> bool:
@@ -120,17 +122,18 @@ class MessageAssembler:
     """Data frames in, complete messages out: §5.4 fragmentation, the size limit (§10.4: an
     endpoint must bound what it buffers), §8.1 UTF-8 of text messages.
 
-    Control frames (§5.5) may arrive between the fragments of a message; they do not pass
-    through here. `data()` and `continuation()` return `(payload, is_text)` when a message is
-    complete, None while one is in progress, and raise `ProtocolError`.
+    A final TEXT/BINARY frame goes to `single` (the common case: one call, no copy), a non-final
+    one to `begin`, the frames after it to `continuation`, which returns the message once
+    complete (its kind is then `text`). Control frames (§5.5) may arrive between fragments;
+    they do not pass through here. Violations raise `ProtocolError`.
     """
 
-    __slots__ = ("_limit", "_parts", "_text")
+    __slots__ = ("_limit", "_parts", "text")
 
     def __init__(self, max_message_bytes: int) -> None:
         self._limit = max_message_bytes
         self._parts: bytearray | None = None
-        self._text = False
+        self.text = False  # the kind of the message in progress, or of the one just completed
 
     @property
     def in_progress(self) -> bool:
@@ -140,25 +143,29 @@ class MessageAssembler:
         """Forget a partial message (the connection is closing)."""
         self._parts = None
 
-    def data(self, is_text: bool, fin: bool, payload: bytes | memoryview) -> tuple[bytes, bool] | None:
-        """A TEXT or BINARY frame."""
-        if self._parts is not None:  # §5.4: fragments of one message are not interleaved
-            self._parts = None
-            raise ProtocolError(PROTOCOL_ERROR, "new data frame inside a fragmented message")
+    def single(self, is_text: bool, payload: bytes) -> bytes:
+        """A final TEXT or BINARY frame: a whole message, returned as it came."""
+        if self._parts is not None:
+            self._interleaved()
         if len(payload) > self._limit:
             raise ProtocolError(TOO_BIG, MESSAGE_TOO_BIG)
-        if not fin:
-            self._parts = bytearray(payload)
-            self._text = is_text
-            return None
-        message = bytes(payload)
-        if is_text and not is_utf8(message):
+        if is_text and not payload.isascii() and not is_utf8(payload):
             raise ProtocolError(INVALID_DATA, "invalid UTF-8")
-        return message, is_text
+        self.text = is_text
+        return payload
 
-    def continuation(self, fin: bool, payload: bytes | memoryview) -> tuple[bytes, bool] | None:
+    def begin(self, is_text: bool, payload: bytes | memoryview) -> None:
+        """A non-final TEXT or BINARY frame: the first fragment of a message."""
+        if self._parts is not None:
+            self._interleaved()
+        if len(payload) > self._limit:
+            raise ProtocolError(TOO_BIG, MESSAGE_TOO_BIG)
+        self._parts = bytearray(payload)
+        self.text = is_text
+
+    def continuation(self, fin: bool, payload: bytes | memoryview) -> bytes | None:
         """A CONTINUATION frame: bounded BEFORE it is copied, so many small fragments cannot
-        grow a buffer past the limit."""
+        grow a buffer past the limit. The message when `fin`, else None."""
         parts = self._parts
         if parts is None:  # §5.4: a continuation needs a message to continue
             raise ProtocolError(PROTOCOL_ERROR, "continuation frame without a message")
@@ -170,9 +177,13 @@ class MessageAssembler:
             return None
         self._parts = None
         message = bytes(parts)
-        if self._text and not is_utf8(message):
+        if self.text and not is_utf8(message):
             raise ProtocolError(INVALID_DATA, "invalid UTF-8")
-        return message, self._text
+        return message
+
+    def _interleaved(self) -> None:
+        self._parts = None  # §5.4: the fragments of one message are not interleaved with another
+        raise ProtocolError(PROTOCOL_ERROR, "new data frame inside a fragmented message")
 
 
 class CloseHandshake:
