@@ -198,6 +198,8 @@ async def run_target(name: str, program: str, args: argparse.Namespace) -> None:
             "fanout": rounds,
         }
         for kind, per_conn in plans.items():
+            if kind not in args.scenarios:
+                continue
             runs = [await scenario(port, proc.pid, kind, args.conns, per_conn) for _ in range(args.runs)]
             cpu = sorted(run[0] for run in runs)
             rate = statistics.median(run[1] for run in runs)
@@ -254,6 +256,9 @@ async def main() -> None:
     parser.add_argument("--conns", type=int, default=50)
     parser.add_argument("--targets", nargs="+", default=["fleetwire", "bare"], choices=["fleetwire", "bare"])
     parser.add_argument("--sansio", action="store_true", help="time websockets' sans-I/O Protocol only")
+    parser.add_argument(
+        "--scenarios", nargs="+", default=["ingest", "echo", "fanout"], choices=["ingest", "echo", "fanout"]
+    )
     parser.add_argument("--label", help="name printed for the target")
     parser.add_argument("--src", help="import fleetwire from this directory (before/after comparisons)")
     args = parser.parse_args()

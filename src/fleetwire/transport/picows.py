@@ -27,21 +27,23 @@ EOF, or `close_grace_s` (then abort). Closing a socket with unread input makes t
 RST, and a peer that was still sending (a message over the limit built from many continuation
 frames) then lost the close frame: it saw a reset instead of 1009.
 
-Why picows, and not a public API — measured (benchmarks/transport.py, this VM, 2 shared cores,
-median of 5 runs of 200,000 messages; server process CPU per message):
-  * fleetwire on picows (before this layout / after): ingest 1.50 / see docs/transport.md µs,
-    echo 1.30 µs, fan-out (`send_frame`) 2.25 µs per delivery.
+Why picows, and not a public API — measured with `benchmarks/transport.py` (server process CPU
+per message through the real server, 50 connections, 200,000 messages, median of 5 runs, three
+rounds alternating before/after this layout; details in docs/transport.md):
+  * ingest 0.45-0.50 µs/msg before, 0.50 after (bare picows 0.40); echo 0.90-1.00 before,
+    1.00-1.05 after (bare 0.45); fan-out 0.66-0.82 before, 0.83-0.92 after (bare 0.84), bimodal
+    noise up to 2.2 for all three. `on_ws_frame` in-process: 275 ns before, 292 ns after.
   * websockets 17.4's sans-I/O `ServerProtocol`, frames only, no sockets, no handler: 1.88 µs
-    per received frame and 0.78 µs per sent one — its parser alone costs more than picows'
-    whole receive path (syscalls and the handler included), so it cannot replace picows without
-    losing speed; fan-out is unaffected either way (frames are pre-built, `transport.write`).
+    per received frame, 0.70 µs per sent one: its parser alone costs three to four times
+    picows' whole receive path (syscalls and the handler included). Rejected: it would lose
+    speed. (Fan-out is unaffected either way: frames are pre-built, `transport.write`.)
   * picows' public server API is `ws_create_server`, which owns its listening socket: it cannot
     take over a connection that uvicorn accepted on the REST port. No public picows API builds a
     server protocol for an existing transport, so the class is reached privately (below).
 So picows stays, and each private surface sits behind one named function or class, with the
 versions it was checked against (picows 2.3.1, uvicorn 0.54.0; both pinned in pyproject) and a
 canary test (`tests/unit/transport/test_private_surfaces.py`) that fails when one moves:
-  1. `_new_picows_server_protocol`: picows' unexported `picows.picows.WSProtocol`, its
+  1. `_init_picows_server_protocol`: picows' unexported `picows.picows.WSProtocol`, its
      15 positional constructor arguments.
   2. `_picows_parser_error`: the text of picows' parser-error log line, the one hook to send
      1009 with the contract's reason before picows sends its own close frame.
