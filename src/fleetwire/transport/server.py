@@ -49,6 +49,7 @@ class HeadTimeoutHttpProtocol(HttpToolsProtocol):
     head_timeout_s: float = 10.0
     _head_timer: asyncio.TimerHandle | None = None
 
+    # asyncio.Protocol declares BaseTransport; uvicorn (and this override) take asyncio.Transport.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_head_timer()

@@ -264,19 +264,19 @@ LIMITS = TransportLimits(max_message_bytes=1000, send_queue=3, close_grace_s=1.5
 
 def connected(limits: TransportLimits = LIMITS) -> tuple[_Connection, FakeWS, Rec, FakeLoop]:
     rec, ws, loop = Rec(), FakeWS(), FakeLoop()
-    conn = _Connection(rec, limits, loop)  # type: ignore[arg-type]
-    conn.on_ws_connected(ws)  # type: ignore[arg-type]
+    conn = _Connection(rec, limits, loop)  # type: ignore[arg-type]  # fakes stand in for picows/asyncio
+    conn.on_ws_connected(ws)  # type: ignore[arg-type]  # fakes stand in for picows/asyncio
     assert rec.socket is conn
     return conn, ws, rec, loop
 
 
 def feed(conn: _Connection, ws: FakeWS, msg_type: WSMsgType, payload: bytes, fin: bool = True) -> None:
-    conn.on_ws_frame(ws, _make_test_ws_frame(msg_type, payload, fin, False))  # type: ignore[arg-type]
+    conn.on_ws_frame(ws, _make_test_ws_frame(msg_type, payload, fin, False))  # type: ignore[arg-type]  # fakes stand in for picows/asyncio
 
 
 def disconnect(conn: _Connection, ws: FakeWS) -> None:
     ws.is_disconnected = True
-    conn.on_ws_disconnected(ws)  # type: ignore[arg-type]
+    conn.on_ws_disconnected(ws)  # type: ignore[arg-type]  # fakes stand in for picows/asyncio
 
 
 def test_single_frames_delivered() -> None:
@@ -362,7 +362,7 @@ def test_frame_rules(frames: list[tuple[WSMsgType, bytes, bool]], code: int | No
 def test_reserved_bit_is_1002() -> None:
     """RSV1 without a negotiated extension fails the connection with 1002."""
     conn, ws, rec, _ = connected()
-    conn.on_ws_frame(ws, _make_test_ws_frame(WSMsgType.TEXT, b"x", True, True))  # type: ignore[arg-type]
+    conn.on_ws_frame(ws, _make_test_ws_frame(WSMsgType.TEXT, b"x", True, True))  # type: ignore[arg-type]  # fakes stand in for picows/asyncio
     assert ws.closes[0][0] == 1002
     assert rec.messages == []
 
@@ -468,7 +468,7 @@ def test_handler_exception_closes_1011() -> None:
     def boom(payload: bytes, is_text: bool) -> None:
         raise RuntimeError("bug")
 
-    rec.on_message = boom  # type: ignore[method-assign]
+    rec.on_message = boom  # type: ignore[method-assign]  # a raising handler for one test
     feed(conn, ws, WSMsgType.TEXT, b"x")
     assert ws.closes == [(1011, b"internal_error")]
 
