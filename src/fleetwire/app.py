@@ -12,7 +12,7 @@ from fastapi import FastAPI
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from fleetwire.realtime.server import FleetwireServer
+    from fleetwire.transport.server import FleetwireServer
 
 from fleetwire.api import commands, devices, errors, health, telemetry, tokens
 from fleetwire.auth.principal import TokenVerifier
@@ -207,8 +207,8 @@ def build_node_server(
     log_level: str | None = None,
 ) -> FleetwireServer:
     """REST and WebSocket on one port (the app's settings give host, port and limits)."""
-    from fleetwire.realtime.picows_transport import TransportLimits
-    from fleetwire.realtime.server import build_server
+    from fleetwire.transport.base import TransportLimits
+    from fleetwire.transport.server import build_server
 
     settings: Settings = app.state.settings
     services: Services = app.state.services

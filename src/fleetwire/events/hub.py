@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from fleetwire.broker.base import Published
 from fleetwire.domain.clock import Clock
-from fleetwire.domain.frames import text_frame
+from fleetwire.transport.base import text_frame
 
 if TYPE_CHECKING:
     from fleetwire.auth.principal import Principal

@@ -31,13 +31,13 @@ from fleetwire.realtime.session import (
     SendFrame,
     Session,
 )
-from fleetwire.realtime.transport import Socket
 from fleetwire.services.auth import Authenticator
 from fleetwire.services.commands import CommandService
 from fleetwire.services.ingest import IngestService
 from fleetwire.services.sessions import SessionService
 from fleetwire.services.subscriptions import SubscriptionService
 from fleetwire.services.tasks import OUTAGES
+from fleetwire.transport.base import Socket
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from fleetwire.auth.principal import AuthError, Role
 from fleetwire.domain.devices import DEVICE_ID
 from fleetwire.realtime.endpoint import ClientEndpoint, DeviceEndpoint, EndpointServices, new_session_id
 from fleetwire.realtime.session import Session, SessionLimits
-from fleetwire.realtime.transport import Handler, Refusal, UpgradeRequest
 from fleetwire.services.registry import RegistryService
 from fleetwire.store.base import StoreUnavailableError
+from fleetwire.transport.base import Handler, Refusal, UpgradeRequest
 
 DEVICE_PATH = "/ws/device"
 CLIENT_PATH = "/ws/client"

@@ -6,8 +6,8 @@ import orjson
 
 from fleetwire.auth.principal import Principal, Role
 from fleetwire.broker.base import Published
-from fleetwire.domain.frames import text_frame
 from fleetwire.events.hub import Hub, Subscription
+from fleetwire.transport.base import text_frame
 from tests.clock import ManualClock
 
 EXP = 4_102_444_800_000

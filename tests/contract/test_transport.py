@@ -1,9 +1,11 @@
-"""The picows transport behind uvicorn: REST and WebSocket on one port, real sockets end to end.
+"""The transport contract (fleetwire.transport.base): one suite every adapter must pass.
 
-Every test runs a real uvicorn server (httptools, picows `ws` protocol) on port 0 in the test's
-uvloop event loop, with real clients: the `websockets` library, httpx, and raw asyncio sockets
-for malformed handshakes and frames. The `running()` helper checks on exit that every accepted
-connection's Handler got `on_closed` exactly once.
+Parametrized over the adapters (`ADAPTERS`; today picows). Every test runs the real one-port
+server (`transport.server.build_server`: uvicorn, httptools, the adapter's `ws` protocol) on port
+0 in the test's uvloop event loop, with a trivial WebSocketApp (echo; `?deny=` refusals) and real
+clients: the `websockets` library, httpx, and raw asyncio sockets for malformed handshakes and
+frames. The `serve()` helper checks on exit that every accepted connection's Handler got
+`on_closed` exactly once, and that no Handler that was never opened got it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -18,7 +21,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
@@ -28,15 +31,25 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
-from fleetwire.realtime.picows_transport import TransportLimits
-from fleetwire.realtime.server import FleetwireServer, build_server
-from fleetwire.realtime.transport import Refusal, Socket, UpgradeRequest, text_frame
+from fleetwire.transport.base import (
+    Refusal,
+    Socket,
+    TransportAdapter,
+    TransportLimits,
+    UpgradeRequest,
+    text_frame,
+)
+from fleetwire.transport.picows import PicowsTransport
+from fleetwire.transport.server import FleetwireServer, build_server
 
 pytestmark = pytest.mark.anyio
 
 LIMIT = 4096
 LIMITS = TransportLimits(max_message_bytes=LIMIT, send_queue=50, handshake_timeout_s=0.3, close_grace_s=1.0)
 T = 5.0  # bound on every await
+
+
+ADAPTERS: list[TransportAdapter] = [PicowsTransport()]
 
 
 @pytest.fixture
@@ -100,9 +113,10 @@ class RecHandler:
         while not sock.closed:
             for _ in range(64):
                 sock.send(chunk)
+                # Introspection each adapter's socket offers for this test (not in the seam).
                 self.max_queued = max(self.max_queued, sock.queued)
                 if not sock.closed:
-                    self.max_write_buffer = max(self.max_write_buffer, sock._tr.get_write_buffer_size())
+                    self.max_write_buffer = max(self.max_write_buffer, sock.write_buffer_size)
             await asyncio.sleep(0)
 
 
@@ -167,7 +181,10 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running(
-    limits: TransportLimits = LIMITS, log_level: str = "warning", access_log: bool = False
+    adapter: TransportAdapter,
+    limits: TransportLimits = LIMITS,
+    log_level: str = "warning",
+    access_log: bool = False,
 ) -> AsyncIterator[Running]:
     app = RecApp()
     loop = asyncio.get_running_loop()
@@ -181,6 +198,7 @@ async def running(
         access_log=access_log,
         on_started=started.set_result,
         timeout_graceful_shutdown=T,
+        adapter=adapter,
     )
     task = loop.create_task(server.serve())
     try:
@@ -194,6 +212,18 @@ async def running(
             assert len(handler.closed_codes) == 1, handler.closed_codes
         else:
             assert handler.closed_codes == []
+
+
+class Serve(Protocol):
+    def __call__(
+        self, limits: TransportLimits = ..., log_level: str = ..., access_log: bool = ...
+    ) -> contextlib.AbstractAsyncContextManager[Running]: ...
+
+
+@pytest.fixture(params=ADAPTERS, ids=lambda adapter: adapter.name)
+def serve(request: pytest.FixtureRequest) -> Serve:
+    """`async with serve() as srv`: the real server on the adapter under test."""
+    return functools.partial(running, request.param)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,10 +342,10 @@ TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
 # REST and WebSocket on one port
 
 
-async def test_rest_get_and_post_on_the_websocket_port() -> None:
+async def test_rest_get_and_post_on_the_websocket_port(serve: Serve) -> None:
     """FastAPI answers GET and POST on the same port that serves WebSockets."""
     async with (
-        running() as srv,
+        serve() as srv,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.port}", timeout=T) as http,
     ):
         response = await http.get("/hello")
@@ -329,9 +359,9 @@ async def test_rest_get_and_post_on_the_websocket_port() -> None:
         assert (await http.get("/missing")).status_code == 404
 
 
-async def test_http_request_then_upgrade_on_one_keepalive_connection() -> None:
+async def test_http_request_then_upgrade_on_one_keepalive_connection(serve: Serve) -> None:
     """A keep-alive connection can serve a GET and then upgrade to WebSocket."""
-    async with running() as srv, await Raw.open(srv.port) as raw:
+    async with serve() as srv, await Raw.open(srv.port) as raw:
         raw.send(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
         status, _, body = await raw.response()
         assert (status, json.loads(body)) == (200, {"hello": "world"})
@@ -342,10 +372,10 @@ async def test_http_request_then_upgrade_on_one_keepalive_connection() -> None:
         assert await raw.close_frame() == (1000, "normal")
 
 
-async def test_accept_echo_and_peer_close() -> None:
+async def test_accept_echo_and_peer_close(serve: Serve) -> None:
     """An accepted connection echoes text; a peer close is answered 1000 `normal` and the
     Handler sees on_closed(1000) once; the request carries path, query, headers and peer."""
-    async with running() as srv:
+    async with serve() as srv:
         async with connect(srv.url("/echo?a=1&a=2&b="), open_timeout=T, origin=Origin("http://x")) as ws:
             await ws.send("hello")
             assert await asyncio.wait_for(ws.recv(), T) == "hello"
@@ -364,9 +394,9 @@ async def test_accept_echo_and_peer_close() -> None:
         assert request.peer.startswith("127.0.0.1:")
 
 
-async def test_server_close_with_code() -> None:
+async def test_server_close_with_code(serve: Serve) -> None:
     """Socket.close(4003, ...) reaches the client and the Handler sees on_closed(4003)."""
-    async with running() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
+    async with serve() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
         await ws.send("close:4003")
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), T)
@@ -376,9 +406,9 @@ async def test_server_close_with_code() -> None:
         assert handler.closed_codes == [4003]
 
 
-async def test_ping_pong_both_ways() -> None:
+async def test_ping_pong_both_ways(serve: Serve) -> None:
     """Socket.ping() gets the client's pong to Handler.on_pong; a client ping gets a pong."""
-    async with running() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
+    async with serve() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
         await ws.send("ping")
         assert await asyncio.wait_for(ws.recv(), T) == "ponged"
         pong = await ws.ping(b"abc")
@@ -391,10 +421,10 @@ async def test_ping_pong_both_ways() -> None:
 
 
 @pytest.mark.parametrize("status", [401, 403, 503])
-async def test_app_refusals_are_json_http_responses(status: int) -> None:
+async def test_app_refusals_are_json_http_responses(serve: Serve, status: int) -> None:
     """A Refusal is an HTTP response (JSON body, its headers, Connection: close) before any
     upgrade; no Handler is created."""
-    async with running() as srv:
+    async with serve() as srv:
         with pytest.raises(InvalidStatus) as caught:
             await connect(srv.url(f"/echo?deny={status}"), open_timeout=T)
         response = caught.value.response
@@ -409,9 +439,9 @@ async def test_app_refusals_are_json_http_responses(status: int) -> None:
         assert srv.app.handlers == []
 
 
-async def test_firefox_connection_header_is_accepted() -> None:
+async def test_firefox_connection_header_is_accepted(serve: Serve) -> None:
     """Firefox sends `Connection: keep-alive, Upgrade`: still a 101."""
-    async with running() as srv, await Raw.open(srv.port) as raw:
+    async with serve() as srv, await Raw.open(srv.port) as raw:
         raw.send(handshake("/echo", Connection="keep-alive, Upgrade"))
         status, headers, _ = await raw.response()
         assert status == 101
@@ -431,10 +461,12 @@ async def test_firefox_connection_header_is_accepted() -> None:
     ],
     ids=["version-8", "no-version", "no-key", "short-key", "huge-head"],
 )
-async def test_invalid_upgrades_are_refused(request_bytes: bytes, status: int, error: str) -> None:
+async def test_invalid_upgrades_are_refused(
+    serve: Serve, request_bytes: bytes, status: int, error: str
+) -> None:
     """Transport-level refusals: wrong version 426 (+ Sec-WebSocket-Version: 13), bad or
     missing key 400, oversized head 431; JSON bodies; the app is never asked."""
-    async with running() as srv:
+    async with serve() as srv:
         async with await Raw.open(srv.port) as raw:
             raw.send(request_bytes)
             got, headers, body = await raw.response()
@@ -447,19 +479,19 @@ async def test_invalid_upgrades_are_refused(request_bytes: bytes, status: int, e
         assert srv.app.requests == []
 
 
-async def test_app_exception_is_a_500() -> None:
+async def test_app_exception_is_a_500(serve: Serve) -> None:
     """A WebSocketApp that raises gives a JSON 500, not a hung connection."""
-    async with running() as srv:
+    async with serve() as srv:
         with pytest.raises(InvalidStatus) as caught:
             await connect(srv.url("/crash"), open_timeout=T)
         assert caught.value.response.status_code == 500
         assert json.loads(bytes(caught.value.response.body))["error"] == "internal"
 
 
-async def test_handshake_timeout() -> None:
+async def test_handshake_timeout(serve: Serve) -> None:
     """An app that never answers: 503 `handshake_timeout` after handshake_timeout_s, and the
     app's coroutine is cancelled."""
-    async with running() as srv, await Raw.open(srv.port) as raw:
+    async with serve() as srv, await Raw.open(srv.port) as raw:
         started = asyncio.get_running_loop().time()
         raw.send(handshake("/hang"))
         status, _, body = await raw.response()
@@ -470,9 +502,26 @@ async def test_handshake_timeout() -> None:
         await asyncio.wait_for(srv.app.cancelled.wait(), T)
 
 
-async def test_peer_leaving_during_handshake_cancels_the_app() -> None:
+@pytest.mark.parametrize(
+    "partial", [b"", b"GET /echo HTTP/1.1\r\nHost: x\r\n"], ids=["nothing", "half-a-head"]
+)
+async def test_incomplete_request_head_is_cut_after_the_handshake_timeout(
+    serve: Serve, partial: bytes
+) -> None:
+    """A peer that never completes its request head (slowloris) is disconnected once
+    handshake_timeout_s has passed since it connected; no app call, no Handler."""
+    async with serve() as srv, await Raw.open(srv.port) as raw:
+        started = asyncio.get_running_loop().time()
+        raw.send(partial)
+        assert await asyncio.wait_for(raw.reader.read(), T) == b""
+        elapsed = asyncio.get_running_loop().time() - started
+        assert LIMITS.handshake_timeout_s - 0.05 <= elapsed < LIMITS.handshake_timeout_s + 2
+        assert srv.app.requests == []
+
+
+async def test_peer_leaving_during_handshake_cancels_the_app(serve: Serve) -> None:
     """The peer disconnects while the app decides: the app call is cancelled; no Handler."""
-    async with running() as srv, await Raw.open(srv.port) as raw:
+    async with serve() as srv, await Raw.open(srv.port) as raw:
         raw.send(handshake("/slow"))
         await raw.writer.drain()
         await asyncio.wait_for(srv.app.requested.wait(), T)
@@ -485,9 +534,9 @@ async def test_peer_leaving_during_handshake_cancels_the_app() -> None:
 # Frames
 
 
-async def test_message_over_limit_is_1009() -> None:
+async def test_message_over_limit_is_1009(serve: Serve) -> None:
     """One frame over max_message_bytes: close 1009 `message_too_big`."""
-    async with running() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
+    async with serve() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
         await ws.send("x" * (LIMIT + 1))
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), T)
@@ -498,16 +547,16 @@ async def test_message_over_limit_is_1009() -> None:
         assert handler.messages == []
 
 
-async def test_message_at_the_limit_passes() -> None:
+async def test_message_at_the_limit_passes(serve: Serve) -> None:
     """A message of exactly max_message_bytes is delivered."""
-    async with running() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
+    async with serve() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
         await ws.send("x" * LIMIT)
         assert await asyncio.wait_for(ws.recv(), T) == "x" * LIMIT
 
 
-async def test_fragmented_message_is_reassembled() -> None:
+async def test_fragmented_message_is_reassembled(serve: Serve) -> None:
     """Continuation frames (with a ping in between) are delivered as one message."""
-    async with running() as srv:
+    async with serve() as srv:
         async with connect(srv.url("/echo"), open_timeout=T) as ws:
             await ws.send(["frag", "men", "ted"])
             assert await asyncio.wait_for(ws.recv(), T) == "fragmented"
@@ -520,9 +569,9 @@ async def test_fragmented_message_is_reassembled() -> None:
             assert await raw.frame() == (True, TEXT, b"binary:20")
 
 
-async def test_many_tiny_continuations_over_limit_are_1009() -> None:
+async def test_many_tiny_continuations_over_limit_are_1009(serve: Serve) -> None:
     """A fragmented message growing past max_message_bytes is cut at 1009."""
-    async with running() as srv:
+    async with serve() as srv:
         async with await Raw.open(srv.port) as raw:
             await raw.upgrade()
             raw.send(
@@ -533,6 +582,66 @@ async def test_many_tiny_continuations_over_limit_are_1009() -> None:
         await asyncio.wait_for(handler.closed.wait(), T)
         assert handler.closed_codes == [1009]
         assert handler.messages == []
+
+
+async def keep_sending(raw: Raw, chunk: bytes, stop: asyncio.Event) -> int:
+    """Write `chunk` again and again until `stop` (or the server resets us): a peer that does
+    not look at what it receives. Returns how many chunks it wrote."""
+    sent = 0
+    # A reset (ConnectionError) or our transport closed under us (RuntimeError from uvloop)
+    # ends the sender; whether the close frame arrived is the test's question.
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        while not stop.is_set():
+            raw.send(chunk)
+            sent += 1
+            await asyncio.wait_for(raw.writer.drain(), T)
+    return sent
+
+
+@pytest.mark.parametrize("oversized", ["continuations", "one-frame"])
+async def test_1009_reaches_a_peer_that_keeps_sending(serve: Serve, oversized: str) -> None:
+    """A message over the limit while the peer keeps sending (many small continuation frames,
+    or the payload of one oversized frame): the peer still reads the close frame 1009
+    `message_too_big` and then EOF — the server drains input instead of closing TCP with
+    unread data, which would make the kernel reset the connection (RFC 6455 §7.1.1)."""
+    async with serve() as srv, await Raw.open(srv.port) as raw:
+        await raw.upgrade()
+        if oversized == "continuations":
+            raw.send(frame(TEXT, b"a", fin=False))
+            chunk = b"".join(frame(CONT, b"b" * 10, fin=False) for _ in range(50))
+        else:
+            raw.send(frame(TEXT, length=LIMIT * 1000)[:-4] + b"\0\0\0\0")  # header, zero mask
+            chunk = b"c" * 4096
+        stop = asyncio.Event()
+        sender = asyncio.get_running_loop().create_task(keep_sending(raw, chunk, stop))
+        try:
+            assert await raw.close_frame() == (1009, "message_too_big")
+        finally:
+            stop.set()
+            sent = await asyncio.wait_for(sender, T)
+        assert sent > 0
+        handler = srv.app.handlers[0]
+        raw.writer.transport.abort()
+        await asyncio.wait_for(handler.closed.wait(), T)
+        assert handler.closed_codes == [1009]
+        assert handler.messages == []
+
+
+async def test_our_close_waits_for_the_peer_close(serve: Serve) -> None:
+    """After Socket.close() the server shuts its write side (EOF after the close frame) but
+    reads on: frames the peer sends meanwhile are discarded, its close frame ends the
+    connection; on_closed reports our code."""
+    async with serve() as srv, await Raw.open(srv.port) as raw:
+        await raw.upgrade()
+        raw.send(frame(TEXT, b"close:4003"))
+        _, opcode, payload = await raw.frame()
+        assert (opcode, payload) == (CLOSE, struct.pack("!H", 4003) + b"forbidden")
+        assert await asyncio.wait_for(raw.reader.read(), T) == b""  # FIN right after it
+        handler = srv.app.handlers[0]
+        raw.send(frame(TEXT, b"ignored") + frame(CLOSE, struct.pack("!H", 4003)))
+        await asyncio.wait_for(handler.closed.wait(), T)
+        assert handler.closed_codes == [4003]
+        assert handler.messages == [(b"close:4003", True)]
 
 
 @pytest.mark.parametrize(
@@ -590,10 +699,10 @@ async def test_many_tiny_continuations_over_limit_are_1009() -> None:
         "close-reason-utf8",
     ],
 )
-async def test_frame_violations_close_with_the_right_code(data: bytes, code: int) -> None:
+async def test_frame_violations_close_with_the_right_code(serve: Serve, data: bytes, code: int) -> None:
     """Malformed frames: 1009 over the limit, 1002 protocol violations, 1007 invalid UTF-8;
     nothing is delivered and on_closed(code) runs once."""
-    async with running() as srv:
+    async with serve() as srv:
         async with await Raw.open(srv.port) as raw:
             await raw.upgrade()
             raw.send(data)
@@ -607,10 +716,10 @@ async def test_frame_violations_close_with_the_right_code(data: bytes, code: int
         assert handler.messages == []
 
 
-async def test_peer_close_codes_reported() -> None:
+async def test_peer_close_codes_reported(serve: Serve) -> None:
     """A peer-initiated close reports our answer, 1000, whatever code the peer chose (here 4000,
     and none at all): the server's own code is what decides a session's end reason."""
-    async with running() as srv:
+    async with serve() as srv:
         for payload, expected in ((struct.pack("!H", 4000) + b"bye", 1000), (b"", 1000)):
             async with await Raw.open(srv.port) as raw:
                 await raw.upgrade()
@@ -621,25 +730,25 @@ async def test_peer_close_codes_reported() -> None:
             assert handler.closed_codes == [expected]
 
 
-async def test_binary_is_delivered_as_not_text() -> None:
+async def test_binary_is_delivered_as_not_text(serve: Serve) -> None:
     """Binary messages reach the Handler with is_text=False."""
-    async with running() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
+    async with serve() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
         await ws.send(b"\x00\x01\x02")
         assert await asyncio.wait_for(ws.recv(), T) == "binary:3"
         assert srv.app.handlers[0].messages == [(b"\x00\x01\x02", False)]
 
 
 @pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 200000])
-async def test_send_frame_reaches_client_intact(size: int) -> None:
+async def test_send_frame_reaches_client_intact(serve: Serve, size: int) -> None:
     """Socket.send_frame(text_frame(...)) writes a frame the client parses byte for byte."""
-    async with running() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
+    async with serve() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
         await ws.send(f"frame:{size}")
         assert await asyncio.wait_for(ws.recv(), T) == "y" * size
 
 
-async def test_handler_exception_closes_1011() -> None:
+async def test_handler_exception_closes_1011(serve: Serve) -> None:
     """A Handler that raises in on_message: close 1011 `internal_error`, on_closed(1011)."""
-    async with running() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
+    async with serve() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
         await ws.send("boom")
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), T)
@@ -648,9 +757,9 @@ async def test_handler_exception_closes_1011() -> None:
         assert srv.app.handlers[0].closed_codes == [1011]
 
 
-async def test_tcp_drop_reports_none() -> None:
+async def test_tcp_drop_reports_none(serve: Serve) -> None:
     """A peer that vanishes without a close frame: on_closed(None), once."""
-    async with running() as srv, await Raw.open(srv.port) as raw:
+    async with serve() as srv, await Raw.open(srv.port) as raw:
         await raw.upgrade()
         raw.writer.transport.abort()
         handler = srv.app.handlers[0]
@@ -662,10 +771,10 @@ async def test_tcp_drop_reports_none() -> None:
 # Back-pressure and shutdown
 
 
-async def test_slow_consumer_is_closed_4008_with_bounded_memory() -> None:
+async def test_slow_consumer_is_closed_4008_with_bounded_memory(serve: Serve) -> None:
     """A peer that never reads while the server floods it: the held queue never exceeds
     send_queue, the transport buffer stays near its high-water mark, then 4008 and abort."""
-    async with running() as srv, await Raw.open(srv.port, rcvbuf=4096) as raw:
+    async with serve() as srv, await Raw.open(srv.port, rcvbuf=4096) as raw:
         raw.send(handshake("/flood"))
         status, _, _ = await raw.response()
         assert status == 101
@@ -680,10 +789,10 @@ async def test_slow_consumer_is_closed_4008_with_bounded_memory() -> None:
                 pass
 
 
-async def test_server_shutdown_closes_1001() -> None:
+async def test_server_shutdown_closes_1001(serve: Serve) -> None:
     """uvicorn shutdown reaches WebSocket connections: clients get 1001 `server_shutdown`,
     each Handler on_closed(1001) once, and the server stops."""
-    async with running() as srv:
+    async with serve() as srv:
         clients = [await connect(srv.url("/echo"), open_timeout=T) for _ in range(3)]
         for ws in clients:
             await ws.send("up")
@@ -696,9 +805,9 @@ async def test_server_shutdown_closes_1001() -> None:
         assert [h.closed_codes for h in srv.app.handlers] == [[1001]] * 3
 
 
-async def test_shutdown_refuses_pending_handshakes() -> None:
+async def test_shutdown_refuses_pending_handshakes(serve: Serve) -> None:
     """A handshake still waiting for the app at shutdown gets 503 `server_shutdown`."""
-    async with running() as srv, await Raw.open(srv.port) as raw:
+    async with serve() as srv, await Raw.open(srv.port) as raw:
         raw.send(handshake("/slow"))
         await asyncio.wait_for(srv.app.requested.wait(), T)
         srv.server.should_exit = True
@@ -710,12 +819,12 @@ async def test_shutdown_refuses_pending_handshakes() -> None:
 # Logs
 
 
-async def test_access_token_never_logged(caplog: pytest.LogCaptureFixture) -> None:
+async def test_access_token_never_logged(serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
     """`access_token` query values are redacted in uvicorn's access/error logs, for REST
     requests and for WebSocket handshakes (accepted and refused)."""
     secret = "eyJhbGciOiJIUzI1NiJ9.SECRET.sig"
     caplog.set_level(logging.DEBUG)
-    async with running(log_level="info", access_log=True) as srv:
+    async with serve(log_level="info", access_log=True) as srv:
         # uvicorn's dictConfig replaced these loggers' handlers when the server was built.
         uvicorn_loggers = [logging.getLogger(n) for n in ("uvicorn.access", "uvicorn.error")]
         for lg in uvicorn_loggers:

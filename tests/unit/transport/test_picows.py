@@ -1,6 +1,6 @@
-"""Unit tests of the picows transport's pure parts: text_frame, the upgrade-head parser and its
-refusals, access_token redaction, and the per-connection frame logic (`_Connection`) driven with
-picows' own test frames and a fake WSTransport — no sockets."""
+"""Unit tests of the picows adapter's parts that need no socket: text_frame, the upgrade-head
+parser and its refusals, access_token redaction, and the per-connection logic (`_Connection`)
+driven with picows' own test frames and a fake WSTransport."""
 
 from __future__ import annotations
 
@@ -9,19 +9,20 @@ import struct
 from typing import Any
 
 import pytest
-from picows import WSMsgType
+from picows import WSCloseCode, WSMsgType
 from picows.picows import _make_test_ws_frame
 
-from fleetwire.realtime.picows_transport import (
-    TransportLimits,
+from fleetwire.transport.base import Refusal, Socket, TransportLimits, text_frame
+from fleetwire.transport.logs import RedactAccessToken
+from fleetwire.transport.picows import (
+    PICOWS_PARSER_ERROR_LOG,
     _Connection,
+    _picows_parser_error,
     _refusal_bytes,
     _transport_refusal,
     parse_upgrade_head,
     redact_access_token,
 )
-from fleetwire.realtime.server import RedactAccessToken
-from fleetwire.realtime.transport import Refusal, Socket, text_frame
 
 # ---------------------------------------------------------------------------------------------
 # text_frame
@@ -168,9 +169,24 @@ class FakeTCP:
         self.written: list[bytes] = []
         self.aborted = False
         self.closing = False
+        self.eof = False  # write_eof() called: the write side is shut, reading goes on
+        self.reading = True
 
     def write(self, data: bytes) -> None:
+        assert not self.eof, "no write after write_eof"
         self.written.append(bytes(data))
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
 
     def abort(self) -> None:
         self.aborted = self.closing = True
@@ -248,19 +264,19 @@ LIMITS = TransportLimits(max_message_bytes=1000, send_queue=3, close_grace_s=1.5
 
 def connected(limits: TransportLimits = LIMITS) -> tuple[_Connection, FakeWS, Rec, FakeLoop]:
     rec, ws, loop = Rec(), FakeWS(), FakeLoop()
-    conn = _Connection(rec, limits, loop)  # type: ignore[arg-type]
-    conn.on_ws_connected(ws)  # type: ignore[arg-type]
+    conn = _Connection(rec, limits, loop)  # type: ignore[arg-type]  # fakes stand in for picows/asyncio
+    conn.on_ws_connected(ws)  # type: ignore[arg-type]  # fakes stand in for picows/asyncio
     assert rec.socket is conn
     return conn, ws, rec, loop
 
 
 def feed(conn: _Connection, ws: FakeWS, msg_type: WSMsgType, payload: bytes, fin: bool = True) -> None:
-    conn.on_ws_frame(ws, _make_test_ws_frame(msg_type, payload, fin, False))  # type: ignore[arg-type]
+    conn.on_ws_frame(ws, _make_test_ws_frame(msg_type, payload, fin, False))  # type: ignore[arg-type]  # fakes stand in for picows/asyncio
 
 
 def disconnect(conn: _Connection, ws: FakeWS) -> None:
     ws.is_disconnected = True
-    conn.on_ws_disconnected(ws)  # type: ignore[arg-type]
+    conn.on_ws_disconnected(ws)  # type: ignore[arg-type]  # fakes stand in for picows/asyncio
 
 
 def test_single_frames_delivered() -> None:
@@ -288,9 +304,29 @@ def test_reassembly_limit_is_1009() -> None:
     feed(conn, ws, WSMsgType.TEXT, b"a" * 600, fin=False)
     feed(conn, ws, WSMsgType.CONTINUATION, b"b" * 401)
     assert ws.closes == [(1009, b"message_too_big")]
-    assert ws.disconnects == 1
+    assert ws.underlying_transport.eof
+    assert ws.disconnects == 0  # draining until the peer's close frame (RFC 6455 §7.1.1)
     assert loop.timers[0][0] == LIMITS.close_grace_s
     assert rec.messages == []
+    disconnect(conn, ws)
+    assert rec.closed == [1009]
+
+
+def test_input_after_our_close_is_drained_until_the_peer_close() -> None:
+    """After a 1009 the peer's further continuations are read and discarded (not a 1002, not a
+    TCP close with unread input); its close frame then closes TCP; on_closed(1009) once."""
+    conn, ws, rec, loop = connected()
+    conn.pause_reading()
+    feed(conn, ws, WSMsgType.TEXT, b"a" * 600, fin=False)
+    feed(conn, ws, WSMsgType.CONTINUATION, b"b" * 401, fin=False)
+    assert ws.underlying_transport.reading  # the peer's close frame must be able to arrive
+    for _ in range(3):
+        feed(conn, ws, WSMsgType.CONTINUATION, b"c" * 100, fin=False)
+    feed(conn, ws, WSMsgType.TEXT, b"x")
+    assert (ws.closes, ws.disconnects, rec.messages) == ([(1009, b"message_too_big")], 0, [])
+    feed(conn, ws, WSMsgType.CLOSE, struct.pack("!H", 1009))
+    assert ws.disconnects == 1
+    assert len(loop.timers) == 1
     disconnect(conn, ws)
     assert rec.closed == [1009]
 
@@ -326,7 +362,7 @@ def test_frame_rules(frames: list[tuple[WSMsgType, bytes, bool]], code: int | No
 def test_reserved_bit_is_1002() -> None:
     """RSV1 without a negotiated extension fails the connection with 1002."""
     conn, ws, rec, _ = connected()
-    conn.on_ws_frame(ws, _make_test_ws_frame(WSMsgType.TEXT, b"x", True, True))  # type: ignore[arg-type]
+    conn.on_ws_frame(ws, _make_test_ws_frame(WSMsgType.TEXT, b"x", True, True))  # type: ignore[arg-type]  # fakes stand in for picows/asyncio
     assert ws.closes[0][0] == 1002
     assert rec.messages == []
 
@@ -352,6 +388,7 @@ def test_our_close_then_peer_reply() -> None:
     conn.close(4009, "replaced")
     conn.close(1000, "again")  # ignored
     assert ws.closes == [(4009, b"replaced")]
+    assert ws.underlying_transport.eof
     assert ws.disconnects == 0
     assert len(loop.timers) == 1
     feed(conn, ws, WSMsgType.TEXT, b"ignored")
@@ -406,7 +443,7 @@ def test_slow_consumer_is_4008_and_bounded() -> None:
     conn.send(b"one too many")
     assert conn.queued == 0
     assert ws.closes == [(4008, b"slow_consumer")]
-    assert ws.disconnects == 1
+    assert ws.underlying_transport.eof
     assert conn.closed
     conn.send(b"after")
     assert conn.queued == 0
@@ -431,16 +468,35 @@ def test_handler_exception_closes_1011() -> None:
     def boom(payload: bytes, is_text: bool) -> None:
         raise RuntimeError("bug")
 
-    rec.on_message = boom  # type: ignore[method-assign]
+    rec.on_message = boom  # type: ignore[method-assign]  # a raising handler for one test
     feed(conn, ws, WSMsgType.TEXT, b"x")
     assert ws.closes == [(1011, b"internal_error")]
 
 
 def test_parser_failure_1009_sends_contract_reason() -> None:
     """picows' frame-size rejection (reported through parser_failed) is sent with
-    `message_too_big`, then on_closed(1009)."""
+    `message_too_big`, the write side shut, then on_closed(1009)."""
     conn, ws, rec, _ = connected()
-    conn.parser_failed(1009)
+    conn.parser_failed(1009, "frame too big")
     assert ws.closes == [(1009, b"message_too_big")]
+    assert ws.underlying_transport.eof
     disconnect(conn, ws)
     assert rec.closed == [1009]
+
+
+def test_parser_failure_keeps_picows_reason_for_other_codes() -> None:
+    """A 1002 from picows' parser is sent first by us, with picows' reason text."""
+    conn, ws, rec, _ = connected()
+    conn.parser_failed(1002, "frame is not masked")
+    conn.parser_failed(1002, "again")  # picows logs each failing parse: only one close frame
+    assert ws.closes == [(1002, b"frame is not masked")]
+    disconnect(conn, ws)
+    assert rec.closed == [1002]
+
+
+def test_picows_parser_error_log_is_recognised() -> None:
+    """`_picows_parser_error` reads exactly picows' log call: (code, reason) or None."""
+    args = ((WSCloseCode.MESSAGE_TOO_BIG, "frame too big"),)
+    assert _picows_parser_error(PICOWS_PARSER_ERROR_LOG, args) == (1009, "frame too big")
+    assert _picows_parser_error("WS parser failure, initiate disconnect", ()) is None
+    assert _picows_parser_error(PICOWS_PARSER_ERROR_LOG, ("not a tuple",)) is None

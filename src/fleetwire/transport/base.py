@@ -1,7 +1,8 @@
-"""The thin adapter between a WebSocket transport and fleetwire's sessions.
+"""The transport seam: what fleetwire's sessions see of a WebSocket connection.
 
-The session layer only sees these types; `realtime/picows_transport.py` is the one
-implementation (picows behind uvicorn's `ws` hook, REST and WebSocket on one port).
+The session layer only sees these types; `transport/picows.py` is the one adapter today (picows
+behind uvicorn's `ws` hook, REST and WebSocket on one port, built by `transport/server.py`), and
+`tests/contract/test_transport.py` is the suite every adapter must pass.
 
 Life of a connection:
 1. The transport parses the upgrade request and awaits `WebSocketApp(request)` BEFORE
@@ -13,16 +14,35 @@ Life of a connection:
    (1000 when it answered a peer's close; None when TCP dropped without a close frame), so a
    peer never chooses the reason its session ended for.
 
-Limits enforced by the transport, with the contract's close codes: a frame or message over
-`max_message_bytes` -> 1009; RFC 6455 violations -> 1002; invalid UTF-8 text -> 1007; more
-than `send_queue` messages waiting because the peer does not read -> 4008 `slow_consumer`.
+Limits enforced by the transport (`TransportLimits`), with the contract's close codes: a frame or
+message over `max_message_bytes` -> 1009; RFC 6455 violations -> 1002; invalid UTF-8 text ->
+1007; more than `send_queue` messages waiting because the peer does not read -> 4008
+`slow_consumer`. After the server's close frame the peer gets `close_grace_s` to answer with its
+own; input meanwhile is read and discarded (so the close frame is not destroyed by a TCP reset).
+
+Delivery: messages to one socket are written in `send`/`send_frame` order; a socket that is
+closing drops new messages silently (at most once, never reordered).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from fleetwire.transport import rfc6455
+
+__all__ = [
+    "Handler",
+    "Refusal",
+    "Socket",
+    "TransportAdapter",
+    "TransportLimits",
+    "UpgradeRequest",
+    "WebSocketApp",
+    "text_frame",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +104,31 @@ WebSocketApp = Callable[[UpgradeRequest], Awaitable["Handler | Refusal"]]
 def text_frame(payload: bytes) -> bytes:
     """An unmasked, unfragmented text frame (RFC 6455 §5.2): servers never mask, so one frame
     serves every subscriber byte for byte."""
-    size = len(payload)
-    if size < 126:
-        return bytes((0x81, size)) + payload
-    if size < 65536:
-        return bytes((0x81, 126)) + size.to_bytes(2, "big") + payload
-    return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload
+    return rfc6455.server_frame(rfc6455.OP_TEXT, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class TransportLimits:
+    """The bounds every adapter enforces (the contract suite checks each one)."""
+
+    max_message_bytes: int = 262144  # one frame or a reassembled message; over -> 1009
+    send_queue: int = 1000  # messages held while the transport is paused; over -> 4008
+    max_header_bytes: int = 16000  # the upgrade request head; over -> 431
+    handshake_timeout_s: float = 10.0  # bound on reading the head and on WebSocketApp(request)
+    close_grace_s: float = 2.0  # after our close frame, wait this long for the peer's
+    read_buffer_size: int = 2048  # an adapter's initial read buffer (picows grows it on demand)
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes < 125 or self.send_queue < 1 or self.max_header_bytes < 256:
+            raise ValueError(f"unusable transport limits: {self}")
+        if self.handshake_timeout_s <= 0 or self.close_grace_s < 0:
+            raise ValueError(f"unusable transport limits: {self}")
+
+
+class TransportAdapter(Protocol):
+    """A WebSocket implementation for `transport.server.build_server`: the protocol class that
+    uvicorn's `ws=` hook instantiates for each `Upgrade: websocket` request, serving `app`."""
+
+    name: str
+
+    def ws_protocol(self, app: WebSocketApp, limits: TransportLimits) -> type[asyncio.Protocol]: ...

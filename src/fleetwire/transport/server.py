@@ -1,4 +1,4 @@
-"""Run the ASGI app (REST) and the WebSocketApp (picows) on ONE port with uvicorn.
+"""Run the ASGI app (REST) and the WebSocketApp on ONE port with uvicorn.
 
     server = build_server(asgi_app, ws_app, host="127.0.0.1", port=0, on_started=print)
     await server.serve()          # in a running (uvloop) loop; or server.run() to own the loop
@@ -11,16 +11,16 @@ reaches WebSocket connections: each gets close 1001 `server_shutdown` and its Ha
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from fleetwire.realtime.picows_transport import TransportLimits, make_ws_protocol, redact_access_token
-from fleetwire.realtime.transport import WebSocketApp
+from fleetwire.transport.base import TransportAdapter, TransportLimits, WebSocketApp
+from fleetwire.transport.logs import RedactAccessToken, install_log_redaction
+from fleetwire.transport.picows import PicowsTransport
 
 __all__ = [
     "FleetwireServer",
@@ -30,36 +30,14 @@ __all__ = [
     "install_log_redaction",
 ]
 
-REDACTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "fleetwire.realtime.transport")
-
-
-class RedactAccessToken(logging.Filter):
-    """Replaces `access_token=<value>` in a record's message and string arguments (contract §2:
-    the query-string token never reaches the logs)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str):
-            record.msg = redact_access_token(record.msg)
-        args = record.args
-        if isinstance(args, tuple):
-            if any(isinstance(arg, str) and redact_access_token(arg) != arg for arg in args):
-                record.args = tuple(redact_access_token(a) if isinstance(a, str) else a for a in args)
-        elif isinstance(args, Mapping):
-            record.args = {k: redact_access_token(v) if isinstance(v, str) else v for k, v in args.items()}
-        return True
-
-
-def install_log_redaction() -> None:
-    """Idempotent: one `RedactAccessToken` filter on each logger that can see a request target.
-    Logger filters apply to records logged on that logger itself, hence the explicit list."""
-    for name in REDACTED_LOGGERS:
-        target = logging.getLogger(name)
-        if not any(isinstance(f, RedactAccessToken) for f in target.filters):
-            target.addFilter(RedactAccessToken())
-
 
 class HeadTimeoutHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a bound on reading a request head (slowloris).
+
+    Private surface (checked against uvicorn 0.54.0, pinned `<0.55`): a subclass of uvicorn's
+    internal `HttpToolsProtocol`, overriding its `connection_made`, httptools callbacks
+    `on_message_begin` / `on_headers_complete` and `connection_lost`, using `self.loop` and
+    `self.transport`. uvicorn has no public option for a head timeout.
 
     uvicorn times out idle keep-alive connections only after a first response: a connection
     that never completes its head would be held forever. Here a connection must complete each
@@ -71,6 +49,7 @@ class HeadTimeoutHttpProtocol(HttpToolsProtocol):
     head_timeout_s: float = 10.0
     _head_timer: asyncio.TimerHandle | None = None
 
+    # asyncio.Protocol declares BaseTransport; uvicorn (and this override) take asyncio.Transport.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_head_timer()
@@ -136,11 +115,14 @@ def build_server(
     log_level: str | int | None = "info",
     access_log: bool = True,
     on_started: Callable[[int], None] | None = None,
+    adapter: TransportAdapter | None = None,
     **uvicorn_options: Any,
 ) -> FleetwireServer:
-    """A uvicorn server: httptools + uvloop, lifespan on, picows for `Upgrade: websocket`."""
+    """A uvicorn server: httptools + uvloop, lifespan on, `adapter` (picows by default) for
+    `Upgrade: websocket`."""
     options: dict[str, Any] = {"timeout_graceful_shutdown": 30, **uvicorn_options}
     limits = limits or TransportLimits()
+    adapter = adapter or PicowsTransport()
     http = type(
         "FleetwireHttpProtocol", (HeadTimeoutHttpProtocol,), {"head_timeout_s": limits.handshake_timeout_s}
     )
@@ -150,7 +132,7 @@ def build_server(
         port=port,
         loop="uvloop",
         http=http,
-        ws=make_ws_protocol(ws_app, limits),
+        ws=adapter.ws_protocol(ws_app, limits),
         ws_per_message_deflate=False,
         lifespan="on",
         log_level=log_level,
