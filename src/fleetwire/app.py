@@ -140,7 +140,13 @@ def build_services(
     )
     ingest = IngestService(store=store, writer=writer, clock=clock, schema_limits=schema_limits)
     commands = CommandService(
-        store=store, writer=writer, presence=presence, router=router, tasks=tasks, clock=clock
+        store=store,
+        writer=writer,
+        presence=presence,
+        router=router,
+        tasks=tasks,
+        clock=clock,
+        max_pending=settings.max_pending_commands,
     )
     sessions = SessionService(
         node_id=node_id,
@@ -187,6 +193,7 @@ def build_services(
             history=settings.event_history,
             max_subscriptions=settings.max_subscriptions,
             max_patterns=settings.max_patterns,
+            max_replay=settings.max_replay,
         ),
         registry=registry,
         periods=Periods(

@@ -181,3 +181,27 @@ async def test_queued_command_survives_restart(make_node: Callable[..., Node], t
     device = await second.device("d1")
     command = await device.next_of("command")
     assert command["command_id"] == ack["command_id"]
+
+
+async def test_queued_commands_per_device_are_capped(make_node: Callable[..., Node]) -> None:
+    """Issue 13.17: with FLEETWIRE_MAX_PENDING_COMMANDS=3 the 4th queued command for an
+    offline device is `too_large` and not stored; another device has its own budget; on
+    connect the device receives exactly the 3, in issue order."""
+    node = make_node(max_pending_commands=3)
+    await node.register("d1", "d2")
+    operator = await node.client("operator")
+    queued = [
+        await operator.request({"type": "command", "device_id": "d1", "name": f"c{n}", "queue": True})
+        for n in range(3)
+    ]
+    assert [q["state"] for q in queued] == ["pending"] * 3
+    over = await operator.request({"type": "command", "device_id": "d1", "name": "c3", "queue": True})
+    assert over["code"] == "too_large"
+    other = await operator.request({"type": "command", "device_id": "d2", "name": "x", "queue": True})
+    assert other["state"] == "pending"
+    device = await node.device("d1")
+    got = [await device.next_of("command") for _ in range(3)]
+    assert [c["name"] for c in got] == ["c0", "c1", "c2"]
+    async with node.rest("viewer") as rest:
+        listed = (await rest.get("/devices/d1/commands")).json()["items"]
+    assert sorted(c["name"] for c in listed) == ["c0", "c1", "c2"]

@@ -440,3 +440,30 @@ async def test_peer_close_code_never_chooses_the_reason(node: Node) -> None:
         await asyncio.wait_for(device.ws.close(code), TIMEOUT)
         gone = await client.event("device.disconnected")
         assert gone["data"]["reason"] == "closed"
+
+
+async def test_resume_replays_at_most_max_replay_events(make_node: Callable[..., Node]) -> None:
+    """Issue 13.5: with FLEETWIRE_MAX_REPLAY=4, d1's 3 missed events are replayed, d2's 3 do
+    not fit in the 1 left: d2 replays nothing and is `recovered: false`; live events follow."""
+    node = make_node(max_replay=4)
+    await node.register("d1", "d2")
+    for device_id in ("d1", "d2"):
+        device = await node.device(device_id)
+        for status in ("a", "b", "c"):
+            await device.request({"type": "status", "status": status})
+    client = await node.client()
+    ack = await client.request(
+        {
+            "type": "subscribe",
+            "devices": ["d1", "d2"],
+            "events": ["status"],
+            "resume": {"d1": 1, "d2": 1},  # seq 1 is device.connected: 3 status events missed
+        }
+    )
+    assert ack["recovered"] == {"d1": True, "d2": False}
+    await device.request({"type": "status", "status": "live"})  # d2's sentinel
+    received = []
+    while not received or received[-1] != ("d2", "live"):
+        event = await client.next_of("event")
+        received.append((event["device_id"], event["data"]["status"]))
+    assert received == [("d1", "a"), ("d1", "b"), ("d1", "c"), ("d2", "live")]

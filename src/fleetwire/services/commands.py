@@ -9,6 +9,7 @@ the device) and the Broker (node-addressed messages); the issuer learns the end 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +40,9 @@ class CommandService:
         router: NodeRouter,
         tasks: Tasks,
         clock: Clock,
+        max_pending: int = 100,
     ) -> None:
+        self._max_pending = max_pending
         self._store = store
         self._writer = writer
         self._presence = presence
@@ -83,6 +86,14 @@ class CommandService:
         if session is None and not request.queue:
             raise FleetwireError(ErrorCode.DEVICE_OFFLINE, "device is not connected")
         online = session is not None
+        if (
+            not online
+            and len(await self._store.pending_commands(request.device_id, now)) >= self._max_pending
+        ):
+            # Bounded backlog per device (issue 13.17): it is delivered in one go on connect.
+            raise FleetwireError(
+                ErrorCode.TOO_LARGE, f"the device already has {self._max_pending} queued commands"
+            )
         command = Command(
             id=self._ids.next(now),
             device_id=request.device_id,
@@ -205,23 +216,25 @@ class CommandService:
 
     # -- REST `?wait=true` ---------------------------------------------------------------------
     async def wait(self, command_id: str, timeout_s: float) -> Command | None:
-        """Until the command is final or the timeout passes; works whichever node ends it."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        """Until the command is final or `timeout_s` of the clock pass; works whichever node
+        ends it (its `command.updated` reaches every node's hub). A re-read every second
+        covers an event this node missed."""
+        clock = self._clock
+        deadline_ms = clock.now_ms() + int(timeout_s * 1000)
         while True:
             command = await self._store.get_command(command_id)
             if command is None or command.state.final:
                 return command
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            remaining_s = (deadline_ms - clock.now_ms()) / 1000
+            if remaining_s <= 0:
                 return command
-            future: asyncio.Future[None] = loop.create_future()
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(command_id, []).append(future)
+            timer = clock.call_later(min(remaining_s, 1.0), functools.partial(_wake, future))
             try:
-                await asyncio.wait_for(future, min(remaining, 1.0))
-            except TimeoutError:
-                pass
+                await future
             finally:
+                timer.cancel()
                 waiters = self._waiters.get(command_id)
                 if waiters is not None and future in waiters:
                     waiters.remove(future)
@@ -234,10 +247,14 @@ class CommandService:
             return
         command_id = orjson.loads(event.payload)["data"]["command_id"]
         for future in self._waiters.pop(command_id, []):
-            if not future.done():
-                future.set_result(None)
+            _wake(future)
 
     def close(self) -> None:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -25,8 +25,8 @@ from fleetwire.presence.base import Presence, SessionInfo
 from fleetwire.services.commands import CommandService
 from fleetwire.services.local import LocalDeviceSession, LocalSession, LocalSessions
 from fleetwire.services.routing import NodeRouter
-from fleetwire.services.tasks import OUTAGES, Tasks
-from fleetwire.store.base import EventWrite
+from fleetwire.services.tasks import Tasks
+from fleetwire.store.base import EventWrite, StoreUnavailableError
 
 _PAGE = 500
 log = logging.getLogger(__name__)
@@ -84,12 +84,16 @@ class SessionService:
         self, session: LocalDeviceSession, local_previous: LocalDeviceSession | None
     ) -> None:
         """Claim presence, report a replaced predecessor, record `device.connected`, deliver
-        queued commands. If a backing service fails on the way, the session is closed 1001
-        so the device reconnects, instead of staying half-connected (issue 13.8)."""
+        queued commands.
+
+        If the database fails on the way, the session is closed 1001 so the device
+        reconnects, instead of staying half-connected (issue 13.8). If Presence or the broker
+        fails, the session stays: `reconcile`, which runs when they are back, claims and
+        announces every local session Presence does not have."""
         try:
             await self._go_online(session, local_previous)
-        except OUTAGES as exc:
-            log.warning("device %s could not go online, closing its session: %s", session.device_id, exc)
+        except StoreUnavailableError as exc:
+            log.warning("device %s could not be announced, closing its session: %s", session.device_id, exc)
             session.close(Close.SERVER_SHUTDOWN)
 
     async def _go_online(
@@ -173,12 +177,15 @@ class SessionService:
         """End the device's live session wherever it is, and record its `device.disconnected`
         (with `reason`) before returning: for a device about to be deleted, whose history
         goes with it, the event must be committed while the device still exists."""
+        local = self.local.devices.get(device_id)
         session = await self._presence.get(device_id)
-        if session is None:
-            return
-        if await self._presence.remove(device_id, session.session_id):
-            await self._disconnected(device_id, session.session_id, session.connected_at_ms, reason)
-        await self._router.close(session.node, session.session_id, code, suppress=True)
+        if session is not None:
+            if await self._presence.remove(device_id, session.session_id):
+                await self._disconnected(device_id, session.session_id, session.connected_at_ms, reason)
+            await self._router.close(session.node, session.session_id, code, suppress=True)
+        if local is not None and (session is None or local.session_id != session.session_id):
+            # Presence lost this node's session (an outage, before reconcile): close it too.
+            self.local.close(local.session_id, code, suppress=True)
 
     def close_all(self, code: Close) -> None:
         for session in list(self.local.by_id.values()):

@@ -53,7 +53,9 @@ class SubscriptionService:
         history: int,
         max_subscriptions: int = 100,
         max_patterns: int = 1000,
+        max_replay: int = 500,
     ) -> None:
+        self._max_replay = max_replay
         self._store = store
         self._presence = presence
         self._hub = hub
@@ -145,22 +147,32 @@ class SubscriptionService:
     async def _replays(
         self, wanted: Subscribe, devices: dict[str, Device]
     ) -> tuple[dict[str, list[Event]], dict[str, bool]]:
-        """Events after each `resume` seq; recovered = the history still had all of them."""
+        """Events after each `resume` seq; recovered = the history still had all of them.
+
+        At most `max_replay` events per subscribe, in all (issue 13.5): a device whose missed
+        events do not fit in what is left replays nothing and answers `recovered: false`, so
+        the client reads them from `GET /devices/{id}/events`. The cap keeps a replay below
+        the send queue, so a client that reads is never closed 4008 by its own resume."""
         replays: dict[str, list[Event]] = {}
         recovered: dict[str, bool] = {}
+        budget = self._max_replay
         for device_id, last_seq in (wanted.resume or {}).items():
             device = devices.get(device_id)
             if device is None:
                 recovered[device_id] = False
                 continue
-            events = await self._store.events(device_id, last_seq, self._history)
-            replays[device_id] = events
             if last_seq >= device.seq:
                 recovered[device_id] = True
-            else:
-                seqs = [e.seq for e in events]
-                contiguous = seqs == list(range(last_seq + 1, last_seq + 1 + len(seqs)))
-                recovered[device_id] = contiguous and bool(seqs) and seqs[-1] >= device.seq
+                continue
+            events = await self._store.events(device_id, last_seq, min(self._history, budget + 1))
+            if len(events) > budget:
+                recovered[device_id] = False
+                continue
+            budget -= len(events)
+            replays[device_id] = events
+            seqs = [e.seq for e in events]
+            contiguous = seqs == list(range(last_seq + 1, last_seq + 1 + len(seqs)))
+            recovered[device_id] = contiguous and bool(seqs) and seqs[-1] >= device.seq
         return replays, recovered
 
 
