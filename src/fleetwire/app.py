@@ -80,11 +80,13 @@ def create_app(
         from fleetwire.presence import make_presence
 
         presence = make_presence(settings.broker_url, settings.node_id)
+    clock = clock or SystemClock()
     if verifier is None:
         from fleetwire.auth.jwt import JwtVerifier
 
-        verifier = JwtVerifier.from_settings(settings, secret)
-    services = build_services(settings, store, broker, presence, verifier, clock or SystemClock())
+        wall = clock  # exp, nbf and iat are judged on the same clock as the sessions
+        verifier = JwtVerifier.from_settings(settings, secret, clock=lambda: wall.now_ms() / 1000)
+    services = build_services(settings, store, broker, presence, verifier, clock)
     opened_store = store
 
     @asynccontextmanager

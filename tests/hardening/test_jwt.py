@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from tests.clock import ManualClock
 from tests.hardening.helpers import SECRET, handshake, rest_status
 from tests.integration.harness import Node
 from tests.unit.auth.helpers import jwk_of, public_pem, segment, serve_jwks, sign
@@ -194,21 +195,24 @@ async def test_leeway_edges_at_the_handshake_and_rest(make_node: Callable[..., N
     `exp` 30 s ago, `nbf` or `iat` 30 s ahead are 401. A WebSocket session opened with a token
     already 8 s past `exp` works, and is closed 4001 `token_expired` at `exp` + leeway, not
     before. Without leeway, `exp` 1 s ago is 401."""
-    lenient = make_node(jwt_leeway_s=10)
     now = int(time.time())
+    clock = ManualClock(now * 1000)  # the verifier and the sessions read this clock
+    lenient = make_node(jwt_leeway_s=10, clock=clock)
     assert await rest_status(lenient.http_url, sign("HS256", HS_SECRET, claims(exp=now - 2))) == 200
     for body in (claims(nbf=now + 2), claims(iat=now + 2)):
         assert await outcome(lenient, sign("HS256", HS_SECRET, body)) == ACCEPTED
     for body in (claims(exp=now - 30), claims(nbf=now + 30), claims(iat=now + 30)):
         assert await outcome(lenient, sign("HS256", HS_SECRET, body)) == REFUSED, body
     await lenient.register("d1")
-    exp = int(time.time()) - 8
+    exp = now - 8
     session = await lenient.device(
         "d1", token=sign("HS256", HS_SECRET, claims(role="device", sub="d1", exp=exp))
     )
     assert (await session.request({"type": "status", "status": "in-leeway"}))["type"] == "ack"
-    assert await session.closed(timeout=5) == (4001, "token_expired")
-    assert time.time() >= exp + 10 - 0.05
+    lenient.advance(1.999)  # 1 ms before exp + leeway: still open
+    assert (await session.request({"type": "status", "status": "still"}))["type"] == "ack"
+    lenient.advance(0.001)
+    assert await session.closed() == (4001, "token_expired")
 
     strict = make_node()
     assert await outcome(strict, sign("HS256", HS_SECRET, claims(exp=int(time.time()) - 1))) == REFUSED
@@ -241,13 +245,14 @@ async def test_audience_and_issuer_mismatch_is_refused(make_node: Callable[..., 
 async def test_expired_token_reused_after_its_4001_is_refused(make_node: Callable[..., Node]) -> None:
     """A device and a client whose 2-second tokens expire are closed 4001 `token_expired`;
     the same tokens are then refused: 401 at a new handshake (header and query) and at REST."""
-    node = make_node(token_warning_s=0.5)
+    node = make_node(token_warning_s=0.5, clock=ManualClock())
     await node.register("d1")
     device_token = node.token("d1", "device", ttl_s=2)
     client_token = node.token("app", "admin", ttl_s=2)
     device = await node.device("d1", token=device_token)
     client = await node.client(token=client_token)
-    closed = await asyncio.gather(device.closed(timeout=5), client.closed(timeout=5))
+    node.advance(3.0)  # past both `exp`s, on the clock the verifier reads too
+    closed = await asyncio.gather(device.closed(), client.closed())
     assert closed == [(4001, "token_expired"), (4001, "token_expired")]
     assert await handshake(f"{node.ws_url}/ws/device", device_token) == 401
     assert await handshake(f"{node.ws_url}/ws/device", device_token, query=True) == 401
