@@ -160,6 +160,7 @@ def build_services(
         commands=commands,
         tasks=tasks,
         clock=clock,
+        replace_wait_s=settings.replace_wait_s,
     )
     registry = RegistryService(
         store=store,

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     handshake_timeout_s: float = 10.0
     close_grace_s: float = 2.0  # after a close frame, how long a peer has to read it
     max_in_flight: int = Field(default=64, ge=1)  # requests per session awaiting their reply
+    # How long a new session waits to see its predecessor's `device.connected` (13.12b).
+    replace_wait_s: float = Field(default=2.0, ge=0)
     max_subscriptions: int = Field(default=100, ge=1)  # per client connection
     max_patterns: int = Field(default=1000, ge=1)  # device ids and globs per client connection
     max_pending_commands: int = Field(default=100, ge=1)  # queued commands per offline device

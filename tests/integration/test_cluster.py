@@ -4,6 +4,7 @@ service (issue 6, contract §5). Real processes, real servers; no mocks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -253,3 +254,38 @@ async def test_command_lifecycle_is_stored_in_order_across_nodes(cluster: Callab
         if event["event"] == "command.updated":
             states.setdefault(event["data"]["command_id"], []).append(event["data"]["state"])
     assert [states[i] for i in ids] == [["sent", "succeeded"]] * len(ids)
+
+
+async def test_simultaneous_connects_to_two_nodes_keep_each_session_in_order(
+    cluster: Callable[..., Any],
+) -> None:
+    """Issue 13.12b: one device connects to A and B at the same moment, 15 times, and
+    closes both. In the event stream (seq order) every announced session has its
+    `device.connected` before its one `device.disconnected`."""
+    a, b = await cluster("a", "b")
+    async with a.rest() as rest:
+        assert (await rest.post("/devices", json={"id": "d1"})).status_code == 201
+    watcher = await a.client("viewer")
+    await watcher.request({"type": "subscribe", "devices": ["d1"], "events": ["presence"]})
+    token = a.token("d1", "device")
+    welcomed: set[str] = set()
+    for _ in range(15):
+        opened = await asyncio.gather(
+            *(Session.open(f"ws://127.0.0.1:{n.port}/ws/device", token) for n in (a, b)),
+            return_exceptions=True,
+        )
+        for session in opened:
+            if isinstance(session, Session):
+                welcomed.add(session.welcome["session_id"])
+                with contextlib.suppress(Exception):
+                    await session.ws.close()
+    order: dict[str, list[str]] = {}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while any(len(order.get(s, ())) < 2 for s in welcomed):  # every welcomed session ended
+        assert loop.time() < deadline, (welcomed, order)
+        event = await watcher.next_of("event")
+        order.setdefault(event["data"]["session_id"], []).append(event["event"])
+    assert len(welcomed) >= 15
+    assert order.keys() == welcomed
+    assert all(names == ["device.connected", "device.disconnected"] for names in order.values()), order

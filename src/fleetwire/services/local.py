@@ -50,6 +50,8 @@ class LocalSessions:
         self.devices: dict[str, LocalDeviceSession] = {}
         # Sessions whose end someone else reports (the successor's node, after `replaced`).
         self.suppressed: set[str] = set()
+        # Replaced sessions whose end this node reports, once their `device.connected` is in.
+        self.reporting: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -62,9 +64,18 @@ class LocalSessions:
         if session is not None:
             session.send(payload)
 
-    def close(self, session_id: str, code: Close, *, suppress: bool) -> None:
+    def close(self, session_id: str, code: Close, *, suppress: bool, report: bool = False) -> None:
+        """`suppress`: someone else reports this session's end; `report`: this node does, as
+        replaced, after the session's announce (see SessionService._replaced)."""
         session = self.by_id.get(session_id)
         if session is not None:
-            if suppress:
-                self.suppressed.add(session_id)
+            self.decide(session_id, suppress=suppress, report=report)
             session.close(code)
+
+    def decide(self, session_id: str, *, suppress: bool, report: bool) -> None:
+        """Who reports the end of a session (also of one that has closed already)."""
+        if report:
+            self.suppressed.discard(session_id)
+            self.reporting.add(session_id)
+        elif suppress:
+            self.suppressed.add(session_id)

@@ -27,15 +27,23 @@ class NodeRouter:
             return
         await self._broker.send(node, {"kind": "send", "session_id": session_id, "message": message})
 
-    async def close(self, node: str, session_id: str, code: Close, *, suppress: bool = False) -> None:
+    async def close(
+        self, node: str, session_id: str, code: Close, *, suppress: bool = False, report: bool = False
+    ) -> None:
         """`suppress`: the caller reports the session's end itself, so its node stays silent
-        (a replaced session's end is reported by its successor, a deleted device's by the
-        registry)."""
-        suppress = suppress or code is Close.REPLACED
+        (a replaced session is reported by its successor unless `report`, a deleted device's
+        by the registry); `report`: the session's own node reports it as replaced."""
+        suppress = not report and (suppress or code is Close.REPLACED)
         if node == self.node_id:
-            self._local.close(session_id, code, suppress=suppress)
+            self._local.close(session_id, code, suppress=suppress, report=report)
             return
-        message = {"kind": "close", "session_id": session_id, "code": int(code), "suppress": suppress}
+        message = {
+            "kind": "close",
+            "session_id": session_id,
+            "code": int(code),
+            "suppress": suppress,
+            "report": report,
+        }
         await self._broker.send(node, message)
 
     def on_message(self, message: dict[str, Any]) -> None:
@@ -46,6 +54,6 @@ class NodeRouter:
             self._local.send(session_id, orjson.dumps(message["message"]))
         elif kind == "close":
             code = Close(int(message["code"]))
-            self._local.close(
-                session_id, code, suppress=bool(message.get("suppress")) or code is Close.REPLACED
-            )
+            report = bool(message.get("report"))
+            suppress = not report and (bool(message.get("suppress")) or code is Close.REPLACED)
+            self._local.close(session_id, code, suppress=suppress, report=report)

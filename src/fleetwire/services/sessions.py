@@ -11,6 +11,7 @@ device sends (the endpoint holds requests until `connected()`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -53,6 +54,7 @@ class SessionService:
         commands: CommandService,
         tasks: Tasks,
         clock: Clock,
+        replace_wait_s: float = 2.0,
     ) -> None:
         self.node_id = node_id
         self._heartbeat_s = heartbeat_s
@@ -64,7 +66,13 @@ class SessionService:
         self._tasks = tasks
         self._clock = clock
         self._online: dict[str, _Online] = {}  # by session id, device sessions only
-        self._announced: set[str] = set()  # sessions whose `device.connected` is recorded
+        self._announced: set[str] = set()  # local sessions whose `device.connected` is recorded
+        # The announced session of every device in the cluster, from `device.connected`
+        # events (they reach every node): how a successor knows its predecessor's
+        # `device.connected` is committed before it records that session's end.
+        self._seen_connected: dict[str, str] = {}
+        self._connected_waiters: dict[str, asyncio.Future[bool]] = {}
+        self._replace_wait_s = replace_wait_s
 
     # -- a session opens and closes -----------------------------------------------------------
     def opened(self, session: LocalSession) -> None:
@@ -95,6 +103,9 @@ class SessionService:
         except StoreUnavailableError as exc:
             log.warning("device %s could not be announced, closing its session: %s", session.device_id, exc)
             session.close(Close.SERVER_SHUTDOWN)
+        finally:
+            if session.session_id not in self._announced:
+                self.local.reporting.discard(session.session_id)  # nothing to report
 
     async def _go_online(
         self, session: LocalDeviceSession, local_previous: LocalDeviceSession | None
@@ -103,18 +114,51 @@ class SessionService:
             session.device_id, session.session_id, self.node_id, session.connected_at_ms, self._clock.now_ms()
         )
         previous = await self._presence.add(info)
+        if previous is None and local_previous is not None:
+            # Presence had lost the local predecessor (an outage): it is replaced all the same.
+            previous = SessionInfo(
+                local_previous.device_id,
+                local_previous.session_id,
+                self.node_id,
+                local_previous.connected_at_ms,
+                local_previous.last_seen_ms,
+            )
         if previous is not None and previous.session_id != session.session_id:
-            if previous.node != self.node_id:
-                await self._router.close(previous.node, previous.session_id, Close.REPLACED)
-            await self._disconnected(
-                session.device_id, previous.session_id, previous.connected_at_ms, "replaced"
-            )
-        elif local_previous is not None:
-            await self._disconnected(
-                session.device_id, local_previous.session_id, local_previous.connected_at_ms, "replaced"
-            )
+            await self._replaced(previous)
         await self._announce(session)
         await self._commands.deliver_queued(session.device_id, session.send)
+
+    async def _replaced(self, previous: SessionInfo) -> None:
+        """The claim said this session replaces `previous`: end it, and record its
+        `device.disconnected` (reason replaced) only after its `device.connected` (issue
+        13.12b). Exactly one node reports it: this one, if that event is seen within
+        `replace_wait_s`, before this session's own `device.connected`; else the
+        predecessor's node, right after its announce (a session never announced is not
+        reported as gone)."""
+        settled = self._clock.now_ms() - previous.connected_at_ms > self._replace_wait_s * 1000
+        # A predecessor older than the wait has long been announced (or closed): no wait.
+        seen = settled or await self._announced_soon(previous.device_id, previous.session_id)
+        if previous.node == self.node_id:  # device_opened has closed it already
+            self.local.decide(previous.session_id, suppress=seen, report=not seen)
+        else:
+            await self._router.close(previous.node, previous.session_id, Close.REPLACED, report=not seen)
+        if seen:
+            await self._disconnected(
+                previous.device_id, previous.session_id, previous.connected_at_ms, "replaced"
+            )
+
+    async def _announced_soon(self, device_id: str, session_id: str) -> bool:
+        if self._seen_connected.get(device_id) == session_id:
+            return True
+        waiter = self._connected_waiters.get(session_id)
+        if waiter is None:
+            waiter = self._connected_waiters[session_id] = asyncio.get_running_loop().create_future()
+        timer = self._clock.call_later(self._replace_wait_s, functools.partial(_settle, waiter, False))
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self._connected_waiters.pop(session_id, None)
 
     def closed(self, session: LocalSession) -> None:
         self.local.by_id.pop(session.session_id, None)
@@ -129,7 +173,12 @@ class SessionService:
         device_id = session.device_id
         if self.local.devices.get(device_id) is session:
             del self.local.devices[device_id]
-        if suppressed:
+        if session.session_id in self.local.reporting:
+            # Replaced before its successor saw it announced: its end is this node's to
+            # report, after its `device.connected` (now, or when its announce commits).
+            if session.session_id in self._announced:
+                self._tasks.spawn(self._report_replaced(session))
+        elif suppressed:
             self._announced.discard(session.session_id)
         else:
             self._tasks.spawn(self._device_offline(device_id, session, online, reason))
@@ -161,7 +210,15 @@ class SessionService:
             EventWrite(session.device_id, "device.connected", session.connected_at_ms, data)
         )
         self._announced.add(session.session_id)
+        if session.session_id in self.local.reporting and session.session_id not in self.local.by_id:
+            await self._report_replaced(session)  # it was replaced (and closed) meanwhile
+            return
         session.connected()
+
+    async def _report_replaced(self, session: LocalDeviceSession) -> None:
+        self.local.reporting.discard(session.session_id)
+        self._announced.discard(session.session_id)
+        await self._disconnected(session.device_id, session.session_id, session.connected_at_ms, "replaced")
 
     async def close_device(self, device_id: str, code: Close) -> None:
         """Close the device's live session wherever it is (deleted, disabled: 4003)."""
@@ -192,8 +249,18 @@ class SessionService:
             session.close(code)
 
     def on_event(self, event: Published) -> None:
-        """A hub listener: a local device session follows its device's registry record."""
-        if event.name == "device.updated":
+        """A hub listener: which session of each device is announced (for `_replaced`), and
+        a local device session follows its device's registry record."""
+        name = event.name
+        if name == "device.connected":
+            session_id = orjson.loads(event.payload)["data"]["session_id"]
+            self._seen_connected[event.device_id] = session_id
+            waiter = self._connected_waiters.get(session_id)
+            if waiter is not None:
+                _settle(waiter, True)
+        elif name == "device.disconnected" or name == "device.deleted":
+            self._seen_connected.pop(event.device_id, None)
+        elif name == "device.updated":
             session = self.local.devices.get(event.device_id)
             if session is not None:
                 session.device = Device.from_public(orjson.loads(event.payload)["data"])
@@ -255,3 +322,8 @@ class SessionService:
                 pairs.append((device_id, session.session_id))
         if pairs:
             await self._presence.touch(pairs, self._clock.now_ms())
+
+
+def _settle(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
