@@ -90,6 +90,9 @@ class RecHandler:
             self.socket.close(int(payload[6:]), "forbidden")
         elif payload.startswith(b"frame:"):
             self.socket.send_frame(text_frame(b"y" * int(payload[6:])))
+        elif payload.startswith(b"frames:"):
+            sizes = [int(n) for n in payload[7:].split(b",")]
+            self.socket.send_frames([text_frame(b"%d:" % i + b"z" * n) for i, n in enumerate(sizes)])
         elif payload == b"ping":
             self.socket.ping()
         elif payload == b"boom":
@@ -744,6 +747,16 @@ async def test_send_frame_reaches_client_intact(serve: Serve, size: int) -> None
     async with serve() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
         await ws.send(f"frame:{size}")
         assert await asyncio.wait_for(ws.recv(), T) == "y" * size
+
+
+async def test_send_frames_arrive_as_separate_messages_in_order(serve: Serve) -> None:
+    """Socket.send_frames (one write for several framed messages) delivers each message
+    intact, in order."""
+    sizes = [0, 125, 126, 70000, 3]
+    async with serve() as srv, connect(srv.url("/echo"), open_timeout=T) as ws:
+        await ws.send("frames:" + ",".join(map(str, sizes)))
+        received = [await asyncio.wait_for(ws.recv(), T) for _ in sizes]
+    assert received == [f"{i}:" + "z" * n for i, n in enumerate(sizes)]
 
 
 async def test_handler_exception_closes_1011(serve: Serve) -> None:

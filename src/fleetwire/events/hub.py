@@ -39,6 +39,9 @@ class Subscription:
         return device_id in self.exact or any(fnmatchcase(device_id, p) for p in self.patterns)
 
 
+Delivery = tuple[str, int, bytes]  # device id, seq, the framed event
+
+
 class Subscriber(Protocol):
     """What the hub needs of a client connection."""
 
@@ -48,6 +51,9 @@ class Subscriber(Protocol):
     def principal(self) -> Principal: ...
 
     def deliver(self, device_id: str, seq: int, frame: bytes) -> None: ...
+
+    def deliver_many(self, deliveries: list[Delivery]) -> None:
+        """Several frames of one batch, in order: written together (one syscall)."""
 
 
 def is_pattern(text: str) -> bool:
@@ -63,6 +69,7 @@ class Hub:
         self._last_seq: dict[str, int] = {}
         self._held: dict[str, list[tuple[int, Published]]] = {}
         self._gap_wait_s = gap_wait_s
+        self._outgoing: dict[Subscriber, list[Delivery]] | None = None  # during on_events
         self.listeners: list[Callable[[Published], None]] = []  # e.g. REST `?wait=true` waiters
         self.delivered = 0
 
@@ -123,6 +130,20 @@ class Hub:
 
     # -- delivery ----------------------------------------------------------------------------
     def on_events(self, batch: Sequence[Published]) -> None:
+        """Deliver a batch; each subscriber gets its frames of the batch in one write."""
+        outgoing: dict[Subscriber, list[Delivery]] = {}
+        self._outgoing = outgoing
+        try:
+            self._on_events(batch)
+        finally:
+            self._outgoing = None
+        for subscriber, deliveries in outgoing.items():
+            if len(deliveries) == 1:
+                subscriber.deliver(*deliveries[0])
+            else:
+                subscriber.deliver_many(deliveries)
+
+    def _on_events(self, batch: Sequence[Published]) -> None:
         last_seq = self._last_seq
         for event in batch:
             last = last_seq.get(event.device_id)
@@ -151,11 +172,20 @@ class Hub:
             return
         frame = text_frame(event.payload)
         cls = event.event_class
+        seq = event.seq
         count = 0
+        outgoing = self._outgoing
         for subscriber, classes in route:
             if cls in classes:
-                subscriber.deliver(device_id, event.seq, frame)
                 count += 1
+                if outgoing is None:  # a held event released by its timer: no batch to join
+                    subscriber.deliver(device_id, seq, frame)
+                    continue
+                pending = outgoing.get(subscriber)
+                if pending is None:
+                    outgoing[subscriber] = [(device_id, seq, frame)]
+                else:
+                    pending.append((device_id, seq, frame))
         self.delivered += count
 
     def _hold(self, event: Published) -> None:

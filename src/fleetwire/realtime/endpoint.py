@@ -311,6 +311,14 @@ class ClientEndpoint(Endpoint):
         self.core.deliver(device_id, seq, frame)
         self._run()
 
+    def deliver_many(self, deliveries: list[tuple[str, int, bytes]]) -> None:
+        if not self.core.holding and self.socket is not None:
+            self.socket.send_frames([frame for _, _, frame in deliveries])
+            return
+        for device_id, seq, frame in deliveries:
+            self.core.deliver(device_id, seq, frame)
+        self._run()
+
     def hold(self, device_ids: list[str]) -> None:
         self.core.hold(device_ids)
 

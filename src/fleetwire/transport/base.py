@@ -75,6 +75,9 @@ class Socket(Protocol):
     def send_frame(self, frame: bytes) -> None:
         """Queue a complete, already framed message (see `text_frame`): a broadcast framed once."""
 
+    def send_frames(self, frames: list[bytes]) -> None:
+        """Queue several framed messages in one write; the send queue counts each of them."""
+
     def ping(self) -> None: ...
 
     def close(self, code: int, reason: str) -> None:

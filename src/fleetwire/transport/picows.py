@@ -285,6 +285,17 @@ class _Connection(WSListener):
         else:
             self._tr.write(frame)
 
+    def send_frames(self, frames: list[bytes]) -> None:
+        if self._closing:
+            return
+        if self._paused:
+            for frame in frames:
+                self._hold(frame)
+        else:
+            # One write for a subscriber's frames of a batch: measured 3.9 µs per frame as
+            # separate writes against 0.27-1.95 µs joined (issue 12).
+            self._tr.write(b"".join(frames))
+
     def ping(self) -> None:
         if not self._closing:
             self._ws.send_ping()

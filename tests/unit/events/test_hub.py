@@ -20,6 +20,7 @@ class Recorder:
         self.subscriptions: dict[str, Subscription] = {}
         self.seqs: list[int] = []
         self.frames: list[bytes] = []
+        self.writes: list[int] = []  # frames per call: 1 for deliver, n for deliver_many
 
     @property
     def principal(self) -> Principal:
@@ -28,6 +29,13 @@ class Recorder:
     def deliver(self, device_id: str, seq: int, frame: bytes) -> None:
         self.seqs.append(seq)
         self.frames.append(frame)
+        self.writes.append(1)
+
+    def deliver_many(self, deliveries: list[tuple[str, int, bytes]]) -> None:
+        for _, seq, frame in deliveries:
+            self.seqs.append(seq)
+            self.frames.append(frame)
+        self.writes.append(len(deliveries))
 
 
 def published(seq: int, name: str, cls: str, data: dict[str, object]) -> Published:
@@ -81,3 +89,16 @@ def test_a_gap_is_held_until_it_fills_or_the_wait_ends() -> None:
     assert recorder.seqs == [1, 2, 3]
     clock.advance(0.5)
     assert recorder.seqs == [1, 2, 3, 5]
+
+
+def test_a_subscriber_gets_its_frames_of_one_batch_in_one_call() -> None:
+    """Issue 12: the frames of one delivery batch reach each subscriber together, in seq
+    order (one write), and only the classes it subscribed to; a single frame goes alone."""
+    hub, recorder = subscribed_hub()
+    other = Recorder()
+    hub.add(other, Subscription("sub-1", frozenset({"d1"}), (), frozenset({"status"})))
+    batch = [published(n, "device.status", "status", {}) for n in (1, 2, 3)]
+    hub.on_events([*batch, published(4, "device.updated", "registry", {})])
+    hub.on_events([published(5, "device.status", "status", {})])
+    assert (recorder.seqs, recorder.writes) == ([1, 2, 3, 4, 5], [4, 1])
+    assert (other.seqs, other.writes) == ([1, 2, 3, 5], [3, 1])

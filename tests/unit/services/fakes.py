@@ -212,6 +212,9 @@ class FakeSubscriber:
     def deliver(self, device_id: str, seq: int, frame: bytes) -> None:
         self.frames.append((device_id, seq, frame))
 
+    def deliver_many(self, deliveries: list[tuple[str, int, bytes]]) -> None:
+        self.frames.extend(deliveries)
+
     def next_subscription_id(self) -> str:
         self._count += 1
         return f"sub-{self._count}"
