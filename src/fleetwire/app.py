@@ -28,6 +28,7 @@ from fleetwire.realtime.endpoint import EndpointServices
 from fleetwire.realtime.handshake import Handshake
 from fleetwire.realtime.session import SessionLimits
 from fleetwire.services.auth import Authenticator
+from fleetwire.services.cache import DeviceCache, PendingIndex
 from fleetwire.services.commands import CommandService
 from fleetwire.services.container import Periods, Services
 from fleetwire.services.ingest import IngestService
@@ -141,6 +142,8 @@ def build_services(
         max_expansion=settings.max_schema_expansion,
     )
     ingest = IngestService(store=store, writer=writer, clock=clock, schema_limits=schema_limits)
+    cache = DeviceCache(store)
+    pending = PendingIndex()
     commands = CommandService(
         store=store,
         writer=writer,
@@ -148,6 +151,7 @@ def build_services(
         router=router,
         tasks=tasks,
         clock=clock,
+        pending=pending,
         max_pending=settings.max_pending_commands,
     )
     sessions = SessionService(
@@ -160,6 +164,7 @@ def build_services(
         commands=commands,
         tasks=tasks,
         clock=clock,
+        pending=pending,
         replace_wait_s=settings.replace_wait_s,
     )
     registry = RegistryService(
@@ -169,8 +174,10 @@ def build_services(
         sessions=sessions,
         ingest=ingest,
         clock=clock,
+        cache=cache,
         schema_limits=schema_limits,
     )
+    hub.listeners.append(cache.on_event)  # first: the others may read the cache
     hub.listeners.append(sessions.on_event)
     hub.listeners.append(commands.on_event)
     return Services(
@@ -199,6 +206,7 @@ def build_services(
             max_replay=settings.max_replay,
         ),
         registry=registry,
+        cache=cache,
         periods=Periods(
             heartbeat_s=settings.heartbeat_s,
             command_sweep_s=settings.command_sweep_s,

@@ -56,6 +56,9 @@ class GroupWriter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._stopped = False
+        # False from an outage until a write (or `recovered`) succeeds again: lets callers
+        # that do not write (a handshake answered from the cache) refuse during an outage.
+        self.healthy = True
 
     @property
     def queued(self) -> int:
@@ -110,6 +113,7 @@ class GroupWriter:
         try:
             results = await self._store.write([op for op, _ in batch])
         except StoreUnavailableError as exc:  # nothing of the batch committed: nothing is acked
+            self.healthy = False
             _fail(batch, exc)
             return
         except Exception as exc:
@@ -142,6 +146,7 @@ class GroupWriter:
 
     def _deliver(self, batch: list[_Item], results: list[WriteResult]) -> None:
         """Publish the committed events, then resolve the futures (in that order)."""
+        self.healthy = True
         if len(results) != len(batch):  # a broken Store; never ack what may not be stored
             _fail(batch, RuntimeError(f"store.write returned {len(results)} results for {len(batch)} ops"))
             return

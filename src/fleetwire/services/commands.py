@@ -23,6 +23,7 @@ from fleetwire.domain.commands import Command, CommandIds, CommandRequest, Comma
 from fleetwire.domain.errors import ErrorCode, FleetwireError
 from fleetwire.events.writer import GroupWriter
 from fleetwire.presence.base import Presence
+from fleetwire.services.cache import PendingIndex
 from fleetwire.services.routing import NodeRouter
 from fleetwire.services.tasks import Tasks
 from fleetwire.store.base import EventWrite, Store
@@ -40,8 +41,10 @@ class CommandService:
         router: NodeRouter,
         tasks: Tasks,
         clock: Clock,
+        pending: PendingIndex | None = None,
         max_pending: int = 100,
     ) -> None:
+        self._pending = pending or PendingIndex()
         self._max_pending = max_pending
         self._store = store
         self._writer = writer
@@ -123,9 +126,17 @@ class CommandService:
         return command
 
     # -- device side --------------------------------------------------------------------------
-    async def deliver_queued(self, device_id: str, send: Callable[[bytes], None]) -> None:
-        """Right after `welcome`: every pending command, in issue order."""
-        for command in await self._store.pending_commands(device_id, self._clock.now_ms()):
+    async def deliver_queued(
+        self, device_id: str, send: Callable[[bytes], None], *, recheck: bool = False
+    ) -> None:
+        """Right after `welcome`: every pending command, in issue order. No query when the
+        device is known to have none queued, unless `recheck` (a pending event came in)."""
+        if not recheck and self._pending.known_empty(device_id):
+            return
+        queued = await self._store.pending_commands(device_id, self._clock.now_ms())
+        if not queued:
+            self._pending.found_empty(device_id)
+        for command in queued:
             sent = await self._store.transition_command(command.id, CommandState.SENT, self._clock.now_ms())
             if sent is not None:
                 await self.updated(sent)  # recorded before the device can answer

@@ -20,6 +20,7 @@ from fleetwire.events.publisher import EventPublisher
 from fleetwire.events.writer import GroupWriter
 from fleetwire.presence.base import Presence
 from fleetwire.services.auth import Authenticator
+from fleetwire.services.cache import DeviceCache
 from fleetwire.services.commands import CommandService
 from fleetwire.services.ingest import IngestService
 from fleetwire.services.registry import RegistryService
@@ -58,6 +59,7 @@ class Services:
     sessions: SessionService
     subscriptions: SubscriptionService
     registry: RegistryService
+    cache: DeviceCache
     periods: Periods
 
     async def start(self) -> None:
@@ -67,6 +69,7 @@ class Services:
         await self.broker.start(self.node_id, self.hub.on_events, self.router.on_message)
         self.publisher.start()
         self.writer.start()
+        await self.cache.fill()  # after the broker: registry events from now on keep it current
         # Sessions a previous process with this node id left in Presence are ghosts now.
         self.tasks.spawn(self.sessions.reconcile())
         p, tasks = self.periods, self.tasks

@@ -19,6 +19,7 @@ from fleetwire.domain.events import Event
 from fleetwire.domain.schemas import DEFAULT_LIMITS, SchemaLimits, check_schema_async
 from fleetwire.events.writer import GroupWriter
 from fleetwire.presence.base import Presence, SessionInfo
+from fleetwire.services.cache import DeviceCache
 from fleetwire.services.ingest import IngestService, unavailable
 from fleetwire.services.sessions import SessionService
 from fleetwire.store.base import (
@@ -51,8 +52,10 @@ class RegistryService:
         sessions: SessionService,
         ingest: IngestService,
         clock: Clock,
+        cache: DeviceCache,
         schema_limits: SchemaLimits = DEFAULT_LIMITS,
     ) -> None:
+        self._cache = cache
         self._schema_limits = schema_limits
         self._store = store
         self._writer = writer
@@ -69,6 +72,7 @@ class RegistryService:
         if result.duplicate:
             raise FleetwireError(ErrorCode.CONFLICT, f"device {device.id!r} exists already")
         assert result.device is not None  # a registration that is no duplicate stored it
+        self._cache.put(result.device, result.device.seq)  # this node sees its own change at once
         return result.device
 
     async def update(self, device_id: str, changes: DeviceChanges, status: str | None) -> Device:
@@ -83,6 +87,8 @@ class RegistryService:
             if result.missing:
                 raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
             device = result.device
+            if device is not None:
+                self._cache.put(device, device.seq)
         if status is not None:
             await self._ingest.status(device_id, status, "api")
             device = None  # its seq and status moved on: read it back
@@ -100,6 +106,7 @@ class RegistryService:
         result = await self._write(DeleteDevice(device_id, self._clock.now_ms()))
         if result.missing:
             raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
+        self._cache.drop(device_id)
 
     async def _write(self, op: WriteOp) -> WriteResult:
         try:
@@ -109,11 +116,19 @@ class RegistryService:
 
     # -- reads ------------------------------------------------------------------------------
     async def find(self, device_id: str) -> Device | None:
+        """The registry record for a handshake: from the cache once it is filled. During a
+        database outage a new session could not be announced: StoreUnavailableError (503)
+        until a probe succeeds."""
+        if not self._writer.healthy:
+            await self._store.ping()
+            self._writer.healthy = True
+        if self._cache.filled:
+            return self._cache.get(device_id)
         return await self._store.get_device(device_id)
 
     async def require_active(self, device_id: str) -> None:
         """For a device's own token: its device must exist and be enabled (else forbidden)."""
-        device = await self._store.get_device(device_id)
+        device = await self.find(device_id)
         if device is None or device.disabled:
             raise FleetwireError(ErrorCode.FORBIDDEN, "unknown or disabled device")
 

@@ -23,6 +23,7 @@ from fleetwire.domain.close import Close
 from fleetwire.domain.devices import Device
 from fleetwire.events.writer import GroupWriter
 from fleetwire.presence.base import Presence, SessionInfo
+from fleetwire.services.cache import PendingIndex
 from fleetwire.services.commands import CommandService
 from fleetwire.services.local import LocalDeviceSession, LocalSession, LocalSessions
 from fleetwire.services.routing import NodeRouter
@@ -54,8 +55,10 @@ class SessionService:
         commands: CommandService,
         tasks: Tasks,
         clock: Clock,
+        pending: PendingIndex | None = None,
         replace_wait_s: float = 2.0,
     ) -> None:
+        self._pending = pending or PendingIndex()
         self.node_id = node_id
         self._heartbeat_s = heartbeat_s
         self.local = local
@@ -252,7 +255,12 @@ class SessionService:
         """A hub listener: which session of each device is announced (for `_replaced`), and
         a local device session follows its device's registry record."""
         name = event.name
-        if name == "device.connected":
+        if self._pending.on_event(event):
+            # Queued on another node while this device was connecting here: deliver it now.
+            local = self.local.devices.get(event.device_id)
+            if local is not None and local.session_id in self._announced:
+                self._tasks.spawn(self._commands.deliver_queued(event.device_id, local.send, recheck=True))
+        elif name == "device.connected":
             session_id = orjson.loads(event.payload)["data"]["session_id"]
             self._seen_connected[event.device_id] = session_id
             waiter = self._connected_waiters.get(session_id)
@@ -285,6 +293,7 @@ class SessionService:
     async def reconcile(self) -> None:
         """After a broker/presence outage: put back local sessions that Presence lost, close
         the ones another node took over meanwhile, announce any never announced."""
+        self._pending.forget()  # `command.updated` events may have been missed meanwhile
         await self._presence.heartbeat(self.node_id, 2 * self._heartbeat_s)
         for device_id, session in list(self.local.devices.items()):
             current = await self._presence.get(device_id)

@@ -249,6 +249,7 @@ async def test_reconcile_puts_back_a_session_presence_lost(node: Node) -> None:
     assert info is not None
     assert (info.session_id, info.node) == (session.session_id, "n1")
     await node.seen("d1", "device.connected", 2)
+    await node.settle()  # the command's `pending` event also triggers a delivery: only one happens
     assert session.connected_calls == 2
     assert [m["command_id"] for m in session.messages() if m["type"] == "command"] == [command.id]
 
