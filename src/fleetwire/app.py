@@ -159,6 +159,7 @@ def build_services(
         heartbeat_s=settings.heartbeat_s,
         local=local,
         presence=presence,
+        store=store,
         writer=writer,
         router=router,
         commands=commands,

@@ -1107,3 +1107,14 @@ async def test_purge_drops_final_commands_completed_before_the_cutoff(store: Sto
         await store.purge(200, 10)
         kept = await store.list_commands("d1", None, 10)
         assert sorted(c.id for c in kept) == ["new-done", "old-pending", "old-sent"]
+
+
+async def test_devices_with_pending_lists_devices_with_unexpired_pending_commands(store: Store) -> None:
+    """One query for the pending index: devices with a pending command not yet expired."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2", "d3")
+        await store.create_command(_command("c1", "d1", expires_at_ms=5000))
+        await store.create_command(_command("c2", "d2", expires_at_ms=1500))
+        await store.create_command(_command("c3", "d3", state=CommandState.SENT, expires_at_ms=5000))
+        assert await store.devices_with_pending(1000) == {"d1", "d2"}
+        assert await store.devices_with_pending(2000) == {"d1"}

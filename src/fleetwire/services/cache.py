@@ -6,9 +6,10 @@ cluster-wide. It answers the questions a handshake and a device's own REST token
 ("does it exist, is it enabled, what is its schema"); reads that show `seq` or status go to
 the store. An event older than what the cache holds (by seq) never overwrites it.
 
-`PendingIndex`: devices known to have no queued commands. A device enters it when a lookup
-of its queue found nothing, and leaves it when a `command.updated` event says a command
-of it is pending, so a connect skips the pending-commands query when nothing is queued. A
+`PendingIndex`: the devices that may have queued commands, from one query at start (and
+after an outage), grown by `command.updated` events that say a command is pending and
+shrunk when a lookup finds a device's queue empty; a connect skips the pending-commands
+query for every other device. A
 command queued on another node while the device connects here is delivered when its event
 arrives (SessionService.on_event), so the skip never strands a command.
 """
@@ -78,23 +79,27 @@ class DeviceCache:
 
 class PendingIndex:
     def __init__(self) -> None:
-        self._empty: set[str] = set()
+        self._maybe: set[str] = set()  # devices that may have queued commands
+        self._complete = False  # `_maybe` holds every such device (filled, no outage since)
+
+    async def fill(self, store: Store, now_ms: int) -> None:
+        """One query: the devices with queued commands; every other device has none."""
+        self._maybe = await store.devices_with_pending(now_ms)
+        self._complete = True
 
     def known_empty(self, device_id: str) -> bool:
-        return device_id in self._empty
+        return self._complete and device_id not in self._maybe
 
     def found_empty(self, device_id: str) -> None:
-        self._empty.add(device_id)
+        self._maybe.discard(device_id)
 
     def forget(self) -> None:
-        """After a broker outage events may have been missed: know nothing again."""
-        self._empty.clear()
+        """After a broker outage events may have been missed: ask the store again."""
+        self._complete = False
 
     def on_event(self, event: Published) -> bool:
         """A hub listener; True when a command of the device became pending."""
         if event.name == "command.updated" and orjson.loads(event.payload)["data"]["state"] == "pending":
-            self._empty.discard(event.device_id)
+            self._maybe.add(event.device_id)
             return True
-        if event.name == "device.deleted":
-            self._empty.discard(event.device_id)
         return False

@@ -28,7 +28,7 @@ from fleetwire.services.commands import CommandService
 from fleetwire.services.local import LocalDeviceSession, LocalSession, LocalSessions
 from fleetwire.services.routing import NodeRouter
 from fleetwire.services.tasks import Tasks
-from fleetwire.store.base import EventWrite, StoreUnavailableError
+from fleetwire.store.base import EventWrite, Store, StoreUnavailableError
 
 _PAGE = 500
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class SessionService:
         heartbeat_s: float,
         local: LocalSessions,
         presence: Presence,
+        store: Store,
         writer: GroupWriter,
         router: NodeRouter,
         commands: CommandService,
@@ -63,6 +64,7 @@ class SessionService:
         self._heartbeat_s = heartbeat_s
         self.local = local
         self._presence = presence
+        self._store = store
         self._writer = writer
         self._router = router
         self._commands = commands
@@ -294,6 +296,7 @@ class SessionService:
         """After a broker/presence outage: put back local sessions that Presence lost, close
         the ones another node took over meanwhile, announce any never announced."""
         self._pending.forget()  # `command.updated` events may have been missed meanwhile
+        await self._pending.fill(self._store, self._clock.now_ms())
         await self._presence.heartbeat(self.node_id, 2 * self._heartbeat_s)
         for device_id, session in list(self.local.devices.items()):
             current = await self._presence.get(device_id)

@@ -205,6 +205,9 @@ class Store(Protocol):
     async def pending_commands(self, device_id: str, now_ms: int) -> list[Command]:
         """Pending, unexpired commands of a device, oldest first."""
 
+    async def devices_with_pending(self, now_ms: int) -> set[str]:
+        """Ids of the devices that have pending, unexpired commands (one query at start)."""
+
     async def list_commands(
         self, device_id: str, state: CommandState | None, limit: int, after: str | None = None
     ) -> list[Command]:

@@ -337,6 +337,14 @@ class MemoryStore:
         ]
         return [_fresh_command(c) for c in sorted(found, key=lambda c: (c.issued_at_ms, c.id))]
 
+    async def devices_with_pending(self, now_ms: int) -> set[str]:
+        db = await self._turn()
+        return {
+            c.device_id
+            for c in db.commands.values()
+            if c.state is CommandState.PENDING and c.expires_at_ms > now_ms
+        }
+
     async def list_commands(
         self, device_id: str, state: CommandState | None, limit: int, after: str | None = None
     ) -> list[Command]:

@@ -62,18 +62,21 @@ async def test_a_device_deleted_while_filling_stays_gone() -> None:
     assert (cache.get("d1"), d2 is not None and d2.id) == (None, "d2")
 
 
-def test_pending_index_forgets_a_device_when_a_command_of_it_becomes_pending() -> None:
-    """found_empty marks a device; a pending command event (and only that) unmarks it; a
-    deletion and forget() unmark too."""
+async def test_pending_index_knows_every_device_without_queued_commands_after_fill() -> None:
+    """Before fill nothing is known; after it, every device but those with pending commands
+    is known empty; a pending event adds a device, an empty lookup removes it, forget()
+    (after an outage) makes everything unknown until the next fill."""
+    store = MemoryStore()
+    await store.open()
     index = PendingIndex()
-    index.found_empty("d1")
-    index.found_empty("d2")
+    assert not index.known_empty("d1")
+    await index.fill(store, 0)
+    assert index.known_empty("d1")
     assert index.on_event(command_event("d1", 4, "sent")) is False
     assert index.known_empty("d1")
     assert index.on_event(command_event("d1", 5, "pending")) is True
     assert not index.known_empty("d1")
-    assert index.on_event(registry_event("device.deleted", Device("d2"), 9)) is False
-    assert not index.known_empty("d2")
-    index.found_empty("d3")
+    index.found_empty("d1")
+    assert index.known_empty("d1")
     index.forget()
-    assert not index.known_empty("d3")
+    assert not index.known_empty("d2")

@@ -80,6 +80,14 @@ async def pending(conn: AsyncConnection, device_id: str, now_ms: int) -> list[Co
     return await _all(conn, query)
 
 
+async def devices_with_pending(conn: AsyncConnection, now_ms: int) -> set[str]:
+    c = commands.c
+    query = (
+        sa.select(c.device_id).where(c.state == CommandState.PENDING.value, c.expires_at > now_ms).distinct()
+    )
+    return set((await conn.execute(query)).scalars().all())
+
+
 async def of_device(
     conn: AsyncConnection, device_id: str, state: CommandState | None, limit: int, after: str | None
 ) -> list[Command]:

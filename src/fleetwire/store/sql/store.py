@@ -247,6 +247,10 @@ class SqlStore:
         async with self._read() as conn:
             return await commands.pending(conn, device_id, now_ms)
 
+    async def devices_with_pending(self, now_ms: int) -> set[str]:
+        async with self._read() as conn:
+            return await commands.devices_with_pending(conn, now_ms)
+
     async def list_commands(
         self, device_id: str, state: CommandState | None, limit: int, after: str | None = None
     ) -> list[Command]:
