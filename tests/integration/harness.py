@@ -100,6 +100,8 @@ class Node:
         devices: list[str] | None = None,
         now: float | None = None,
     ) -> str:
+        if now is None and self.clock is not None:
+            now = self.clock.now_ms() / 1000  # the node judges `iat`/`exp` on its own clock
         token, _ = mint_token(secret=SECRET, sub=sub, role=role, ttl_s=ttl_s, devices=devices, now=now)
         return token
 

@@ -93,6 +93,18 @@ class GroupWriter:
             raise StoreUnavailableError("the writer has stopped")
         return await future
 
+    def submit_nowait(self, op: WriteOp) -> asyncio.Future[WriteResult] | None:
+        """`submit` without a coroutine (the ingest hot path: no task per message): the
+        future of the op's result, or None when the queue is full (then `await submit`)."""
+        if self._closing:
+            raise StoreUnavailableError("the writer is stopping")
+        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait((op, future))
+        except asyncio.QueueFull:
+            return None
+        return future
+
     async def _run(self) -> None:
         queue = self._queue
         max_batch, max_records = self._max_batch, self._max_records

@@ -8,6 +8,7 @@ The endpoint is the transport's `Handler` (socket callbacks in), the services' l
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,7 @@ from fleetwire.services.ingest import IngestService
 from fleetwire.services.sessions import SessionService
 from fleetwire.services.subscriptions import SubscriptionService
 from fleetwire.services.tasks import OUTAGES
+from fleetwire.store.base import WriteResult
 from fleetwire.transport.base import Socket
 
 log = logging.getLogger(__name__)
@@ -236,6 +238,37 @@ class DeviceEndpoint(Endpoint):
 
     def _handler(self, kind: str) -> Callable[[Request], Awaitable[bytes | None]]:
         return self._handlers[kind]
+
+    def _call(self, request: Request) -> None:
+        """Telemetry waits for its commit with a callback, not a task (the hot path)."""
+        if request.type != "telemetry" and request.type != "telemetry_batch":
+            super()._call(request)
+            return
+        try:
+            future = self.services.ingest.telemetry_nowait(
+                self.device, request.value, batch=request.type != "telemetry"
+            )
+        except FleetwireError as exc:
+            self.core.failed(request, exc, self.services.clock.now_ms())
+            self._run()
+            return
+        if future is None:  # the writer's queue is full: wait for room in a task
+            super()._call(request)
+            return
+        future.add_done_callback(functools.partial(self._ingested, request))
+
+    def _ingested(self, request: Request, future: asyncio.Future[WriteResult]) -> None:
+        now = self.services.clock.now_ms()
+        try:
+            accepted = IngestService.accepted(future, len(request.value))
+        except FleetwireError as exc:
+            self.core.failed(request, exc, now)
+        except Exception:
+            log.exception("request %s failed", request.type)
+            self.core.failed(request, FleetwireError(ErrorCode.INTERNAL, "internal error"), now)
+        else:
+            self.core.completed(protocol.ack(request.id, accepted=accepted), now)
+        self._run()
 
     async def _telemetry(self, request: Request) -> bytes:
         records = request.value

@@ -3,6 +3,7 @@ group writer, so an answer means the data is durable (contract §2.2), and store
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fleetwire.domain.clock import Clock
@@ -41,6 +42,27 @@ class IngestService:
         if result.missing:
             raise FleetwireError(ErrorCode.NOT_FOUND, "device no longer exists")
         return len(records)
+
+    def telemetry_nowait(
+        self, device: Device, records: list[Record], *, batch: bool
+    ) -> asyncio.Future[WriteResult] | None:
+        """`telemetry` for callers that wait with a callback: the write's future (read it
+        with `accepted`), or None when the writer's queue is full (then await `telemetry`).
+        A schema refusal raises at once, before anything is queued."""
+        if device.telemetry_schema is not None:
+            self._schemas.check(device.telemetry_schema, records, batch)
+        return self._writer.submit_nowait(TelemetryWrite(device.id, records))
+
+    @staticmethod
+    def accepted(future: asyncio.Future[WriteResult], count: int) -> int:
+        """The outcome of a `telemetry_nowait` future, as `telemetry` would return or raise it."""
+        try:
+            result = future.result()
+        except StoreUnavailableError as exc:
+            raise unavailable(exc) from exc
+        if result.missing:
+            raise FleetwireError(ErrorCode.NOT_FOUND, "device no longer exists")
+        return count
 
     async def status(self, device_id: str, status: str, source: str) -> bool:
         """Set the status; True when it changed (only a change records `device.status`)."""
