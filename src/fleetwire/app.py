@@ -153,6 +153,7 @@ def build_services(
         clock=clock,
         pending=pending,
         max_pending=settings.max_pending_commands,
+        max_issuing=settings.max_issuing_commands,
     )
     sessions = SessionService(
         node_id=node_id,

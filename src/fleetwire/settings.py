@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     max_subscriptions: int = Field(default=100, ge=1)  # per client connection
     max_patterns: int = Field(default=1000, ge=1)  # device ids and globs per client connection
     max_pending_commands: int = Field(default=100, ge=1)  # queued commands per offline device
+    max_issuing_commands: int = Field(default=16, ge=1)  # commands being issued at once per node
     max_replay: int = Field(default=500, ge=0)  # events one `resume` replays, over all devices
     # Telemetry schemas (SECURITY.md "Telemetry schemas"): what one schema may cost.
     max_schema_bytes: int = Field(default=65_536, ge=2)

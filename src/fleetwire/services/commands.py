@@ -43,7 +43,10 @@ class CommandService:
         clock: Clock,
         pending: PendingIndex | None = None,
         max_pending: int = 100,
+        max_issuing: int = 64,
     ) -> None:
+        self._issuing = 0
+        self._max_issuing = max_issuing
         self._pending = pending or PendingIndex()
         self._max_pending = max_pending
         self._store = store
@@ -64,6 +67,27 @@ class CommandService:
         *,
         issuer_node: str | None = None,
         issuer_session: str | None = None,
+    ) -> Command:
+        """Admission control (issue 12): beyond `max_issuing` commands being issued at once
+        on this node, refuse at once with `rate_limited` instead of queueing until every
+        caller times out; offered more than it can do, the node keeps completing at its
+        capacity."""
+        if self._issuing >= self._max_issuing:
+            raise FleetwireError(
+                ErrorCode.RATE_LIMITED, "this node is issuing as many commands as it can; retry shortly"
+            )
+        self._issuing += 1
+        try:
+            return await self._issue(principal, request, issuer_node, issuer_session)
+        finally:
+            self._issuing -= 1
+
+    async def _issue(
+        self,
+        principal: Principal,
+        request: CommandRequest,
+        issuer_node: str | None,
+        issuer_session: str | None,
     ) -> Command:
         if not principal.at_least(Role.OPERATOR):
             raise FleetwireError(ErrorCode.FORBIDDEN, "sending commands needs the operator role")

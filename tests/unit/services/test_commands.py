@@ -434,3 +434,29 @@ async def test_close_cancels_the_timers(node: Node) -> None:
     assert node.clock.pending == before + 2
     node.services.commands.close()
     assert node.clock.pending == before
+
+
+async def test_commands_beyond_the_issuing_cap_are_refused_at_once() -> None:
+    """Issue 12, admission control: with FLEETWIRE_MAX_ISSUING_COMMANDS=2 and the database
+    holding every command insert, a third concurrent command is `rate_limited` at once,
+    without waiting; once the first two finish, commands are accepted again."""
+    from fleetwire.store.memory import MemoryStore
+
+    gate = asyncio.Event()
+
+    class HeldStore(MemoryStore):
+        async def create_command(self, command: Command) -> Command:
+            await gate.wait()
+            return await super().create_command(command)
+
+    async with running(make_node(store=HeldStore(), max_issuing_commands=2)) as node:  # type: ignore[arg-type]  # a MemoryStore, as FlakyStore is
+        await node.register("d1")
+        await node.connect("d1")
+        held = [asyncio.ensure_future(issue(node, request(name=f"c{n}"))) for n in range(2)]
+        await until(lambda: node.services.commands._issuing == 2)
+        with pytest.raises(FleetwireError) as refused:
+            await issue(node, request(name="c2"))
+        assert refused.value.code is ErrorCode.RATE_LIMITED
+        gate.set()
+        assert [c.state for c in await asyncio.gather(*held)] == [CommandState.SENT] * 2
+        assert (await issue(node, request(name="c3"))).state is CommandState.SENT
