@@ -13,6 +13,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from fleetwire.auth.principal import AuthError, Principal
 from fleetwire.domain.clock import Clock, Timer, format_ms
@@ -60,6 +61,19 @@ class EndpointServices:
 class Endpoint:
     """What device and client endpoints share: running actions, calls, the token timer."""
 
+    __slots__ = (
+        "_calls",
+        "_deadline_ms",
+        "_timer",
+        "connected_at_ms",
+        "core",
+        "services",
+        "session_id",
+        "socket",
+    )
+    # Request type -> the name of the method that carries it out (per class, not per connection).
+    _HANDLERS: ClassVar[dict[str, str]] = {}
+
     def __init__(self, services: EndpointServices, session: Session) -> None:
         self.services = services
         self.core = session
@@ -68,7 +82,7 @@ class Endpoint:
         self.socket: Socket | None = None
         self._timer: Timer | None = None
         self._deadline_ms: int | None = None
-        self._calls: set[asyncio.Task[None]] = set()
+        self._calls: set[asyncio.Task[None]] | None = None  # made on the first task
 
     @property
     def principal(self) -> Principal:
@@ -91,7 +105,7 @@ class Endpoint:
     def on_closed(self, code: int | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        for task in self._calls:
+        for task in self._calls or ():
             task.cancel()
         self._ended(self.core.disconnect_reason(code))
 
@@ -152,6 +166,8 @@ class Endpoint:
     def _call(self, request: Request) -> None:
         handler = self._handler(request.type)
         task = asyncio.get_running_loop().create_task(self._answer(request, handler))
+        if self._calls is None:
+            self._calls = set()
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
@@ -200,24 +216,27 @@ class Endpoint:
         raise NotImplementedError
 
     def _handler(self, kind: str) -> Callable[[Request], Awaitable[bytes | None]]:
-        raise NotImplementedError
+        handler: Callable[[Request], Awaitable[bytes | None]] = getattr(self, self._HANDLERS[kind])
+        return handler
 
     def _refreshed(self) -> None:
         """The principal changed (a subclass may need to re-check rights)."""
 
 
 class DeviceEndpoint(Endpoint):
+    __slots__ = ("device", "device_id")
+    _HANDLERS: ClassVar[dict[str, str]] = {
+        "telemetry": "_telemetry",
+        "telemetry_batch": "_telemetry",
+        "status": "_status",
+        "command_result": "_command_result",
+        "auth": "_refresh",
+    }
+
     def __init__(self, services: EndpointServices, session: Session, device: Device) -> None:
         super().__init__(services, session)
         self.device_id = device.id
         self.device = device  # kept current by SessionService (telemetry schema)
-        self._handlers: dict[str, Callable[[Request], Awaitable[bytes | None]]] = {
-            "telemetry": self._telemetry,
-            "telemetry_batch": self._telemetry,
-            "status": self._status,
-            "command_result": self._command_result,
-            "auth": self._refresh,
-        }
 
     @property
     def last_seen_ms(self) -> int:
@@ -235,9 +254,6 @@ class DeviceEndpoint(Endpoint):
 
     def _ended(self, reason: str) -> None:
         self.services.sessions.device_closed(self, reason)
-
-    def _handler(self, kind: str) -> Callable[[Request], Awaitable[bytes | None]]:
-        return self._handlers[kind]
 
     def _call(self, request: Request) -> None:
         """Telemetry waits for its commit with a callback, not a task (the hot path)."""
@@ -288,16 +304,18 @@ class DeviceEndpoint(Endpoint):
 
 
 class ClientEndpoint(Endpoint):
+    __slots__ = ("_subscription_count", "subscriptions")
+    _HANDLERS: ClassVar[dict[str, str]] = {
+        "subscribe": "_subscribe",
+        "unsubscribe": "_unsubscribe",
+        "command": "_command",
+        "auth": "_refresh",
+    }
+
     def __init__(self, services: EndpointServices, session: Session) -> None:
         super().__init__(services, session)
         self.subscriptions: dict[str, Subscription] = {}
         self._subscription_count = 0
-        self._handlers: dict[str, Callable[[Request], Awaitable[bytes | None]]] = {
-            "subscribe": self._subscribe,
-            "unsubscribe": self._unsubscribe,
-            "command": self._command,
-            "auth": self._refresh,
-        }
 
     def _welcome(self, now_ms: int) -> None:
         self.core.welcome(now_ms)
@@ -308,9 +326,6 @@ class ClientEndpoint(Endpoint):
     def _ended(self, reason: str) -> None:
         self.services.subscriptions.drop(self)
         self.services.sessions.closed(self)
-
-    def _handler(self, kind: str) -> Callable[[Request], Awaitable[bytes | None]]:
-        return self._handlers[kind]
 
     def _refreshed(self) -> None:
         self.services.subscriptions.rights_changed()

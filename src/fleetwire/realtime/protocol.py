@@ -75,6 +75,8 @@ class RateLimiter:
     so only a sustained flood ends in 4029.
     """
 
+    __slots__ = ("_close_after", "_last_refused", "_rate", "_refused", "_tokens", "_updated")
+
     def __init__(self, rate: float, close_after: int) -> None:
         self._rate = rate
         self._tokens = rate
@@ -99,6 +101,8 @@ class RateLimiter:
 
 class TokenLifetime:
     """When to warn (`token_expiring`) and when to close (4001); reset by an `auth` refresh."""
+
+    __slots__ = ("_warned", "_warning_ms", "expires_at_ms")
 
     def __init__(self, expires_at_ms: int, warning_s: float) -> None:
         self.expires_at_ms = expires_at_ms
@@ -170,6 +174,8 @@ def _string_field(message: dict[str, Any], name: str, limit: int) -> str:
 
 class SessionProtocol:
     """The per-connection protocol state for one device or client session."""
+
+    __slots__ = ("_leeway_ms", "_skew_ms", "allowed", "is_device", "limiter", "principal", "token")
 
     def __init__(
         self,

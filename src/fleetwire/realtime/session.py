@@ -98,6 +98,28 @@ class SessionLimits:
 
 
 class Session:
+    # Slots: one Session per connection, so every byte counts (issue 12: ≤ 12 KB per idle connection).
+    __slots__ = (
+        "_awaiting_pong",
+        "_close_by_ms",
+        "_closed",
+        "_closing",
+        "_end_reason",
+        "_held",
+        "_limits",
+        "_out",
+        "_paused",
+        "_queued",
+        "_ready",
+        "_running",
+        "close_code",
+        "connected_at_ms",
+        "is_device",
+        "last_seen_ms",
+        "protocol",
+        "session_id",
+    )
+
     def __init__(
         self,
         principal: Principal,
@@ -122,7 +144,7 @@ class Session:
         self.last_seen_ms = now_ms
         self._limits = limits
         self._ready = not is_device  # a device waits for `device.connected`
-        self._queued: deque[Request] = deque()  # accepted, not yet running
+        self._queued: deque[Request] | None = None  # accepted, not yet running (made on first use)
         self._running = 0  # calls out, without their reply yet
         self._paused = False
         self._awaiting_pong = False
@@ -146,7 +168,7 @@ class Session:
     @property
     def in_flight(self) -> int:
         """Accepted requests without their reply yet (running or waiting to run)."""
-        return self._running + len(self._queued)
+        return self._running + (len(self._queued) if self._queued else 0)
 
     @property
     def running(self) -> int:
@@ -202,6 +224,20 @@ class Session:
         self.last_seen_ms = now_ms
 
     def _accept(self, request: Request) -> None:
+        if (
+            self._ready
+            and not self._closed
+            and self._running < self._limits.max_in_flight
+            and not self._queued
+        ):
+            self._running += 1  # the common case: straight out, nothing queued
+            if self._running >= self._limits.max_in_flight and not self._paused:
+                self._paused = True
+                self._out.append(PAUSE)
+            self._out.append(Call(request))
+            return
+        if self._queued is None:
+            self._queued = deque()
         self._queued.append(request)
         if self.in_flight >= self._limits.max_in_flight and not self._paused:
             self._paused = True
@@ -211,9 +247,10 @@ class Session:
     def _dispatch(self) -> None:
         """Start queued requests while there is a free slot (a closing session still
         answers what it accepted)."""
-        if not self._ready or self._closed:
+        queued = self._queued
+        if not queued or not self._ready or self._closed:
             return
-        queued, cap = self._queued, self._limits.max_in_flight
+        cap = self._limits.max_in_flight
         while queued and self._running < cap:
             self._running += 1
             self._out.append(Call(queued.popleft()))
@@ -271,7 +308,7 @@ class Session:
         self._close_now(code, code.reason)
 
     def _close_now(self, code: Close, reason: str) -> None:
-        self._queued.clear()
+        self._queued = None
         self._closing = None
         self._close_by_ms = None
         if not self._closed:
