@@ -26,6 +26,7 @@ from fleetwire.domain.devices import Device, DeviceFilter
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Record
 from fleetwire.store.base import (
+    CreateCommand,
     DeleteDevice,
     DuplicateError,
     EventWrite,
@@ -35,6 +36,7 @@ from fleetwire.store.base import (
     StoreUnavailableError,
     TelemetryPoint,
     TelemetryWrite,
+    TransitionCommand,
     UpdateDevice,
     WriteResult,
 )
@@ -1118,3 +1120,53 @@ async def test_devices_with_pending_lists_devices_with_unexpired_pending_command
         await store.create_command(_command("c3", "d3", state=CommandState.SENT, expires_at_ms=5000))
         assert await store.devices_with_pending(1000) == {"d1", "d2"}
         assert await store.devices_with_pending(2000) == {"d1"}
+
+
+async def test_command_ops_store_the_command_and_its_event_in_one_group(store: Store) -> None:
+    """CreateCommand inserts the command and records its first `command.updated` (its state)
+    with the device's next seq; TransitionCommand moves it compare-and-set and records the
+    event, or changes nothing (no event, command None) when the move is not allowed; a
+    command for a missing device is `missing`. All in one group with other ops."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1")
+        created, status, missing = await store.write(
+            [
+                CreateCommand(_command("c1")),
+                StatusWrite("d1", "busy", "device", 1100),
+                CreateCommand(_command("c2", "nope")),
+            ]
+        )
+        assert created.command is not None
+        assert created.command.state is CommandState.PENDING
+        assert [(e.seq, e.name, e.data["state"]) for e in created.events] == [
+            (1, "command.updated", "pending")
+        ]
+        assert [e.seq for e in status.events] == [2]
+        assert (missing.missing, missing.events, missing.command) == (True, [], None)
+        sent, succeeded, late = await store.write(
+            [
+                TransitionCommand("d1", "c1", CommandState.SENT, 1200),
+                TransitionCommand("d1", "c1", CommandState.SUCCEEDED, 1300, result={"ok": 1}),
+                TransitionCommand("d1", "c1", CommandState.TIMED_OUT, 1400),
+            ]
+        )
+        assert [(e.seq, e.data["state"]) for e in sent.events + succeeded.events] == [
+            (3, "sent"),
+            (4, "succeeded"),
+        ]
+        assert (late.command, late.events) == (None, [])
+        stored = await store.get_command("c1")
+        assert stored is not None
+        assert (stored.state, stored.result, stored.completed_at_ms) == (
+            CommandState.SUCCEEDED,
+            {"ok": 1},
+            1300,
+        )
+        assert await store.get_command("c2") is None
+        history = await store.events("d1", 0, 10)
+        assert [e.name for e in history] == [
+            "command.updated",
+            "device.status",
+            "command.updated",
+            "command.updated",
+        ]

@@ -26,7 +26,7 @@ from fleetwire.presence.base import Presence
 from fleetwire.services.cache import PendingIndex
 from fleetwire.services.routing import NodeRouter
 from fleetwire.services.tasks import Tasks
-from fleetwire.store.base import EventWrite, Store
+from fleetwire.store.base import CreateCommand, Store, TransitionCommand
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +137,13 @@ class CommandService:
             sent_at_ms=now if online else None,
             timeout_s=request.timeout_s,
         )
-        try:
-            command = await self._store.create_command(command)
-        except LookupError as exc:
-            raise FleetwireError(ErrorCode.NOT_FOUND, "no such device") from exc
+        # The command and its first `command.updated` commit together, before the command can
+        # leave: a result recorded on another node can never take a lower seq (issue 13.12a).
+        created = await self._writer.submit(CreateCommand(command))
+        if created.missing or created.command is None:
+            raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
+        command = created.command
         self.arm(command)
-        # Its first `command.updated` is committed before the command can leave: a result
-        # recorded on another node can then never take a lower seq than `sent` (issue 13.12a).
-        await self.updated(command)
         if session is not None:
             await self._router.send(session.node, session.session_id, command.device_message())
         return command
@@ -161,9 +160,9 @@ class CommandService:
         if not queued:
             self._pending.found_empty(device_id)
         for command in queued:
-            sent = await self._store.transition_command(command.id, CommandState.SENT, self._clock.now_ms())
+            moved = TransitionCommand(device_id, command.id, CommandState.SENT, self._clock.now_ms())
+            sent = (await self._writer.submit(moved)).command  # with its event, before it leaves
             if sent is not None:
-                await self.updated(sent)  # recorded before the device can answer
                 send(orjson.dumps(sent.device_message()))
 
     async def result(
@@ -179,9 +178,8 @@ class CommandService:
         if command is None or command.device_id != device_id:
             raise FleetwireError(ErrorCode.NOT_FOUND, "no such command for this device")
         state = CommandState.SUCCEEDED if ok else CommandState.FAILED
-        done = await store.transition_command(
-            command_id, state, self._clock.now_ms(), result=result, error=error
-        )
+        moved = TransitionCommand(device_id, command_id, state, self._clock.now_ms(), result, error)
+        done = (await self._writer.submit(moved)).command
         if done is None:
             current = await store.get_command(command_id)
             shown = current.state.value if current is not None else "gone"
@@ -205,7 +203,8 @@ class CommandService:
         if command is None or command.state.final:
             return
         state = CommandState.TIMED_OUT if command.state is CommandState.SENT else CommandState.EXPIRED
-        done = await store.transition_command(command_id, state, self._clock.now_ms())
+        moved = TransitionCommand(command.device_id, command_id, state, self._clock.now_ms())
+        done = (await self._writer.submit(moved)).command
         if done is None:  # a result (or another node) got there first
             return
         await self.finished(done)
@@ -214,12 +213,8 @@ class CommandService:
         for command in await self._store.due_commands(self._clock.now_ms(), 500):
             await self.expire(command.id)
 
-    async def updated(self, command: Command) -> None:
-        await self._writer.submit(
-            EventWrite(command.device_id, "command.updated", self._clock.now_ms(), command.event_data())
-        )
-
     async def finished(self, command: Command) -> None:
+        """The command reached a final state (its event is committed): tell the issuer."""
         timer = self._timers.pop(command.id, None)
         if timer is not None:
             timer.cancel()
@@ -234,7 +229,6 @@ class CommandService:
                 "at": format_ms(command.completed_at_ms or self._clock.now_ms()),
             }
             await self._router.send(command.issuer_node, command.issuer_session, message)
-        await self.updated(command)  # the issuer first: its latency is the command round trip
 
     # -- reads -----------------------------------------------------------------------------------
     async def get(self, command_id: str) -> Command:

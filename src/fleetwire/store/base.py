@@ -110,8 +110,40 @@ class DeleteDevice:
     at_ms: int
 
 
-WriteOp = EventWrite | TelemetryWrite | StatusWrite | RegisterDevice | UpdateDevice | DeleteDevice
+@dataclass(frozen=True, slots=True)
+class CreateCommand:
+    """Insert the command and its first `command.updated` event (its state) in one
+    transaction; WriteResult.command is the stored command, `missing` if the device is not."""
+
+    command: Command
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionCommand:
+    """Compare-and-set a command to `state` (as `Store.transition_command`) and record its
+    `command.updated` in the same transaction; WriteResult.command is None (and no event)
+    when the current state does not allow the move."""
+
+    device_id: str
+    command_id: str
+    state: CommandState
+    at_ms: int
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+WriteOp = (
+    EventWrite
+    | TelemetryWrite
+    | StatusWrite
+    | RegisterDevice
+    | UpdateDevice
+    | DeleteDevice
+    | CreateCommand
+    | TransitionCommand
+)
 RegistryOp = RegisterDevice | UpdateDevice | DeleteDevice
+CommandOp = CreateCommand | TransitionCommand
 
 
 @dataclass(slots=True)
@@ -121,6 +153,7 @@ class WriteResult:
     changed: bool = False  # StatusWrite: the status differed from the stored one
     duplicate: bool = False  # RegisterDevice: the id exists already; nothing was written
     device: Device | None = None  # registry ops: the device as stored (DeleteDevice: as it was)
+    command: Command | None = None  # command ops: the command as stored after the op
 
 
 @dataclass(frozen=True, slots=True)

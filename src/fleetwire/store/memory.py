@@ -30,6 +30,7 @@ from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Value
 from fleetwire.store.base import (
+    CreateCommand,
     DeleteDevice,
     DuplicateError,
     EventWrite,
@@ -39,6 +40,7 @@ from fleetwire.store.base import (
     StoreUnavailableError,
     TelemetryPoint,
     TelemetryWrite,
+    TransitionCommand,
     UpdateDevice,
     WriteOp,
     WriteResult,
@@ -208,6 +210,9 @@ class MemoryStore:
     async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
         db = await self._turn()
         prepared = [_prepare(op) for op in ops]  # may raise: nothing is applied yet
+        new_ids = [op.command.id for op in ops if type(op) is CreateCommand]
+        if any(i in db.commands for i in new_ids) or len(set(new_ids)) != len(new_ids):
+            raise DuplicateError("a command id exists already")  # as SQL's unique key: the whole group
         return _Group(db, self._history).apply(prepared)
 
     async def events(self, device_id: str, after_seq: int, limit: int) -> list[Event]:
@@ -313,18 +318,9 @@ class MemoryStore:
         error: dict[str, Any] | None = None,
     ) -> Command | None:
         db = await self._turn()
-        command = db.commands.get(command_id)
-        allowed = ALLOWED_FROM.get(state)
-        if command is None or not allowed or command.state not in allowed:
+        changed = _moved(db.commands.get(command_id), state, at_ms, result, error)
+        if changed is None:
             return None  # the compare of compare-and-set: no await between it and the set
-        changed = replace(
-            command,
-            state=state,
-            sent_at_ms=at_ms if state is CommandState.SENT else command.sent_at_ms,
-            completed_at_ms=at_ms if state.final else command.completed_at_ms,
-            result=command.result if result is None else _json(result),
-            error=command.error if error is None else _json(error),
-        )
         db.commands[command_id] = changed
         return _fresh_command(changed)
 
@@ -387,6 +383,27 @@ def _changed(device: Device, changes: DeviceChanges, at_ms: int) -> Device:
     return replace(device, **fields)
 
 
+def _moved(
+    command: Command | None,
+    state: CommandState,
+    at_ms: int,
+    result: dict[str, Any] | None,
+    error: dict[str, Any] | None,
+) -> Command | None:
+    """The command after a compare-and-set to `state`; None when its state does not allow it."""
+    allowed = ALLOWED_FROM.get(state)
+    if command is None or not allowed or command.state not in allowed:
+        return None
+    return replace(
+        command,
+        state=state,
+        sent_at_ms=at_ms if state is CommandState.SENT else command.sent_at_ms,
+        completed_at_ms=at_ms if state.final else command.completed_at_ms,
+        result=command.result if result is None else _json(result),
+        error=command.error if error is None else _json(error),
+    )
+
+
 def _prepare(op: WriteOp) -> _Prepared:
     """Check and encode one op; raises for what SqlStore would refuse (nothing applied)."""
     if type(op) is TelemetryWrite:
@@ -430,6 +447,8 @@ class _Group:
             if type(op) is RegisterDevice or type(op) is UpdateDevice or type(op) is DeleteDevice:
                 self._end_run()
                 self._registry(op, data, result)
+            elif type(op) is CreateCommand or type(op) is TransitionCommand:
+                self._command(op, result)
             else:
                 self._log(op, data, result)
             results.append(result)
@@ -487,6 +506,26 @@ class _Group:
             db.devices[op.device_id] = replace(device, status=op.status, status_at_ms=op.at_ms)
             result.events.append(self._event(op.device_id, "device.status", op.at_ms, change, _json(change)))
             result.changed = True
+
+    def _command(self, op: CreateCommand | TransitionCommand, result: WriteResult) -> None:
+        db = self._db
+        if type(op) is CreateCommand:
+            command = op.command
+            if command.device_id not in db.devices:
+                result.missing = True
+                return
+            db.commands[command.id] = _fresh_command(command)
+            at_ms = command.issued_at_ms
+        else:
+            assert type(op) is TransitionCommand
+            moved = _moved(db.commands.get(op.command_id), op.state, op.at_ms, op.result, op.error)
+            if moved is None:
+                return
+            db.commands[op.command_id] = command = moved
+            at_ms = op.at_ms
+        result.command = _fresh_command(command)
+        data = command.event_data()
+        result.events.append(self._event(command.device_id, "command.updated", at_ms, data, _json(data)))
 
     def _registry(self, op: WriteOp, data: Any, result: WriteResult) -> None:
         db = self._db

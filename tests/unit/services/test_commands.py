@@ -13,6 +13,7 @@ from fleetwire.broker.base import Published
 from fleetwire.domain.clock import format_ms
 from fleetwire.domain.commands import Command, CommandRequest, CommandState
 from fleetwire.domain.errors import ErrorCode, FleetwireError
+from fleetwire.store.base import EventWrite
 from tests.unit.services.fakes import (
     LIMIT_S,
     OPERATOR,
@@ -359,7 +360,8 @@ async def test_wait_on_other_events_keeps_waiting(node: Node) -> None:
     commands = node.services.commands
     waiting = asyncio.ensure_future(commands.wait(command.id, LIMIT_S))
     await until(lambda: command.id in commands._waiters)
-    await commands.updated(command)  # `sent` again: not final
+    again = EventWrite("d1", "command.updated", node.clock.now_ms(), command.event_data())
+    await node.services.writer.submit(again)  # `sent` again: not final
     await until(lambda: command.id not in commands._waiters)
     await until(lambda: command.id in commands._waiters)
     assert not waiting.done()

@@ -24,23 +24,28 @@ from fleetwire.domain.clock import format_ms
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Value
 from fleetwire.store.base import (
+    CommandOp,
+    CreateCommand,
     DeleteDevice,
     EventWrite,
     RegisterDevice,
     RegistryOp,
     StatusWrite,
     TelemetryWrite,
+    TransitionCommand,
     UpdateDevice,
     WriteOp,
     WriteResult,
 )
 from fleetwire.store.rules import to_store
 from fleetwire.store.schema import commands, devices, events, telemetry
+from fleetwire.store.sql import commands as cmd
 from fleetwire.store.sql import registry
 from fleetwire.store.sql import telemetry as tm
 from fleetwire.store.sql.dialect import Dialect
 from fleetwire.store.sql.engine import dumps
 from fleetwire.store.sql.rows import AnyRow
+from fleetwire.store.sql.rows import command as command_of_row
 
 COLUMNS: Final = ("device_id", "seq", "name", "at", "data")
 LogOp = EventWrite | TelemetryWrite | StatusWrite
@@ -69,7 +74,10 @@ async def write(
         if run_ops:
             await _write_log(conn, dialect, run_ops, run_results, history)
             run_ops, run_results = [], []
-        follow = await _write_registry(conn, dialect, cast("RegistryOp", op), result)
+        if type(op) is CreateCommand or type(op) is TransitionCommand:
+            follow = await _write_command(conn, op, result)
+        else:
+            follow = await _write_registry(conn, dialect, cast("RegistryOp", op), result)
         if follow is not None:  # its event: numbered by the next run like any other
             run_ops.append(follow)
             run_results.append(result)
@@ -83,7 +91,32 @@ async def write(
 
 def device_of(op: WriteOp) -> str:
     """The id of the device an op writes to."""
-    return op.device.id if isinstance(op, RegisterDevice) else op.device_id
+    if isinstance(op, RegisterDevice):
+        return op.device.id
+    if isinstance(op, CreateCommand):
+        return op.command.device_id
+    return op.device_id
+
+
+async def _write_command(conn: AsyncConnection, op: CommandOp, result: WriteResult) -> EventWrite | None:
+    """A command op's statement; its `command.updated` event to number next, if it moved."""
+    if type(op) is CreateCommand:
+        command = op.command
+        found = await conn.execute(sa.select(devices.c.id).where(devices.c.id == command.device_id))
+        if found.first() is None:  # checked first: a failed insert would abort the transaction
+            result.missing = True
+            return None
+        await cmd.insert(conn, command)
+        result.command = command
+        return EventWrite(command.device_id, "command.updated", command.issued_at_ms, command.event_data())
+    assert type(op) is TransitionCommand
+    statement = cmd.transition(op.command_id, op.state, op.at_ms, op.result, op.error)
+    row = None if statement is None else (await conn.execute(statement)).first()
+    if row is None:
+        return None
+    moved = command_of_row(row)
+    result.command = moved
+    return EventWrite(moved.device_id, "command.updated", op.at_ms, moved.event_data())
 
 
 async def _write_registry(
