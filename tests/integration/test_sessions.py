@@ -467,3 +467,21 @@ async def test_resume_replays_at_most_max_replay_events(make_node: Callable[...,
         event = await client.next_of("event")
         received.append((event["device_id"], event["data"]["status"]))
     assert received == [("d1", "a"), ("d1", "b"), ("d1", "c"), ("d2", "live")]
+
+
+async def test_a_long_token_is_warned_and_closed_on_time_without_a_timer_until_near(
+    make_node: Callable[..., Node],
+) -> None:
+    """A one-hour token arms no timer at connect (the heartbeat ticks look again): an hour
+    of the clock later the device still got `token_expiring`, then 4001, on time."""
+    node = make_node(heartbeat_s=20, token_warning_s=60, clock=ManualClock())
+    await node.register("d1")
+    device = await node.device("d1", token=node.token("d1", "device", ttl_s=3600))
+    assert node.call(lambda: node.app.state.services.sessions.local.devices["d1"]._timer) is None
+    for _ in range(179):  # 20 s steps to 3,580 s: each ping is answered before the next tick
+        node.advance(20)
+        await device.request({"type": "status", "status": "alive"})
+    warning = await device.next_of("token_expiring")
+    assert warning["expires_at"] == device.welcome["token_expires_at"]
+    node.advance(20)
+    assert await device.closed() == (4001, "token_expired")

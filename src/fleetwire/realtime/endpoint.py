@@ -120,6 +120,7 @@ class Endpoint:
 
     def heartbeat(self, now_ms: int) -> None:
         self.core.heartbeat(now_ms)
+        self._deadline_ms = None  # a deferred deadline may now be near enough to arm
         self._run()
 
     # -- running actions ------------------------------------------------------------------
@@ -148,14 +149,19 @@ class Endpoint:
         self._arm_timer()
 
     def _arm_timer(self) -> None:
+        """A timer for the core's next deadline, armed only once it is due before the
+        heartbeat after next: a one-hour token costs an idle connection no timer (memory,
+        and a heap push per handshake) until its last heartbeats; every tick looks again."""
         deadline = self.core.next_deadline_ms()
         if deadline == self._deadline_ms:
             return
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         self._deadline_ms = deadline
         delay = max((deadline - self.services.clock.now_ms()) / 1000, 0.0)
-        self._timer = self.services.clock.call_later(delay, self._timer_due)
+        if delay <= 2 * self.core.heartbeat_s:
+            self._timer = self.services.clock.call_later(delay, self._timer_due)
 
     def _timer_due(self) -> None:
         self._timer = None

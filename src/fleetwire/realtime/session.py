@@ -161,6 +161,10 @@ class Session:
         return self.protocol.principal
 
     @property
+    def heartbeat_s(self) -> float:
+        return self._limits.heartbeat_s
+
+    @property
     def holding(self) -> bool:
         """Some device's live events are held (a replay is in progress)."""
         return bool(self._held)
