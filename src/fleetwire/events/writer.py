@@ -85,12 +85,12 @@ class GroupWriter:
                 item[1].set_exception(StoreUnavailableError("the writer has stopped"))
 
     async def submit(self, op: WriteOp) -> WriteResult:
-        if self._closing:
-            raise StoreUnavailableError("the writer is stopping")
-        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        await self._queue.put((op, future))  # waits while the queue is full: backpressure
-        if self._stopped and not future.done():
-            raise StoreUnavailableError("the writer has stopped")
+        future = self.submit_nowait(op)
+        if future is None:  # the queue is full: wait for room (backpressure)
+            future = asyncio.get_running_loop().create_future()
+            await self._queue.put((op, future))
+            if self._stopped and not future.done():
+                raise StoreUnavailableError("the writer has stopped")
         return await future
 
     def submit_nowait(self, op: WriteOp) -> asyncio.Future[WriteResult] | None:

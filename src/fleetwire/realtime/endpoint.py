@@ -232,8 +232,6 @@ class Endpoint:
 class DeviceEndpoint(Endpoint):
     __slots__ = ("device", "device_id")
     _HANDLERS: ClassVar[dict[str, str]] = {
-        "telemetry": "_telemetry",
-        "telemetry_batch": "_telemetry",
         "status": "_status",
         "command_result": "_command_result",
         "auth": "_refresh",
@@ -267,15 +265,12 @@ class DeviceEndpoint(Endpoint):
             super()._call(request)
             return
         try:
-            future = self.services.ingest.telemetry_nowait(
+            future = self.services.ingest.submit_telemetry(
                 self.device, request.value, batch=request.type != "telemetry"
             )
         except FleetwireError as exc:
             self.core.failed(request, exc, self.services.clock.now_ms())
             self._run()
-            return
-        if future is None:  # the writer's queue is full: wait for room in a task
-            super()._call(request)
             return
         future.add_done_callback(functools.partial(self._ingested, request))
 
@@ -291,13 +286,6 @@ class DeviceEndpoint(Endpoint):
         else:
             self.core.completed(protocol.ack(request.id, accepted=accepted), now)
         self._run()
-
-    async def _telemetry(self, request: Request) -> bytes:
-        records = request.value
-        accepted = await self.services.ingest.telemetry(
-            self.device, records, batch=request.type != "telemetry"
-        )
-        return protocol.ack(request.id, accepted=accepted)
 
     async def _status(self, request: Request) -> bytes:
         changed = await self.services.ingest.status(self.device_id, request.value, "device")

@@ -228,25 +228,18 @@ class Session:
         self.last_seen_ms = now_ms
 
     def _accept(self, request: Request) -> None:
-        if (
-            self._ready
-            and not self._closed
-            and self._running < self._limits.max_in_flight
-            and not self._queued
-        ):
-            self._running += 1  # the common case: straight out, nothing queued
-            if self._running >= self._limits.max_in_flight and not self._paused:
-                self._paused = True
-                self._out.append(PAUSE)
+        cap = self._limits.max_in_flight
+        if self.in_flight + 1 >= cap and not self._paused:
+            self._paused = True
+            self._out.append(PAUSE)
+        # Queued requests run first; while there are any, every slot is taken (see _dispatch).
+        if self._ready and not self._closed and not self._queued and self._running < cap:
+            self._running += 1
             self._out.append(Call(request))
             return
         if self._queued is None:
             self._queued = deque()
         self._queued.append(request)
-        if self.in_flight >= self._limits.max_in_flight and not self._paused:
-            self._paused = True
-            self._out.append(PAUSE)
-        self._dispatch()
 
     def _dispatch(self) -> None:
         """Start queued requests while there is a free slot (a closing session still

@@ -25,7 +25,7 @@ from fleetwire.events.writer import GroupWriter
 from fleetwire.presence.base import Presence
 from fleetwire.services.cache import PendingIndex
 from fleetwire.services.routing import NodeRouter
-from fleetwire.services.tasks import Tasks
+from fleetwire.services.tasks import Tasks, settle
 from fleetwire.store.base import CreateCommand, Store, TransitionCommand
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ class CommandService:
                 return command
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(command_id, []).append(future)
-            timer = clock.call_later(min(remaining_s, 1.0), functools.partial(_wake, future))
+            timer = clock.call_later(min(remaining_s, 1.0), functools.partial(settle, future, None))
             try:
                 await future
             finally:
@@ -276,14 +276,9 @@ class CommandService:
             return
         command_id = orjson.loads(event.payload)["data"]["command_id"]
         for future in self._waiters.pop(command_id, []):
-            _wake(future)
+            settle(future, None)
 
     def close(self) -> None:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

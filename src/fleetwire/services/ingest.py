@@ -36,26 +36,27 @@ class IngestService:
 
     async def telemetry(self, device: Device, records: list[Record], *, batch: bool) -> int:
         """Validate against the device's schema, store, and return how many were accepted."""
-        if device.telemetry_schema is not None:
-            self._schemas.check(device.telemetry_schema, records, batch)
-        result = await self._write(TelemetryWrite(device.id, records))
-        if result.missing:
-            raise FleetwireError(ErrorCode.NOT_FOUND, "device no longer exists")
-        return len(records)
+        future = self.submit_telemetry(device, records, batch=batch)
+        await asyncio.wait([future])
+        return self.accepted(future, len(records))
 
-    def telemetry_nowait(
+    def submit_telemetry(
         self, device: Device, records: list[Record], *, batch: bool
-    ) -> asyncio.Future[WriteResult] | None:
-        """`telemetry` for callers that wait with a callback: the write's future (read it
-        with `accepted`), or None when the writer's queue is full (then await `telemetry`).
-        A schema refusal raises at once, before anything is queued."""
+    ) -> asyncio.Future[WriteResult]:
+        """`telemetry` for callers that wait with a callback (the WebSocket hot path: no task
+        per message): the write's future, to read with `accepted`. A schema refusal raises
+        at once, before anything is queued."""
         if device.telemetry_schema is not None:
             self._schemas.check(device.telemetry_schema, records, batch)
-        return self._writer.submit_nowait(TelemetryWrite(device.id, records))
+        op = TelemetryWrite(device.id, records)
+        future = self._writer.submit_nowait(op)
+        if future is None:  # the writer's queue is full: wait for room (backpressure) in a task
+            return asyncio.ensure_future(self._writer.submit(op))
+        return future
 
     @staticmethod
     def accepted(future: asyncio.Future[WriteResult], count: int) -> int:
-        """The outcome of a `telemetry_nowait` future, as `telemetry` would return or raise it."""
+        """The outcome of a `submit_telemetry` future: the count accepted, or the error."""
         try:
             result = future.result()
         except StoreUnavailableError as exc:

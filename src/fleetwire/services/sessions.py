@@ -27,7 +27,7 @@ from fleetwire.services.cache import PendingIndex
 from fleetwire.services.commands import CommandService
 from fleetwire.services.local import LocalDeviceSession, LocalSession, LocalSessions
 from fleetwire.services.routing import NodeRouter
-from fleetwire.services.tasks import Tasks
+from fleetwire.services.tasks import Tasks, settle
 from fleetwire.store.base import EventWrite, Store, StoreUnavailableError
 
 _PAGE = 500
@@ -158,7 +158,7 @@ class SessionService:
         waiter = self._connected_waiters.get(session_id)
         if waiter is None:
             waiter = self._connected_waiters[session_id] = asyncio.get_running_loop().create_future()
-        timer = self._clock.call_later(self._replace_wait_s, functools.partial(_settle, waiter, False))
+        timer = self._clock.call_later(self._replace_wait_s, functools.partial(settle, waiter, False))
         try:
             return await waiter
         finally:
@@ -267,7 +267,7 @@ class SessionService:
             self._seen_connected[event.device_id] = session_id
             waiter = self._connected_waiters.get(session_id)
             if waiter is not None:
-                _settle(waiter, True)
+                settle(waiter, True)
         elif name == "device.disconnected" or name == "device.deleted":
             self._seen_connected.pop(event.device_id, None)
         elif name == "device.updated":
@@ -334,8 +334,3 @@ class SessionService:
                 pairs.append((device_id, session.session_id))
         if pairs:
             await self._presence.touch(pairs, self._clock.now_ms())
-
-
-def _settle(future: asyncio.Future[bool], value: bool) -> None:
-    if not future.done():
-        future.set_result(value)

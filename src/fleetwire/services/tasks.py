@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from fleetwire.broker.base import BrokerUnavailableError
 from fleetwire.domain.clock import Clock, Timer
@@ -66,6 +66,15 @@ class Tasks:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+
+
+T = TypeVar("T")
+
+
+def settle(future: asyncio.Future[T], value: T) -> None:
+    """Resolve a future unless something (a timeout, an event) already did."""
+    if not future.done():
+        future.set_result(value)
 
 
 async def _awaited(step: Callable[[], Awaitable[None]]) -> None:
