@@ -24,13 +24,17 @@ from fleetwire.domain.clock import format_ms
 from fleetwire.domain.commands import Command, CommandState
 from fleetwire.domain.devices import Device, DeviceFilter
 from fleetwire.domain.events import Event
+from fleetwire.domain.jobs import ExecutionState, Job, JobSpec, JobState
 from fleetwire.domain.telemetry import Record
 from fleetwire.store.base import (
     CreateCommand,
+    CreateJob,
     DeleteDevice,
+    DispatchExecution,
     DuplicateError,
     EventWrite,
     RegisterDevice,
+    SetJobState,
     StatusWrite,
     Store,
     StoreUnavailableError,
@@ -1170,3 +1174,154 @@ async def test_command_ops_store_the_command_and_its_event_in_one_group(store: S
             "command.updated",
             "command.updated",
         ]
+
+
+# -- jobs (contract §7) ----------------------------------------------------------------------
+
+
+def _job(job_id: str = "j1", total: int = 3, **fields: object) -> Job:
+    spec = JobSpec(name="reboot", params={"delay": 5}, timeout_s=30, patterns=("d*",), tags=("site-a",))
+    values: dict[str, object] = {
+        "id": job_id,
+        "state": JobState.RUNNING,
+        "spec": spec,
+        "issuer": "alice",
+        "created_at_ms": 1000,
+        "updated_at_ms": 1000,
+        "total": total,
+        "claim": ("d*",),
+    }
+    values.update(fields)
+    return Job(**values)  # type: ignore[arg-type]
+
+
+async def test_a_job_and_its_executions_are_created_in_one_op(store: Store) -> None:
+    """CreateJob stores the job (spec round trip) and one pending execution per device, in
+    rollout order; counts and listings read them back; list_jobs is newest first, paged."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2", "d3")
+        [created] = await store.write([CreateJob(_job(), [("d1", "c1"), ("d2", "c2"), ("d3", "c3")])])
+        assert created.job == _job()
+        assert await store.get_job("j1") == _job()
+        assert await store.get_job("nope") is None
+        assert await store.job_counts(["j1", "nope"]) == {"j1": {"pending": 3}, "nope": {}}
+        executions = await store.job_executions("j1", None, 10)
+        assert [(e.index, e.device_id, e.command_id, e.state) for e in executions] == [
+            (0, "d1", "c1", ExecutionState.PENDING),
+            (1, "d2", "c2", ExecutionState.PENDING),
+            (2, "d3", "c3", ExecutionState.PENDING),
+        ]
+        assert [e.index for e in await store.job_executions("j1", None, 1, after=0)] == [1]
+        await store.write([CreateJob(_job("j2", total=0), [])])
+        assert [j.id for j in await store.list_jobs(10)] == ["j2", "j1"]
+        assert [j.id for j in await store.list_jobs(1, before="j2")] == ["j1"]
+
+
+async def test_dispatch_is_a_compare_and_set_with_its_command_and_event(store: Store) -> None:
+    """DispatchExecution moves a pending execution once: with a command it inserts the
+    command (job_id in its `command.updated`), without one it skips; a second dispatch of the
+    same execution writes nothing, and the execution's state follows its command after."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2", "d3")
+        await store.write([CreateJob(_job(), [("d1", "c1"), ("d2", "c2"), ("d3", "c3")])])
+        sent = _command("c1", state=CommandState.SENT, sent_at_ms=1000, job_id="j1")
+        queued = _command("c3", "d3", job_id="j1")
+        skip_error = {"code": "device_offline", "message": "offline"}
+        first, skipped, again, third = await store.write(
+            [
+                DispatchExecution("j1", 0, 1000, command=sent),
+                DispatchExecution("j1", 1, 1000, error=skip_error),
+                DispatchExecution("j1", 0, 1001, command=replace(sent, id="other")),
+                DispatchExecution("j1", 2, 1000, command=queued),
+            ]
+        )
+        assert (first.applied, first.command) == (True, sent)
+        assert [(e.name, e.data["job_id"], e.data["state"]) for e in first.events] == [
+            ("command.updated", "j1", "sent")
+        ]
+        assert (skipped.applied, skipped.command, skipped.events) == (True, None, [])
+        assert (again.applied, again.command, again.events) == (False, None, [])
+        assert await store.get_command("other") is None
+        assert third.applied
+        assert await store.job_counts(["j1"]) == {"j1": {"sent": 1, "skipped": 1, "queued": 1}}
+        await store.write([TransitionCommand("d1", "c1", CommandState.FAILED, 2000, error={"code": "x"})])
+        executions = await store.job_executions("j1", None, 10)
+        assert [(e.state, e.error, e.updated_at_ms) for e in executions] == [
+            (ExecutionState.FAILED, {"code": "x"}, 2000),
+            (ExecutionState.SKIPPED, skip_error, 1000),
+            (ExecutionState.PENDING, None, 1000),
+        ]
+        assert [e.device_id for e in await store.job_executions("j1", ExecutionState.PENDING, 10)] == ["d3"]
+        assert (await store.get_command("c1")) == replace(
+            sent, state=CommandState.FAILED, completed_at_ms=2000, error={"code": "x"}
+        )
+
+
+async def test_dispatch_to_a_deleted_device_cancels_the_execution(store: Store) -> None:
+    """A device deleted after the job was made: its execution ends canceled (missing), no
+    command is written; a deleted dispatched command counts as canceled."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2")
+        await store.write([CreateJob(_job(total=2), [("d1", "c1"), ("d2", "c2")])])
+        await store.write([DispatchExecution("j1", 0, 1000, command=_command("c1", job_id="j1"))])
+        await store.delete_device("d1")
+        await store.delete_device("d2")
+        [gone] = await store.write(
+            [DispatchExecution("j1", 1, 1100, command=_command("c2", "d2", job_id="j1"))]
+        )
+        assert (gone.applied, gone.missing, gone.command) == (True, True, None)
+        assert await store.job_counts(["j1"]) == {"j1": {"canceled": 2}}
+
+
+async def test_job_state_is_a_compare_and_set_and_cancel_ends_pending_executions(store: Store) -> None:
+    """SetJobState moves only from the allowed states; canceled and aborted end every
+    execution still pending `canceled` in the same op, dispatched ones keep their command."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2", "d3")
+        await store.write([CreateJob(_job(), [("d1", "c1"), ("d2", "c2"), ("d3", "c3")])])
+        await store.write([DispatchExecution("j1", 0, 1000, command=_command("c1", job_id="j1"))])
+        running = frozenset({JobState.RUNNING})
+        paused, refused = await store.write(
+            [
+                SetJobState("j1", JobState.PAUSED, running, 1500),
+                SetJobState("j1", JobState.PAUSED, running, 1600),
+            ]
+        )
+        assert paused.job == _job(state=JobState.PAUSED, updated_at_ms=1500)
+        assert refused.job is None
+        from_either = frozenset({JobState.RUNNING, JobState.PAUSED})
+        [canceled] = await store.write([SetJobState("j1", JobState.CANCELED, from_either, 2000)])
+        assert canceled.job == _job(state=JobState.CANCELED, updated_at_ms=2000, finished_at_ms=2000)
+        assert await store.get_job("j1") == canceled.job
+        assert await store.job_counts(["j1"]) == {"j1": {"queued": 1, "canceled": 2}}
+        [late] = await store.write(
+            [DispatchExecution("j1", 1, 2100, command=_command("c2", "d2", job_id="j1"))]
+        )
+        assert not late.applied
+
+
+async def test_job_leases_are_held_by_one_node_until_they_run_out(store: Store, backend: Backend) -> None:
+    """take_job_lease succeeds for the holder or after the lease ran out; release frees it;
+    orphan_jobs lists the running or paused jobs nobody holds; a final job has no lease."""
+    with anyio.fail_after(LIMIT_S):
+        await store.write([CreateJob(_job("j1", total=0), []), CreateJob(_job("j2", total=0), [])])
+        assert await store.orphan_jobs(1000, 10) == ["j1", "j2"]
+        assert await store.take_job_lease("j1", "a", 1000, 5000)
+        other = backend.make()
+        await other.open()
+        try:
+            assert not await other.take_job_lease("j1", "b", 4999, 9000)
+            assert await store.take_job_lease("j1", "a", 4000, 8000)  # renewal
+            assert await other.orphan_jobs(7999, 10) == ["j2"]
+            assert await other.orphan_jobs(8000, 10) == ["j1", "j2"]
+            assert await other.take_job_lease("j1", "b", 8000, 12_000)
+            await store.release_job_lease("j1", "a")  # not the holder: nothing changes
+            assert not await store.take_job_lease("j1", "a", 9000, 13_000)
+            await other.release_job_lease("j1", "b")
+            assert await store.take_job_lease("j1", "a", 9000, 13_000)
+            done = frozenset({JobState.RUNNING})
+            await store.write([SetJobState("j2", JobState.COMPLETED, done, 9000)])
+            assert await other.orphan_jobs(20_000, 10) == ["j1"]
+            assert not await other.take_job_lease("j2", "b", 20_000, 30_000)
+        finally:
+            await other.close()

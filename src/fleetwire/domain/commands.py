@@ -80,6 +80,7 @@ class Command:
     error: dict[str, Any] | None = None
     timeout_s: int = DEFAULT_TIMEOUT_S
     extra: dict[str, Any] = field(default_factory=dict)
+    job_id: str | None = None  # the fleet job this command is an execution of (contract §7)
 
     def device_message(self) -> dict[str, Any]:
         """What the device receives (contract §2.2)."""
@@ -108,17 +109,21 @@ class Command:
             "sent_at": format_optional(self.sent_at_ms),
             "completed_at": format_optional(self.completed_at_ms),
             "expires_at": format_optional(self.expires_at_ms),
+            "job_id": self.job_id,
         }
 
     def event_data(self) -> dict[str, Any]:
-        """`command.updated` event data (contract §2.3)."""
-        return {
+        """`command.updated` event data (contract §2.3; `job_id` for a job's execution, §7)."""
+        data = {
             "command_id": self.id,
             "name": self.name,
             "state": self.state.value,
             "result": self.result,
             "error": self.error,
         }
+        if self.job_id is not None:
+            data["job_id"] = self.job_id
+        return data
 
 
 def parse_request(message: dict[str, Any], envelope: frozenset[str]) -> CommandRequest:

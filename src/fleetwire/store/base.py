@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from fleetwire.domain.commands import Command, CommandState
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
 from fleetwire.domain.events import Event
+from fleetwire.domain.jobs import Execution, ExecutionState, Job, JobState
 from fleetwire.domain.telemetry import Record, Value
 
 
@@ -132,6 +133,45 @@ class TransitionCommand:
     error: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class CreateJob:
+    """Insert the job and every execution (state pending, in rollout order) in one
+    transaction. `executions` are (device_id, command_id) pairs; WriteResult.job is the job."""
+
+    job: Job
+    executions: Sequence[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchExecution:
+    """Compare-and-set one execution out of `pending`. With `command` (its id the
+    execution's command_id, its job_id the job): to dispatched, inserting the command and its
+    first `command.updated` as CreateCommand does; WriteResult.command is the command. Without
+    one: to skipped with `error`. Nothing is written (WriteResult.command None, applied
+    False) when the execution is no longer pending: no execution is ever dispatched twice.
+    A command for a device that is gone ends the execution canceled (WriteResult.missing)."""
+
+    job_id: str
+    index: int
+    at_ms: int
+    command: Command | None = None
+    error: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetJobState:
+    """Compare-and-set the job to `state` from one of `from_states` (updated_at = at_ms;
+    a final state sets finished_at). Aborted and canceled also end every execution still
+    pending `canceled`, in the same transaction. WriteResult.job is the job after the op,
+    None when its state did not allow the move."""
+
+    job_id: str
+    state: JobState
+    from_states: frozenset[JobState]
+    at_ms: int
+
+
+JobOp = CreateJob | DispatchExecution | SetJobState
 WriteOp = (
     EventWrite
     | TelemetryWrite
@@ -141,6 +181,9 @@ WriteOp = (
     | DeleteDevice
     | CreateCommand
     | TransitionCommand
+    | CreateJob
+    | DispatchExecution
+    | SetJobState
 )
 RegistryOp = RegisterDevice | UpdateDevice | DeleteDevice
 CommandOp = CreateCommand | TransitionCommand
@@ -154,6 +197,8 @@ class WriteResult:
     duplicate: bool = False  # RegisterDevice: the id exists already; nothing was written
     device: Device | None = None  # registry ops: the device as stored (DeleteDevice: as it was)
     command: Command | None = None  # command ops: the command as stored after the op
+    job: Job | None = None  # job ops: the job as stored after the op
+    applied: bool = False  # DispatchExecution: the execution moved out of pending
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,3 +293,31 @@ class Store(Protocol):
 
     async def due_commands(self, now_ms: int, limit: int) -> list[Command]:
         """Non-final commands whose expires_at is at or before now."""
+
+    # -- jobs (contract §7) --------------------------------------------------------------
+    async def get_job(self, job_id: str) -> Job | None: ...
+
+    async def list_jobs(self, limit: int, before: str | None = None) -> list[Job]:
+        """Newest first (by id); `before` is the last job id of the previous page."""
+
+    async def job_counts(self, job_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Per job, executions per state: the ExecutionState names, except that a dispatched
+        execution whose command is still pending counts as `queued` (the caller adds it to
+        `pending`); one whose command is gone counts as `canceled`. Absent states are absent."""
+
+    async def job_executions(
+        self, job_id: str, state: ExecutionState | None, limit: int, after: int | None = None
+    ) -> list[Execution]:
+        """In rollout order; `after` is the last index of the previous page. Executions
+        still pending in the job come first among pending ones (`state=pending` includes
+        dispatched ones whose command is queued)."""
+
+    async def take_job_lease(self, job_id: str, node: str, now_ms: int, until_ms: int) -> bool:
+        """Compare-and-set: the node holds the lease of a running or paused job until
+        `until_ms` if it holds it already or the lease ran out by `now_ms`."""
+
+    async def release_job_lease(self, job_id: str, node: str) -> None:
+        """Give the lease up now (if this node holds it), so another node may take it."""
+
+    async def orphan_jobs(self, now_ms: int, limit: int) -> list[str]:
+        """Ids of running or paused jobs whose lease ran out by `now_ms`, oldest first."""

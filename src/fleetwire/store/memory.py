@@ -28,13 +28,26 @@ from fleetwire.domain.clock import format_ms, now_ms
 from fleetwire.domain.commands import ALLOWED_FROM, Command, CommandState
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
 from fleetwire.domain.events import Event
+from fleetwire.domain.jobs import (
+    STORED_CANCELED,
+    STORED_DISPATCHED,
+    STORED_PENDING,
+    STORED_SKIPPED,
+    Execution,
+    ExecutionState,
+    Job,
+    JobState,
+)
 from fleetwire.domain.telemetry import Value
 from fleetwire.store.base import (
     CreateCommand,
+    CreateJob,
     DeleteDevice,
+    DispatchExecution,
     DuplicateError,
     EventWrite,
     RegisterDevice,
+    SetJobState,
     StatusWrite,
     Store,
     StoreUnavailableError,
@@ -88,6 +101,17 @@ class _Record:
 
 
 @dataclass(slots=True)
+class _ExecutionRow:
+    """One row of job_executions (see store/sql/jobs.py)."""
+
+    device_id: str
+    command_id: str
+    state: str
+    error: dict[str, Any] | None
+    updated_at_ms: int
+
+
+@dataclass(slots=True)
 class MemoryDatabase:
     """What a SQL database holds: devices, event history, telemetry, commands."""
 
@@ -95,6 +119,9 @@ class MemoryDatabase:
     history: dict[str, list[Event]] = field(default_factory=dict)  # non-telemetry, ascending seq
     telemetry: dict[str, list[_Record]] = field(default_factory=dict)  # in seq order
     commands: dict[str, Command] = field(default_factory=dict)
+    jobs: dict[str, Job] = field(default_factory=dict)
+    executions: dict[str, list[_ExecutionRow]] = field(default_factory=dict)  # by job, in order
+    leases: dict[str, tuple[str | None, int]] = field(default_factory=dict)  # job: (holder, until)
 
     def drop(self, device_id: str) -> Device | None:
         device = self.devices.pop(device_id, None)
@@ -211,6 +238,7 @@ class MemoryStore:
         db = await self._turn()
         prepared = [_prepare(op) for op in ops]  # may raise: nothing is applied yet
         new_ids = [op.command.id for op in ops if type(op) is CreateCommand]
+        new_ids += [op.command.id for op in ops if type(op) is DispatchExecution and op.command is not None]
         if any(i in db.commands for i in new_ids) or len(set(new_ids)) != len(new_ids):
             raise DuplicateError("a command id exists already")  # as SQL's unique key: the whole group
         return _Group(db, self._history).apply(prepared)
@@ -361,6 +389,98 @@ class MemoryStore:
         found.sort(key=lambda c: (c.expires_at_ms, c.id))
         return [_fresh_command(c) for c in found[: max(limit, 0)]]
 
+    # -- jobs ------------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> Job | None:
+        return (await self._turn()).jobs.get(job_id)
+
+    async def list_jobs(self, limit: int, before: str | None = None) -> list[Job]:
+        db = await self._turn()
+        ids = sorted((j for j in db.jobs if before is None or j < before), reverse=True)
+        return [db.jobs[j] for j in ids[: max(limit, 0)]]
+
+    async def job_counts(self, job_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        db = await self._turn()
+        out: dict[str, dict[str, int]] = {}
+        for job_id in job_ids:
+            by_state: dict[str, int] = {}
+            for row in db.executions.get(job_id, ()):
+                state = _count_state(db, row)
+                by_state[state] = by_state.get(state, 0) + 1
+            out[job_id] = by_state
+        return out
+
+    async def job_executions(
+        self, job_id: str, state: ExecutionState | None, limit: int, after: int | None = None
+    ) -> list[Execution]:
+        db = await self._turn()
+        found: list[Execution] = []
+        for index, row in enumerate(db.executions.get(job_id, ())):
+            if (after is not None and index <= after) or len(found) >= limit:
+                continue
+            execution = _execution(db, job_id, index, row)
+            if state is None or execution.state is state:
+                found.append(execution)
+        return found
+
+    async def take_job_lease(self, job_id: str, node: str, now_ms: int, until_ms: int) -> bool:
+        db = await self._turn()
+        job = db.jobs.get(job_id)
+        if job is None or job.state.final:
+            return False
+        holder, until = db.leases.get(job_id, (None, 0))
+        if holder != node and until > now_ms:
+            return False
+        db.leases[job_id] = (node, until_ms)
+        return True
+
+    async def release_job_lease(self, job_id: str, node: str) -> None:
+        db = await self._turn()
+        if db.leases.get(job_id, (None, 0))[0] == node:
+            db.leases[job_id] = (None, 0)
+
+    async def orphan_jobs(self, now_ms: int, limit: int) -> list[str]:
+        db = await self._turn()
+        found = [
+            job_id
+            for job_id in sorted(db.jobs)
+            if not db.jobs[job_id].state.final and db.leases.get(job_id, (None, 0))[1] <= now_ms
+        ]
+        return found[: max(limit, 0)]
+
+
+def _count_state(db: MemoryDatabase, row: _ExecutionRow) -> str:
+    """The state Store.job_counts counts an execution in."""
+    if row.state != STORED_DISPATCHED:
+        return row.state
+    command = db.commands.get(row.command_id)
+    if command is None:
+        return STORED_CANCELED
+    return "queued" if command.state is CommandState.PENDING else command.state.value
+
+
+def _execution(db: MemoryDatabase, job_id: str, index: int, row: _ExecutionRow) -> Execution:
+    command = db.commands.get(row.command_id) if row.state == STORED_DISPATCHED else None
+    if row.state != STORED_DISPATCHED:
+        state = ExecutionState(row.state)
+    else:
+        state = ExecutionState.CANCELED if command is None else ExecutionState(command.state.value)
+    updated = row.updated_at_ms
+    if command is not None:
+        updated = command.completed_at_ms or command.sent_at_ms or updated
+    return Execution(
+        job_id=job_id,
+        index=index,
+        device_id=row.device_id,
+        command_id=row.command_id,
+        state=state,
+        updated_at_ms=updated,
+        result=None if command is None or command.result is None else _json(command.result),
+        error=_json(row.error)
+        if row.error is not None
+        else (None if command is None or command.error is None else _json(command.error)),
+    )
+
 
 def _points(records: Iterable[_Record]) -> Iterable[TelemetryPoint]:
     for record in records:
@@ -416,6 +536,13 @@ def _prepare(op: WriteOp) -> _Prepared:
         return op, records
     if type(op) is EventWrite:
         return op, _json(op.data)
+    if type(op) is DispatchExecution:
+        if op.command is not None:
+            _fresh_command(op.command)  # encodes: refuses what the SQL JSON columns refuse
+        return op, None if op.error is None else _json(op.error)
+    if type(op) is CreateJob:
+        _json(op.job.spec.stored())
+        return op, None
     if type(op) is RegisterDevice:
         return op, _fresh_device(op.device)
     if type(op) is UpdateDevice:
@@ -449,6 +576,8 @@ class _Group:
                 self._registry(op, data, result)
             elif type(op) is CreateCommand or type(op) is TransitionCommand:
                 self._command(op, result)
+            elif type(op) is CreateJob or type(op) is DispatchExecution or type(op) is SetJobState:
+                self._job(op, data, result)
             else:
                 self._log(op, data, result)
             results.append(result)
@@ -526,6 +655,52 @@ class _Group:
         result.command = _fresh_command(command)
         data = command.event_data()
         result.events.append(self._event(command.device_id, "command.updated", at_ms, data, _json(data)))
+
+    def _job(self, op: CreateJob | DispatchExecution | SetJobState, data: Any, result: WriteResult) -> None:
+        db = self._db
+        if type(op) is CreateJob:
+            job: Job | None = op.job
+            assert job is not None
+            db.jobs[job.id] = job
+            db.leases[job.id] = (None, 0)
+            at = job.created_at_ms
+            db.executions[job.id] = [_ExecutionRow(d, c, STORED_PENDING, None, at) for d, c in op.executions]
+            result.job = job
+        elif type(op) is SetJobState:
+            job = db.jobs.get(op.job_id)
+            if job is None or job.state not in op.from_states:
+                return
+            job = replace(
+                job,
+                state=op.state,
+                updated_at_ms=op.at_ms,
+                finished_at_ms=op.at_ms if op.state.final else job.finished_at_ms,
+            )
+            db.jobs[job.id] = job
+            if op.state in (JobState.ABORTED, JobState.CANCELED):
+                for row in db.executions.get(job.id, ()):
+                    if row.state == STORED_PENDING:
+                        row.state, row.updated_at_ms = STORED_CANCELED, op.at_ms
+            result.job = job
+        else:
+            assert type(op) is DispatchExecution
+            rows = db.executions.get(op.job_id, [])
+            if not 0 <= op.index < len(rows) or rows[op.index].state != STORED_PENDING:
+                return  # not pending any more: never dispatched twice
+            row = rows[op.index]
+            result.applied = True
+            row.updated_at_ms = op.at_ms
+            command = op.command
+            if command is None:
+                row.state, row.error = STORED_SKIPPED, data
+                return
+            if command.device_id not in db.devices:
+                row.state = STORED_CANCELED
+                row.error = {"code": "not_found", "message": "the device was deleted"}
+                result.missing = True
+                return
+            row.state = STORED_DISPATCHED
+            self._command(CreateCommand(command), result)
 
     def _registry(self, op: WriteOp, data: Any, result: WriteResult) -> None:
         db = self._db

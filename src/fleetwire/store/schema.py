@@ -101,8 +101,45 @@ commands: Final = sa.Table(
     sa.Column("result", JSON),
     sa.Column("error", JSON),
     sa.Column("extra", JSON, nullable=False),
+    sa.Column("job_id", ID),  # the fleet job this command executes (contract §7), if any
     sa.Index("ix_commands_device_state", "device_id", "state", "issued_at"),
     sa.Index("ix_commands_device_id", "device_id", "id"),
     sa.Index("ix_commands_due", "state", "expires_at"),
     sa.Index("ix_commands_idempotency", "issuer", "idempotency_key", "issued_at"),
+    sa.Index("ix_commands_job", "job_id", "state"),
+)
+
+# Fleet jobs (contract §7). The spec is the validated request as JSON; the lease names the
+# one node that drives a running job until `lease_until` (taken over after it passes).
+jobs: Final = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("spec", JSON, nullable=False),
+    sa.Column("issuer", sa.Text, nullable=False),
+    sa.Column("claim", JSON),
+    sa.Column("total", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("finished_at", sa.BigInteger),
+    sa.Column("lease_holder", sa.Text),
+    sa.Column("lease_until", sa.BigInteger, nullable=False),
+    sa.Index("ix_jobs_state_lease", "state", "lease_until"),
+)
+
+# One row per (job, device), written with the job. `command_id` is fixed then; once the
+# execution is dispatched (state `dispatched`) its command row holds its state. No foreign
+# key to commands: the command is inserted when the execution is dispatched.
+job_executions: Final = sa.Table(
+    "job_executions",
+    metadata,
+    sa.Column("job_id", ID, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("idx", sa.Integer, primary_key=True),
+    sa.Column("device_id", ID, nullable=False),
+    sa.Column("command_id", ID, nullable=False, unique=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("error", JSON),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_job_executions_state", "job_id", "state", "idx"),
 )

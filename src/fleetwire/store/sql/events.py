@@ -26,10 +26,13 @@ from fleetwire.domain.telemetry import Value
 from fleetwire.store.base import (
     CommandOp,
     CreateCommand,
+    CreateJob,
     DeleteDevice,
+    DispatchExecution,
     EventWrite,
     RegisterDevice,
     RegistryOp,
+    SetJobState,
     StatusWrite,
     TelemetryWrite,
     TransitionCommand,
@@ -40,7 +43,7 @@ from fleetwire.store.base import (
 from fleetwire.store.rules import to_store
 from fleetwire.store.schema import commands, devices, events, telemetry
 from fleetwire.store.sql import commands as cmd
-from fleetwire.store.sql import registry
+from fleetwire.store.sql import jobs, registry
 from fleetwire.store.sql import telemetry as tm
 from fleetwire.store.sql.dialect import Dialect
 from fleetwire.store.sql.engine import dumps
@@ -63,7 +66,7 @@ async def write(
     if dialect.locks_every_device:
         # Every device of the group, up front and in id order (see _write_log): the registry
         # statements would otherwise lock rows in op order and could deadlock another node.
-        await dialect.lock_devices(conn, {device_of(op) for op in ops})
+        await dialect.lock_devices(conn, {d for op in ops if (d := device_of(op)) is not None})
     run_ops: list[LogOp] = []
     run_results: list[WriteResult] = []
     for op, result in zip(ops, results, strict=True):
@@ -76,6 +79,8 @@ async def write(
             run_ops, run_results = [], []
         if type(op) is CreateCommand or type(op) is TransitionCommand:
             follow = await _write_command(conn, op, result)
+        elif type(op) is CreateJob or type(op) is DispatchExecution or type(op) is SetJobState:
+            follow = await jobs.write_op(conn, op, result)
         else:
             follow = await _write_registry(conn, dialect, cast("RegistryOp", op), result)
         if follow is not None:  # its event: numbered by the next run like any other
@@ -89,12 +94,16 @@ async def write(
     return results
 
 
-def device_of(op: WriteOp) -> str:
-    """The id of the device an op writes to."""
+def device_of(op: WriteOp) -> str | None:
+    """The id of the device an op writes to (None: a job op that writes to none)."""
     if isinstance(op, RegisterDevice):
         return op.device.id
     if isinstance(op, CreateCommand):
         return op.command.device_id
+    if isinstance(op, DispatchExecution):
+        return None if op.command is None else op.command.device_id
+    if isinstance(op, CreateJob | SetJobState):
+        return None
     return op.device_id
 
 

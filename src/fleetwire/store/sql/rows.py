@@ -68,6 +68,7 @@ def command(row: AnyRow) -> Command:
         error=m["error"],
         timeout_s=m["timeout_s"],
         extra=m["extra"] or {},
+        job_id=m["job_id"],
     )
 
 
@@ -91,6 +92,7 @@ def command_values(command: Command) -> dict[str, Any]:
         "result": command.result,
         "error": command.error,
         "extra": command.extra,
+        "job_id": command.job_id,
     }
 
 

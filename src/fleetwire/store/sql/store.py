@@ -19,6 +19,7 @@ from fleetwire.domain.clock import now_ms
 from fleetwire.domain.commands import Command, CommandState
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
 from fleetwire.domain.events import Event
+from fleetwire.domain.jobs import Execution, ExecutionState, Job
 from fleetwire.store.base import (
     DuplicateError,
     Store,
@@ -28,7 +29,7 @@ from fleetwire.store.base import (
     WriteResult,
 )
 from fleetwire.store.rules import to_store
-from fleetwire.store.sql import commands, events, registry, rows, telemetry
+from fleetwire.store.sql import commands, events, jobs, registry, rows, telemetry
 from fleetwire.store.sql.dialect import for_url
 from fleetwire.store.sql.engine import (
     async_url,
@@ -260,6 +261,38 @@ class SqlStore:
     async def due_commands(self, now_ms: int, limit: int) -> list[Command]:
         async with self._read() as conn:
             return await commands.due(conn, now_ms, limit)
+
+    # -- jobs (store/sql/jobs.py) --------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> Job | None:
+        async with self._read() as conn:
+            return await jobs.get(conn, job_id)
+
+    async def list_jobs(self, limit: int, before: str | None = None) -> list[Job]:
+        async with self._read() as conn:
+            return await jobs.list_jobs(conn, limit, before)
+
+    async def job_counts(self, job_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        async with self._read() as conn:
+            return await jobs.counts(conn, job_ids)
+
+    async def job_executions(
+        self, job_id: str, state: ExecutionState | None, limit: int, after: int | None = None
+    ) -> list[Execution]:
+        async with self._read() as conn:
+            return await jobs.executions(conn, job_id, state, limit, after)
+
+    async def take_job_lease(self, job_id: str, node: str, now_ms: int, until_ms: int) -> bool:
+        async with self._write() as conn:
+            return await jobs.take_lease(conn, job_id, node, now_ms, until_ms)
+
+    async def release_job_lease(self, job_id: str, node: str) -> None:
+        async with self._write() as conn:
+            await jobs.release_lease(conn, job_id, node)
+
+    async def orphan_jobs(self, now_ms: int, limit: int) -> list[str]:
+        async with self._read() as conn:
+            return await jobs.orphans(conn, now_ms, limit)
 
 
 _: type[Store] = SqlStore  # static conformance: mypy checks SqlStore against the protocol
