@@ -157,7 +157,7 @@ async def test_concurrent_opens_migrate_once(url: str) -> None:
             async with engine.connect() as conn:
                 versions = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).all()
             await engine.dispose()
-            assert [tuple(v) for v in versions] == [("0001",)]
+            assert [tuple(v) for v in versions] == [("0004",)]
         finally:
             await asyncio.gather(*(s.close() for s in stores))
 
