@@ -1212,6 +1212,7 @@ async def test_a_job_and_its_executions_are_created_in_one_op(store: Store) -> N
             (2, "d3", "c3", ExecutionState.PENDING),
         ]
         assert [e.index for e in await store.job_executions("j1", None, 1, after=0)] == [1]
+        assert [e.command_id for e in await store.next_executions("j1", 2)] == ["c1", "c2"]
         await store.write([CreateJob(_job("j2", total=0), [])])
         assert [j.id for j in await store.list_jobs(10)] == ["j2", "j1"]
         assert [j.id for j in await store.list_jobs(1, before="j2")] == ["j1"]
@@ -1243,6 +1244,7 @@ async def test_dispatch_is_a_compare_and_set_with_its_command_and_event(store: S
         assert (again.applied, again.command, again.events) == (False, None, [])
         assert await store.get_command("other") is None
         assert third.applied
+        assert await store.next_executions("j1", 10) == []
         assert await store.job_counts(["j1"]) == {"j1": {"sent": 1, "skipped": 1, "queued": 1}}
         await store.write([TransitionCommand("d1", "c1", CommandState.FAILED, 2000, error={"code": "x"})])
         executions = await store.job_executions("j1", None, 10)
@@ -1289,6 +1291,10 @@ async def test_job_state_is_a_compare_and_set_and_cancel_ends_pending_executions
         )
         assert paused.job == _job(state=JobState.PAUSED, updated_at_ms=1500)
         assert refused.job is None
+        [held] = await store.write(
+            [DispatchExecution("j1", 1, 1700, command=_command("c2", "d2", job_id="j1"))]
+        )
+        assert (held.applied, held.command) == (False, None)  # paused: nothing leaves
         from_either = frozenset({JobState.RUNNING, JobState.PAUSED})
         [canceled] = await store.write([SetJobState("j1", JobState.CANCELED, from_either, 2000)])
         assert canceled.job == _job(state=JobState.CANCELED, updated_at_ms=2000, finished_at_ms=2000)

@@ -148,7 +148,8 @@ class DispatchExecution:
     execution's command_id, its job_id the job): to dispatched, inserting the command and its
     first `command.updated` as CreateCommand does; WriteResult.command is the command. Without
     one: to skipped with `error`. Nothing is written (WriteResult.command None, applied
-    False) when the execution is no longer pending: no execution is ever dispatched twice.
+    False) when the execution is no longer pending (no execution is ever dispatched twice)
+    or the job is not running (nothing leaves after a pause or a cancel has committed).
     A command for a device that is gone ends the execution canceled (WriteResult.missing)."""
 
     job_id: str
@@ -311,6 +312,9 @@ class Store(Protocol):
         """In rollout order; `after` is the last index of the previous page. Executions
         still pending in the job come first among pending ones (`state=pending` includes
         dispatched ones whose command is queued)."""
+
+    async def next_executions(self, job_id: str, limit: int) -> list[Execution]:
+        """The executions not yet dispatched (stored state pending), in rollout order."""
 
     async def take_job_lease(self, job_id: str, node: str, now_ms: int, until_ms: int) -> bool:
         """Compare-and-set: the node holds the lease of a running or paused job until

@@ -423,6 +423,15 @@ class MemoryStore:
                 found.append(execution)
         return found
 
+    async def next_executions(self, job_id: str, limit: int) -> list[Execution]:
+        db = await self._turn()
+        found = [
+            Execution(job_id, i, row.device_id, row.command_id, ExecutionState.PENDING, row.updated_at_ms)
+            for i, row in enumerate(db.executions.get(job_id, ()))
+            if row.state == STORED_PENDING
+        ]
+        return found[: max(limit, 0)]
+
     async def take_job_lease(self, job_id: str, node: str, now_ms: int, until_ms: int) -> bool:
         db = await self._turn()
         job = db.jobs.get(job_id)
@@ -685,6 +694,9 @@ class _Group:
         else:
             assert type(op) is DispatchExecution
             rows = db.executions.get(op.job_id, [])
+            owner = db.jobs.get(op.job_id)
+            if owner is None or owner.state is not JobState.RUNNING:
+                return  # paused or ended: nothing leaves after that committed
             if not 0 <= op.index < len(rows) or rows[op.index].state != STORED_PENDING:
                 return  # not pending any more: never dispatched twice
             row = rows[op.index]

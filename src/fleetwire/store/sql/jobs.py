@@ -53,6 +53,7 @@ _INSERT_EXECUTION: Final = sa.text(
 _MOVE_EXECUTION: Final = sa.text(
     "UPDATE job_executions SET state = :state, error = :error, updated_at = :at"
     " WHERE job_id = :job_id AND idx = :idx AND state = 'pending'"
+    " AND EXISTS (SELECT 1 FROM jobs WHERE id = :job_id AND state = 'running')"
 ).bindparams(sa.bindparam("error", type_=JSON))
 _DEVICE_EXISTS: Final = sa.text("SELECT 1 FROM devices WHERE id = :id")
 _SET_STATE: Final = (
@@ -90,6 +91,10 @@ _ALL_EXECUTIONS: Final = sa.text(_EXECUTIONS + " ORDER BY e.idx LIMIT :limit").c
 _EXECUTIONS_IN: Final = sa.text(
     _EXECUTIONS + f" AND {_PUBLIC_STATE} = :state ORDER BY e.idx LIMIT :limit"
 ).columns(**_EXECUTION_TYPES)
+_NEXT: Final = sa.text(
+    "SELECT idx, device_id, command_id, updated_at FROM job_executions"
+    " WHERE job_id = :job_id AND state = 'pending' ORDER BY idx LIMIT :limit"
+)
 _TAKE_LEASE: Final = sa.text(
     "UPDATE jobs SET lease_holder = :node, lease_until = :until"
     " WHERE id = :id AND state IN ('running', 'paused') AND (lease_holder = :node OR lease_until <= :now)"
@@ -238,6 +243,14 @@ async def executions(
             )
         )
     return out
+
+
+async def next_pending(conn: AsyncConnection, job_id: str, limit: int) -> list[Execution]:
+    found = await conn.execute(_NEXT, {"job_id": job_id, "limit": limit})
+    return [
+        Execution(job_id, idx, device_id, command_id, ExecutionState.PENDING, updated_at)
+        for idx, device_id, command_id, updated_at in found
+    ]
 
 
 async def take_lease(conn: AsyncConnection, job_id: str, node: str, now_ms: int, until_ms: int) -> bool:

@@ -282,6 +282,10 @@ class SqlStore:
         async with self._read() as conn:
             return await jobs.executions(conn, job_id, state, limit, after)
 
+    async def next_executions(self, job_id: str, limit: int) -> list[Execution]:
+        async with self._read() as conn:
+            return await jobs.next_pending(conn, job_id, limit)
+
     async def take_job_lease(self, job_id: str, node: str, now_ms: int, until_ms: int) -> bool:
         async with self._write() as conn:
             return await jobs.take_lease(conn, job_id, node, now_ms, until_ms)
