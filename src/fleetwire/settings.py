@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     write_queue: int = Field(default=10_000, ge=1)
     write_batch: int = Field(default=500, ge=1)
     command_sweep_s: float = 1.0
+    # Fleet jobs (contract §7; SECURITY.md limits).
+    max_job_devices: int = Field(default=100_000, ge=1)  # executions of one job
+    job_batch: int = Field(default=500, ge=1)  # executions one rollout step dispatches at most
+    job_lease_s: float = Field(default=15.0, gt=0)  # a dead driver's jobs are taken over after this
+    job_progress_s: float = Field(default=0.25, gt=0)  # `job` frames: at most one per job per this
     log_level: str = "info"
 
     @field_validator("rate_limit")

@@ -276,11 +276,16 @@ class Counts:
     expired: int = 0
     skipped: int = 0
     canceled: int = 0
+    # Of `pending`: dispatched executions whose command waits queued for its offline device.
+    queued: int = 0
 
     @classmethod
     def of(cls, by_state: dict[str, int]) -> Counts:
+        """From the store's counts (Store.job_counts: `queued` apart from `pending`)."""
         known = {s.value: by_state.get(s.value, 0) for s in ExecutionState}
-        return cls(total=sum(by_state.values()), **known)
+        queued = by_state.get("queued", 0)
+        known["pending"] += queued
+        return cls(total=sum(by_state.values()), queued=queued, **known)
 
     def public(self) -> dict[str, int]:
         return {
@@ -299,6 +304,11 @@ class Counts:
     def ended(self) -> int:
         """Executions that ran to an answer or a timeout: what the abort rule judges."""
         return self.succeeded + self.failed + self.timed_out
+
+    @property
+    def in_flight(self) -> int:
+        """Executions holding a rollout slot: sent, or queued for an offline device."""
+        return self.sent + self.queued
 
     @property
     def all_final(self) -> bool:
