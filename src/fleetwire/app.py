@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from fleetwire.transport.server import FleetwireServer
 
-from fleetwire.api import commands, devices, errors, health, telemetry, tokens
+from fleetwire.api import commands, devices, errors, health, jobs, telemetry, tokens
 from fleetwire.auth.principal import TokenVerifier
 from fleetwire.auth.secret import signing_secret
 from fleetwire.broker.base import Broker
@@ -32,6 +32,7 @@ from fleetwire.services.cache import DeviceCache, PendingIndex
 from fleetwire.services.commands import CommandService
 from fleetwire.services.container import Periods, Services
 from fleetwire.services.ingest import IngestService
+from fleetwire.services.jobs import JobService
 from fleetwire.services.local import LocalSessions
 from fleetwire.services.registry import RegistryService
 from fleetwire.services.routing import NodeRouter
@@ -112,7 +113,7 @@ def create_app(
     app.state.signing_secret = secret
     app.state.metrics = health.metrics_registry(services)
     errors.install(app)
-    for module in (devices, telemetry, commands, tokens):
+    for module in (devices, telemetry, commands, tokens, jobs):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(health.router)
     return app
@@ -182,6 +183,21 @@ def build_services(
     hub.listeners.append(cache.on_event)  # first: the others may read the cache
     hub.listeners.append(sessions.on_event)
     hub.listeners.append(commands.on_event)
+    jobs = JobService(
+        node_id=node_id,
+        store=store,
+        writer=writer,
+        presence=presence,
+        router=router,
+        commands=commands,
+        tasks=tasks,
+        clock=clock,
+        max_devices=settings.max_job_devices,
+        batch=settings.job_batch,
+        lease_s=settings.job_lease_s,
+        progress_s=settings.job_progress_s,
+    )
+    hub.listeners.append(jobs.on_event)
     return Services(
         node_id=node_id,
         clock=clock,
@@ -209,12 +225,14 @@ def build_services(
         ),
         registry=registry,
         cache=cache,
+        jobs=jobs,
         periods=Periods(
             heartbeat_s=settings.heartbeat_s,
             command_sweep_s=settings.command_sweep_s,
             purge_interval_s=settings.purge_interval_s,
             telemetry_retention_days=settings.telemetry_retention_days,
             event_history=settings.event_history,
+            job_lease_s=settings.job_lease_s,
         ),
     )
 

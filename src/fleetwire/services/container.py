@@ -23,6 +23,7 @@ from fleetwire.services.auth import Authenticator
 from fleetwire.services.cache import DeviceCache
 from fleetwire.services.commands import CommandService
 from fleetwire.services.ingest import IngestService
+from fleetwire.services.jobs import JobService
 from fleetwire.services.registry import RegistryService
 from fleetwire.services.routing import NodeRouter
 from fleetwire.services.sessions import SessionService
@@ -38,6 +39,7 @@ class Periods:
     purge_interval_s: float
     telemetry_retention_days: float
     event_history: int
+    job_lease_s: float = 15.0
 
 
 @dataclass(slots=True)
@@ -60,6 +62,7 @@ class Services:
     subscriptions: SubscriptionService
     registry: RegistryService
     cache: DeviceCache
+    jobs: JobService
     periods: Periods
 
     async def start(self) -> None:
@@ -78,12 +81,16 @@ class Services:
         tasks.every(1.0, self.sessions.flush_presence, "presence")
         tasks.every(p.command_sweep_s, self.commands.sweep, "sweep")
         tasks.every(p.purge_interval_s, self._purge, "purge")
+        # Jobs whose driver died (or that ran here before a restart): take them over.
+        self.tasks.spawn(self.jobs.adopt_orphans())
+        tasks.every(p.job_lease_s / 3, self.jobs.adopt_orphans, "jobs")
 
     async def stop(self) -> None:
         """After the transport closed every session: finish their goodbyes, then stop."""
         self.sessions.close_all(Close.SERVER_SHUTDOWN)
         self.tasks.stop()
         await self.tasks.drain(5.0)
+        await self.jobs.close()  # gives the leases up: another node takes the jobs at once
         self.commands.close()
         await self.writer.stop()
         with contextlib.suppress(TimeoutError):
