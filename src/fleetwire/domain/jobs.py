@@ -144,7 +144,7 @@ def _positive_int(value: Any, upper: int) -> bool:
 def parse_job(body: Any, *, max_concurrent_cap: int = 10_000) -> JobSpec:
     """Validate a `POST /jobs` body; every problem is reported at once (`invalid_message`)."""
     if not isinstance(body, dict):
-        raise invalid("a job must be an object")
+        raise invalid("invalid job", [{"loc": [], "msg": "must be an object"}])
     problems: list[dict[str, Any]] = [{"loc": [k], "msg": "unknown field"} for k in body.keys() - _FIELDS]
 
     def bad(msg: str, *loc: str) -> None:
@@ -163,7 +163,9 @@ def parse_job(body: Any, *, max_concurrent_cap: int = 10_000) -> JobSpec:
         name = command.get("name")
         if not isinstance(name, str) or not NAME.match(name):
             problems.append({"loc": ["command", "name"], "msg": "must match ^[A-Za-z0-9_.:-]{1,64}$"})
-        params = command.get("params") or {}
+        params = command.get("params", {})
+        if params is None:
+            params = {}
         if not isinstance(params, dict):
             problems.append({"loc": ["command", "params"], "msg": "must be an object"})
         elif (why := unstorable(params)) is not None:
