@@ -89,8 +89,8 @@ class Services:
         """After the transport closed every session: finish their goodbyes, then stop."""
         self.sessions.close_all(Close.SERVER_SHUTDOWN)
         self.tasks.stop()
+        await self.jobs.close()  # ends the drivers and gives their leases up for another node
         await self.tasks.drain(5.0)
-        await self.jobs.close()  # gives the leases up: another node takes the jobs at once
         self.commands.close()
         await self.writer.stop()
         with contextlib.suppress(TimeoutError):
