@@ -59,6 +59,14 @@ async def answer(node: Node, session: FakeDeviceSession, index: int = -1, ok: bo
     )
 
 
+async def counts_become(node: Node, job_id: str, expected: Counts) -> None:
+    for _ in range(200):
+        if await counts(node, job_id) == expected:
+            return
+        await asyncio.sleep(0)
+    assert await counts(node, job_id) == expected
+
+
 async def state_is(node: Node, job_id: str, state: JobState) -> None:
     for _ in range(200):
         if (await node.services.jobs.get(VIEWER, job_id))[0].state is state:
@@ -233,3 +241,39 @@ async def test_progress_frames_are_coalesced_and_only_for_jobs_one_may_see(node:
     assert hidden == []
     node.services.jobs.unwatch("w1")
     node.services.jobs.unwatch("w2")
+
+
+async def test_abort_cancel_rate_and_listing(node: Node) -> None:
+    """The abort rule ends a job `aborted` at once; cancel of the driven job wakes its
+    driver, which stops; max_per_minute spaces dispatches on the clock; list is newest
+    first with a cursor; a queued execution waits for its device's connect."""
+    for device_id in ("a", "b", "c"):
+        await node.register(device_id, tags=("t",))
+    a, b = await node.connect("a"), await node.connect("b")
+    aborting = await create(
+        node, rollout={"max_concurrent": 1}, abort={"failure_pct": 100, "min_executed": 1}
+    )
+    await until(lambda: len(commands_of(a)) == 1)
+    await answer(node, a, ok=False)
+    await state_is(node, aborting, JobState.ABORTED)
+    assert await counts(node, aborting) == Counts(total=3, failed=1, canceled=2)
+    await until(lambda: aborting not in node.services.jobs.driving)
+
+    rated = await create(node, rollout={"max_per_minute": 60}, queue=True)  # a burst of one, then 1/s
+    await until(lambda: len(commands_of(a)) == 2)
+    await answer(node, a)
+    node.clock.advance(1)
+    await until(lambda: len(commands_of(b)) == 1)
+    node.clock.advance(1)
+    await counts_become(node, rated, Counts(total=3, succeeded=1, sent=1, pending=1, queued=1))
+    c = await node.connect("c")
+    await until(lambda: len(commands_of(c)) == 1)
+    canceled, _ = await node.services.jobs.cancel(OPERATOR, rated)
+    assert canceled.state is JobState.CANCELED
+    await until(lambda: rated not in node.services.jobs.driving)
+
+    page, cursor = await node.services.jobs.list_jobs(VIEWER, 1, None)
+    assert [j.id for j, _ in page] == [rated]
+    assert cursor == rated
+    rest, end = await node.services.jobs.list_jobs(VIEWER, 5, cursor)
+    assert ([j.id for j, _ in rest], end) == ([aborting], None)
