@@ -278,6 +278,7 @@ def websocket_handshake(settings: Settings, services: Services) -> Handshake:
         ingest=services.ingest,
         commands=services.commands,
         subscriptions=services.subscriptions,
+        jobs=services.jobs,
     )
     limits = SessionLimits(
         rate=settings.rate_per_second,

@@ -316,3 +316,42 @@ async def test_bad_jobs_are_refused_with_every_problem(node: Node) -> None:
     async with node.rest("viewer") as client:
         refused = await client.post("/jobs", json={"command": {"name": "x"}, "target": {"devices": ["*"]}})
         assert refused.status_code == 403
+
+
+async def test_job_progress_reaches_jobs_subscribers_coalesced_and_only_where_visible(
+    make_node: Callable[..., Node],
+) -> None:
+    """`subscribe` with `"jobs": true` (no devices needed): nothing before job_progress_s of
+    the clock passes, then one frame with the counts after every change so far; a client
+    restricted to site-b gets no frame of a site-a operator's job (its telemetry event,
+    sent after the flush, arrives with no job frame before it)."""
+    node = make_node(clock=ManualClock())
+    await node.register("site-a.1", "site-a.2", tags=["t"])
+    await node.register("site-b.1")
+    devices = [await node.device("site-a.1"), await node.device("site-a.2")]
+    other = await node.device("site-b.1")
+    watcher = await node.client()
+    ack = await watcher.request({"type": "subscribe", "jobs": True})
+    assert (ack["type"], ack["snapshot"]) == ("ack", [])
+    restricted = await node.client(sub="rb", devices=["site-b.*"])
+    both = await restricted.request(
+        {"type": "subscribe", "jobs": True, "devices": ["site-b.1"], "events": ["telemetry"]}
+    )
+    assert both["type"] == "ack"
+    job = await _job(
+        node, {"command": {"name": "x"}, "target": {"tags": ["t"]}}, sub="oa", devices=["site-a.*"]
+    )
+    for device in devices:
+        await _answer(device, await device.next_of("command"))
+    await _until(lambda j: j["state"] == "succeeded", node, job["job_id"])
+    node.advance(0.25)
+    frame = await watcher.next_of("job")
+    assert (frame["job_id"], frame["state"]) == (job["job_id"], "succeeded")
+    assert frame["counts"] == _counts(total=2, succeeded=2)
+    await other.request({"type": "telemetry", "data": {"x": 1}})
+    event = await restricted.next_of("event")
+    assert event["event"] == "device.telemetry"
+    assert [m for m in restricted.pending if m["type"] == "job"] == []
+    bad = await watcher.request({"type": "subscribe", "jobs": "yes"})  # also a sentinel:
+    assert (bad["type"], bad["code"]) == ("error", "invalid_message")
+    assert [m for m in watcher.pending if m["type"] == "job"] == []  # one frame, coalesced

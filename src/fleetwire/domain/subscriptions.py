@@ -10,3 +10,4 @@ class Subscribe:
     devices: tuple[str, ...]  # ids and glob patterns, deduplicated in order
     events: frozenset[str]  # event classes
     resume: dict[str, int] | None  # device id -> last seq seen
+    jobs: bool = False  # `{"type": "job"}` progress frames too (contract §7)

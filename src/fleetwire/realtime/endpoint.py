@@ -36,6 +36,7 @@ from fleetwire.realtime.session import (
 from fleetwire.services.auth import Authenticator
 from fleetwire.services.commands import CommandService
 from fleetwire.services.ingest import IngestService
+from fleetwire.services.jobs import JobService
 from fleetwire.services.sessions import SessionService
 from fleetwire.services.subscriptions import SubscriptionService
 from fleetwire.services.tasks import OUTAGES
@@ -56,6 +57,7 @@ class EndpointServices:
     ingest: IngestService
     commands: CommandService
     subscriptions: SubscriptionService
+    jobs: JobService | None = None
 
 
 class Endpoint:
@@ -320,12 +322,19 @@ class ClientEndpoint(Endpoint):
     def _ended(self, reason: str) -> None:
         self.services.subscriptions.drop(self)
         self.services.sessions.closed(self)
+        if self.services.jobs is not None:
+            self.services.jobs.unwatch(self)
 
     def _refreshed(self) -> None:
         self.services.subscriptions.rights_changed()
+        jobs = self.services.jobs
+        if jobs is not None and jobs.watching(self):
+            jobs.watch(self, self.principal, self.send)  # judged by the new token from now on
 
     async def _subscribe(self, request: Request) -> None:
         plan = await self.services.subscriptions.subscribe(self, request.value)
+        if request.value.jobs and self.services.jobs is not None:
+            self.services.jobs.watch(self, self.principal, self.send)
         self.core.subscribed(request, plan, self.services.clock.now_ms())
 
     async def _unsubscribe(self, request: Request) -> bytes:

@@ -129,12 +129,17 @@ class TokenLifetime:
 
 def _parse_subscribe(message: dict[str, Any]) -> Subscribe:
     problems: list[dict[str, Any]] = []
-    for extra in message.keys() - {"devices", "events", "resume"} - ENVELOPE:
+    for extra in message.keys() - {"devices", "events", "resume", "jobs"} - ENVELOPE:
         problems.append({"loc": [extra], "msg": "unknown field"})
-    devices = message.get("devices")
+    jobs = message.get("jobs", False)
+    if type(jobs) is not bool:
+        problems.append({"loc": ["jobs"], "msg": "must be a boolean"})
+    # Job progress alone needs no devices (contract §7).
+    devices = message.get("devices", [] if jobs is True else None)
+    least = 0 if jobs is True else 1
     if (
         not isinstance(devices, list)
-        or not 1 <= len(devices) <= MAX_SUBSCRIBE_DEVICES
+        or not least <= len(devices) <= MAX_SUBSCRIBE_DEVICES
         or not all(isinstance(d, str) and 0 < len(d) <= 128 for d in devices)
     ):
         problems.append(
@@ -156,7 +161,7 @@ def _parse_subscribe(message: dict[str, Any]) -> Subscribe:
         problems.append({"loc": ["resume"], "msg": "must map device ids to the last seq seen (integers)"})
     if problems:
         raise invalid("invalid subscribe", problems)
-    return Subscribe(tuple(dict.fromkeys(devices)), frozenset(events), resume)  # type: ignore[arg-type]
+    return Subscribe(tuple(dict.fromkeys(devices)), frozenset(events), resume, jobs)  # type: ignore[arg-type]
 
 
 def _only_fields(message: dict[str, Any], allowed: frozenset[str]) -> None:

@@ -263,6 +263,9 @@ class JobService:
         """`subscribe` with `"jobs": true`: job frames go to `send` from now on."""
         self._watchers[key] = _Watcher(principal, send)
 
+    def watching(self, key: object) -> bool:
+        return key in self._watchers
+
     def unwatch(self, key: object) -> None:
         self._watchers.pop(key, None)
 
