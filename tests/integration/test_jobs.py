@@ -95,7 +95,8 @@ async def test_a_200_device_rollout_never_exceeds_max_concurrent(node: Node) -> 
     async with asyncio.timeout(30):
         while received < 200:
             device_id, command = await arrivals.get()
-            assert command["name"] == "update" and command["params"] == {"v": 2}
+            assert command["name"] == "update"
+            assert command["params"] == {"v": 2}
             received += 1
             peak = max(peak, received - answered)
             assert received - answered <= 20
