@@ -1,4 +1,4 @@
-"""The `fleetwire` command: serve, token, device, simulate, bench."""
+"""The `fleetwire` command: serve, token, device, job, simulate, bench."""
 
 from __future__ import annotations
 
@@ -73,6 +73,54 @@ def _device(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job(args: argparse.Namespace) -> int:
+    """Fleet jobs of a running server over REST (contract §7), with a short-lived operator
+    token from the local secret unless --token is given."""
+    import httpx
+
+    settings = Settings()
+    url = server_url(settings, args.url)
+    token = args.token or local_token(settings, "fleetwire-cli", "operator", 300)
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=f"{url}/api/v1", headers=headers, timeout=30) as client:
+        if args.action == "create":
+            try:
+                params = json.loads(args.params)
+            except json.JSONDecodeError as exc:
+                print(f"fleetwire job: --params is not JSON: {exc}", file=sys.stderr)
+                return 2
+            target: dict[str, Any] = {}
+            if args.devices:
+                target["devices"] = [d for d in args.devices.split(",") if d]
+            if args.tags:
+                target["tags"] = [t for t in args.tags.split(",") if t]
+            body: dict[str, Any] = {
+                "command": {"name": args.name, "params": params, "timeout_s": args.timeout},
+                "target": target,
+                "queue": args.queue,
+                "deadline_s": args.deadline,
+            }
+            rollout = {
+                k: v
+                for k, v in (("max_concurrent", args.max_concurrent), ("max_per_minute", args.max_per_minute))
+                if v
+            }
+            if rollout:
+                body["rollout"] = rollout
+            if args.abort_pct is not None:
+                body["abort"] = {"failure_pct": args.abort_pct, "min_executed": args.abort_after}
+            response = client.post("/jobs", json=body)
+        elif args.action == "list":
+            response = client.get("/jobs", params={"limit": args.limit})
+        elif args.action == "show":
+            response = client.get(f"/jobs/{args.id}")
+        else:
+            response = client.post(f"/jobs/{args.id}/cancel")
+    if response.content:
+        print(json.dumps(response.json(), indent=2))
+    return 1 if response.is_error else 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from fleetwire.simulate import run
 
@@ -141,6 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--token", help="an admin token (default: minted from the local secret)")
     device.set_defaults(run=_device)
 
+    job = sub.add_parser("job", help="fleet jobs of a running server: one command to many devices")
+    job.add_argument("action", choices=["create", "show", "list", "cancel"])
+    job.add_argument("id", nargs="?", help="the job id (show, cancel)")
+    job.add_argument("--name", help="the command name (create)")
+    job.add_argument("--params", default="{}", help="the command params as JSON (default {})")
+    job.add_argument("--timeout", type=int, default=30, help="command timeout_s (default 30)")
+    job.add_argument("--devices", help="comma-separated device ids or globs")
+    job.add_argument("--tags", help="comma-separated tags every target device carries")
+    job.add_argument("--queue", action="store_true", help="queue for offline devices until the deadline")
+    job.add_argument("--deadline", type=int, default=3600, help="deadline_s (default 3600)")
+    job.add_argument("--max-concurrent", type=int, default=None)
+    job.add_argument("--max-per-minute", type=int, default=None)
+    job.add_argument("--abort-pct", type=float, default=None, help="abort at this failure percentage")
+    job.add_argument("--abort-after", type=int, default=1, help="... once this many have ended")
+    job.add_argument("--limit", type=int, default=100)
+    job.add_argument("--url", help="server base URL (default http://FLEETWIRE_HOST:FLEETWIRE_PORT)")
+    job.add_argument("--token", help="an operator token (default: minted from the local secret)")
+    job.set_defaults(run=_job)
+
     simulate = sub.add_parser("simulate", help="connect simulated devices that send telemetry")
     simulate.add_argument("--devices", type=int, default=10)
     simulate.add_argument("--interval", type=float, default=1.0, help="seconds between records")
@@ -165,6 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "device" and args.action != "list" and not args.id:
         print("fleetwire device: an id is required", file=sys.stderr)
+        return 2
+    if args.command == "job" and args.action in ("show", "cancel") and not args.id:
+        print("fleetwire job: a job id is required", file=sys.stderr)
+        return 2
+    if args.command == "job" and args.action == "create" and not args.name:
+        print("fleetwire job create: --name is required", file=sys.stderr)
         return 2
     result: int = args.run(args)
     return result

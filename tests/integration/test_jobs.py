@@ -4,6 +4,7 @@ abort rule, pause/resume/cancel, offline devices, timeouts and the `devices` cla
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -356,3 +357,51 @@ async def test_job_progress_reaches_jobs_subscribers_coalesced_and_only_where_vi
     bad = await watcher.request({"type": "subscribe", "jobs": "yes"})  # also a sentinel:
     assert (bad["type"], bad["code"]) == ("error", "invalid_message")
     assert [m for m in watcher.pending if m["type"] == "job"] == []  # one frame, coalesced
+
+
+async def test_the_cli_creates_shows_lists_and_cancels_jobs(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fleetwire job create|show|list|cancel` against the running server."""
+    from fleetwire.cli import main
+
+    await node.register("d1", "d2", tags=["t"])
+    token = node.token("cli", "operator")
+    common = ["--url", node.http_url, "--token", token]
+    loop = asyncio.get_running_loop()
+
+    async def run(*argv: str) -> tuple[int, Any]:
+        code = await asyncio.wait_for(loop.run_in_executor(None, main, [*argv, *common]), TIMEOUT)
+        out = capsys.readouterr().out
+        return code, json.loads(out) if out else None
+
+    code, job = await run(
+        "job",
+        "create",
+        "--name",
+        "reboot",
+        "--params",
+        '{"delay": 1}',
+        "--tags",
+        "t",
+        "--queue",
+        "--max-concurrent",
+        "1",
+    )
+    assert code == 0
+    assert (job["command"]["params"], job["rollout"]["max_concurrent"], job["queue"]) == (
+        {"delay": 1},
+        1,
+        True,
+    )
+    code, shown = await run("job", "show", job["job_id"])
+    assert (code, shown["counts"]["total"]) == (0, 2)
+    code, listed = await run("job", "list")
+    assert [j["job_id"] for j in listed["items"]] == [job["job_id"]]
+    code, canceled = await run("job", "cancel", job["job_id"])
+    assert (code, canceled["state"]) == (0, "canceled")
+    code, again = await run("job", "cancel", job["job_id"])
+    assert (code, again["code"]) == (1, "conflict")
+    assert main(["job", "show"]) == 2
+    assert main(["job", "create", "--tags", "t"]) == 2
+    assert main(["job", "create", "--name", "x", "--params", "{bad", *common]) == 2
