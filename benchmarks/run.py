@@ -959,7 +959,12 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    given = list(argv) if argv is not None else sys.argv[1:]
+    if given[:1] == ["jobs"]:  # one node, one job: its own runner (benchmarks/jobs.py)
+        from benchmarks.jobs import main as jobs_main
+
+        return jobs_main(given[1:])
+    args = build_parser().parse_args(given)
     opts = options(args)
     raise_nofile()
     if (os.cpu_count() or 1) < 2:
