@@ -1205,6 +1205,7 @@ async def test_a_job_and_its_executions_are_created_in_one_op(store: Store) -> N
         assert await store.get_job("j1") == _job()
         assert await store.get_job("nope") is None
         assert await store.job_counts(["j1", "nope"]) == {"j1": {"pending": 3}, "nope": {}}
+        assert await store.job_progress("j1") == (3, 0)
         executions = await store.job_executions("j1", None, 10)
         assert [(e.index, e.device_id, e.command_id, e.state) for e in executions] == [
             (0, "d1", "c1", ExecutionState.PENDING),
@@ -1246,6 +1247,7 @@ async def test_dispatch_is_a_compare_and_set_with_its_command_and_event(store: S
         assert third.applied
         assert await store.next_executions("j1", 10) == []
         assert await store.job_counts(["j1"]) == {"j1": {"sent": 1, "skipped": 1, "queued": 1}}
+        assert await store.job_progress("j1") == (0, 2)
         await store.write([TransitionCommand("d1", "c1", CommandState.FAILED, 2000, error={"code": "x"})])
         executions = await store.job_executions("j1", None, 10)
         assert [(e.state, e.error, e.updated_at_ms) for e in executions] == [
@@ -1300,6 +1302,7 @@ async def test_job_state_is_a_compare_and_set_and_cancel_ends_pending_executions
         assert canceled.job == _job(state=JobState.CANCELED, updated_at_ms=2000, finished_at_ms=2000)
         assert await store.get_job("j1") == canceled.job
         assert await store.job_counts(["j1"]) == {"j1": {"queued": 1, "canceled": 2}}
+        assert await store.job_progress("j1") == (0, 1)
         [late] = await store.write(
             [DispatchExecution("j1", 1, 2100, command=_command("c2", "d2", job_id="j1"))]
         )

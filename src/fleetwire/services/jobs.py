@@ -378,23 +378,27 @@ class _Driver:
         job = await store.get_job(self._job_id)
         if job is None or job.state.final:
             return True
-        counts = Counts.of((await store.job_counts([job.id]))[job.id])
+        undispatched, in_flight = await store.job_progress(job.id)
         now = clock.now_ms()
-        if job.state is JobState.RUNNING and should_abort(job.spec, counts):
-            await self._end(JobState.ABORTED, frozenset({JobState.RUNNING}), now)
-            return True
-        if counts.all_final:
+        # The full counts (one GROUP BY over every execution) only when they decide something.
+        if job.state is JobState.RUNNING and job.spec.failure_pct is not None:
+            counts = Counts.of((await store.job_counts([job.id]))[job.id])
+            if should_abort(job.spec, counts):
+                await self._end(JobState.ABORTED, frozenset({JobState.RUNNING}), now)
+                return True
+        if undispatched == 0 and in_flight == 0:
+            counts = Counts.of((await store.job_counts([job.id]))[job.id])
             await self._end(end_state(counts), END_FROM, now)
             return True
-        if job.state is not JobState.RUNNING:
-            return False  # paused: in-flight executions end; their events wake us
+        if job.state is not JobState.RUNNING or undispatched == 0:
+            return False  # paused, or all sent: in-flight executions end; their events wake us
         spec = job.spec
         tokens: int | None = None
         if spec.max_per_minute is not None:
             if self._bucket is None:
                 self._bucket = TokenBucket(spec.max_per_minute, now)
             tokens = self._bucket.available(now)
-        wanted = admit(spec, counts.in_flight, tokens, service._batch)
+        wanted = admit(spec, in_flight, tokens, service._batch)
         if wanted == 0:
             if tokens == 0 and self._bucket is not None:
                 self._wake_in(self._bucket.next_in_s(now))

@@ -313,6 +313,10 @@ class Store(Protocol):
         still pending in the job come first among pending ones (`state=pending` includes
         dispatched ones whose command is queued)."""
 
+    async def job_progress(self, job_id: str) -> tuple[int, int]:
+        """(executions not yet dispatched, executions in flight: dispatched with their command
+        pending or sent): two index counts, cheap enough for every rollout step."""
+
     async def next_executions(self, job_id: str, limit: int) -> list[Execution]:
         """The executions not yet dispatched (stored state pending), in rollout order."""
 

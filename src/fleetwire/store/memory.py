@@ -423,6 +423,17 @@ class MemoryStore:
                 found.append(execution)
         return found
 
+    async def job_progress(self, job_id: str) -> tuple[int, int]:
+        db = await self._turn()
+        undispatched = in_flight = 0
+        for row in db.executions.get(job_id, ()):
+            if row.state == STORED_PENDING:
+                undispatched += 1
+            elif row.state == STORED_DISPATCHED:
+                command = db.commands.get(row.command_id)
+                in_flight += command is not None and command.state in _NOT_FINAL
+        return undispatched, in_flight
+
     async def next_executions(self, job_id: str, limit: int) -> list[Execution]:
         db = await self._turn()
         found = [

@@ -95,6 +95,10 @@ _NEXT: Final = sa.text(
     "SELECT idx, device_id, command_id, updated_at FROM job_executions"
     " WHERE job_id = :job_id AND state = 'pending' ORDER BY idx LIMIT :limit"
 )
+_PROGRESS: Final = sa.text(
+    "SELECT (SELECT COUNT(*) FROM job_executions WHERE job_id = :job_id AND state = 'pending'),"
+    " (SELECT COUNT(*) FROM commands WHERE job_id = :job_id AND state IN ('pending', 'sent'))"
+)
 _TAKE_LEASE: Final = sa.text(
     "UPDATE jobs SET lease_holder = :node, lease_until = :until"
     " WHERE id = :id AND state IN ('running', 'paused') AND (lease_holder = :node OR lease_until <= :now)"
@@ -251,6 +255,11 @@ async def next_pending(conn: AsyncConnection, job_id: str, limit: int) -> list[E
         Execution(job_id, idx, device_id, command_id, ExecutionState.PENDING, updated_at)
         for idx, device_id, command_id, updated_at in found
     ]
+
+
+async def progress(conn: AsyncConnection, job_id: str) -> tuple[int, int]:
+    row = (await conn.execute(_PROGRESS, {"job_id": job_id})).one()
+    return int(row[0]), int(row[1])
 
 
 async def take_lease(conn: AsyncConnection, job_id: str, node: str, now_ms: int, until_ms: int) -> bool:

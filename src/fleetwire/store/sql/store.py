@@ -282,6 +282,10 @@ class SqlStore:
         async with self._read() as conn:
             return await jobs.executions(conn, job_id, state, limit, after)
 
+    async def job_progress(self, job_id: str) -> tuple[int, int]:
+        async with self._read() as conn:
+            return await jobs.progress(conn, job_id)
+
     async def next_executions(self, job_id: str, limit: int) -> list[Execution]:
         async with self._read() as conn:
             return await jobs.next_pending(conn, job_id, limit)
