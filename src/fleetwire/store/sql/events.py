@@ -30,6 +30,7 @@ from fleetwire.store.base import (
     DeleteDevice,
     DispatchExecution,
     EventWrite,
+    JobOp,
     RegisterDevice,
     RegistryOp,
     SetJobState,
@@ -74,13 +75,16 @@ async def write(
             run_ops.append(op)
             run_results.append(result)
             continue
-        if run_ops:
+        job_op = type(op) is CreateJob or type(op) is DispatchExecution or type(op) is SetJobState
+        # A job op reads no seq and no device a log op could change: the run goes on, so a
+        # rollout step of 500 executions numbers its 500 events in one run, not 500.
+        if run_ops and not job_op:
             await _write_log(conn, dialect, run_ops, run_results, history)
             run_ops, run_results = [], []
-        if type(op) is CreateCommand or type(op) is TransitionCommand:
+        if job_op:
+            follow = await jobs.write_op(conn, cast("JobOp", op), result)
+        elif type(op) is CreateCommand or type(op) is TransitionCommand:
             follow = await _write_command(conn, op, result)
-        elif type(op) is CreateJob or type(op) is DispatchExecution or type(op) is SetJobState:
-            follow = await jobs.write_op(conn, op, result)
         else:
             follow = await _write_registry(conn, dialect, cast("RegistryOp", op), result)
         if follow is not None:  # its event: numbered by the next run like any other
