@@ -1287,6 +1287,22 @@ async def test_patch_twin_refusals_and_no_ops_change_nothing(store: Store) -> No
         assert device.seq == 2
 
 
+async def test_devices_with_delta_lists_twins_whose_delta_is_not_empty(store: Store) -> None:
+    """One query for the index a connect reads instead of the twin: a device with desired
+    leaves its reported lacks is listed; converged, empty or reported-only twins are not."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2", "d3", "d4")
+        await store.write(
+            [
+                PatchTwin("d1", Section.DESIRED, {"a": {"b": 1}}, 1000),
+                PatchTwin("d2", Section.DESIRED, {"a": 1}, 1000),
+                PatchTwin("d2", Section.REPORTED, {"a": 1.0, "x": 2}, 1000),
+                PatchTwin("d3", Section.REPORTED, {"a": 1}, 1000),
+            ]
+        )
+        assert await store.devices_with_delta() == {"d1"}
+
+
 async def test_concurrent_twin_writers_lose_no_update(backend: Backend) -> None:
     """Two stores on one database (two nodes) each apply 15 patches to the same twin at
     once: every patch lands, versions are 2..31 without a repeat, and the final document

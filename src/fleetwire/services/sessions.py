@@ -178,7 +178,7 @@ class SessionService:
         """The session ended; `reason` is the `device.disconnected` reason (contract §2.3)."""
         self.local.by_id.pop(session.session_id, None)
         if self._twin is not None:
-            self._twin.forget(session.session_id)
+            self._twin.session_closed(session.session_id)
         suppressed = session.session_id in self.local.suppressed
         self.local.suppressed.discard(session.session_id)
         online = self._online.pop(session.session_id, None)
@@ -303,7 +303,11 @@ class SessionService:
         """After a broker/presence outage: put back local sessions that Presence lost, close
         the ones another node took over meanwhile, announce any never announced."""
         self._pending.forget()  # `command.updated` events may have been missed meanwhile
+        if self._twin is not None:
+            self._twin.index_stale()  # and `twin.updated` ones
         await self._pending.fill(self._store, self._clock.now_ms())
+        if self._twin is not None:
+            await self._twin.fill()
         await self._presence.heartbeat(self.node_id, 2 * self._heartbeat_s)
         for device_id, session in list(self.local.devices.items()):
             current = await self._presence.get(device_id)

@@ -12,11 +12,16 @@ session that is still starting reads the stored twin after `welcome` and its que
 commands (`sync`), and an event that arrives meanwhile is kept and wins if newer. Older
 versions than the one a session was last told are never sent (events from two nodes may
 reach a hub late).
+
+A connect asks the database nothing when the device is known to have an empty delta: every
+node keeps the set of devices whose delta may not be empty, filled by one query at start
+(and after a broker outage, when events may have been missed) and kept exact by the
+`twin.updated` events, which carry the whole delta.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -31,6 +36,7 @@ from fleetwire.services.local import LocalDeviceSession, LocalSessions
 from fleetwire.store.base import PatchTwin, Store, StoreUnavailableError
 
 _Told = tuple[int, dict[str, Any]]  # the version and delta a session was last told
+_NOTHING: Final[_Told] = (0, {})  # told nothing yet: an empty delta, any version is newer
 
 
 class TwinService:
@@ -50,6 +56,26 @@ class TwinService:
         self._limits = limits
         self._told: dict[str, _Told] = {}  # by session id, once its sync is done
         self._syncing: dict[str, _Told | None] = {}  # by session id: the newest event meanwhile
+        self._with_delta: set[str] = set()  # devices whose delta may not be empty
+        self._complete = False  # `_with_delta` holds every such device (filled, no outage since)
+        self._filling: set[str] | None = None  # devices given a delta while the fill query runs
+
+    # -- the index of devices with a delta ------------------------------------------------------
+    async def fill(self) -> None:
+        """One query: the devices with a non-empty delta; every other device has none."""
+        self._complete = False
+        self._filling = set()
+        try:
+            found = await self._store.devices_with_delta()
+        finally:
+            during, self._filling = self._filling, None
+        self._with_delta = found | during  # a delta given meanwhile may be newer than the query
+        self._complete = True
+
+    def index_stale(self) -> None:
+        """After a broker outage `twin.updated` events may have been missed: read on connect
+        until the next fill."""
+        self._complete = False
 
     # -- reads and writes ---------------------------------------------------------------------
     async def get(self, principal: Principal, device_id: str) -> Twin:
@@ -102,6 +128,9 @@ class TwinService:
         """After `welcome` and the queued commands (and again after an outage): tell the
         session the current delta if it is not empty (or not what it was last told)."""
         session_id = session.session_id
+        if self._complete and session.device_id not in self._with_delta and session_id not in self._told:
+            self._told[session_id] = _NOTHING  # known empty: nothing to read, nothing to tell
+            return
         self._syncing[session_id] = None
         try:
             twin = await self._store.twin(session.device_id)
@@ -109,7 +138,7 @@ class TwinService:
             newer = self._syncing.pop(session_id, None)
         if session_id not in self._local.by_id:
             return  # ended meanwhile
-        current: _Told = (twin.version, twin.delta) if twin is not None else (0, {})
+        current: _Told = (twin.version, twin.delta) if twin is not None else _NOTHING
         if newer is not None and newer[0] > current[0]:
             current = newer
         told = self._told.get(session_id)
@@ -126,7 +155,16 @@ class TwinService:
         session is here tells it the new delta when that changed."""
         if event.name != "twin.updated":
             return
-        session = self._local.devices.get(event.device_id)
+        data = orjson.loads(event.payload)["data"]
+        current: _Told = (data["version"], data["delta"])
+        device_id = event.device_id
+        if current[1]:
+            self._with_delta.add(device_id)
+            if self._filling is not None:
+                self._filling.add(device_id)
+        else:
+            self._with_delta.discard(device_id)  # the hub delivers a device's events in seq order
+        session = self._local.devices.get(device_id)
         if session is None:
             return
         session_id = session.session_id
@@ -134,8 +172,6 @@ class TwinService:
         syncing = session_id in self._syncing
         if told is None and not syncing:
             return  # its sync has not read the twin yet: that read sees this write
-        data = orjson.loads(event.payload)["data"]
-        current: _Told = (data["version"], data["delta"])
         if syncing:
             newer = self._syncing[session_id]
             if newer is None or current[0] > newer[0]:
@@ -150,7 +186,7 @@ class TwinService:
         self._told[session.session_id] = told
         session.send(orjson.dumps({"type": "twin_delta", "version": told[0], "delta": told[1]}))
 
-    def forget(self, session_id: str) -> None:
+    def session_closed(self, session_id: str) -> None:
         """The session ended."""
         self._told.pop(session_id, None)
         self._syncing.pop(session_id, None)

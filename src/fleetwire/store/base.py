@@ -232,6 +232,9 @@ class Store(Protocol):
     async def twin(self, device_id: str) -> Twin | None:
         """The device's twin; None if the device does not exist. Changed only by PatchTwin."""
 
+    async def devices_with_delta(self) -> set[str]:
+        """Ids of the devices whose twin has a non-empty delta (one query at start)."""
+
     # -- telemetry -----------------------------------------------------------------------
     async def telemetry(
         self,

@@ -256,6 +256,10 @@ class MemoryStore:
         twin = (await self._turn()).twins.get(device_id)
         return None if twin is None else _fresh_twin(twin)
 
+    async def devices_with_delta(self) -> set[str]:
+        db = await self._turn()
+        return {device_id for device_id, twin in db.twins.items() if twin.delta}
+
     # -- telemetry -----------------------------------------------------------------------
 
     async def telemetry(

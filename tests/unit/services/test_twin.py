@@ -64,6 +64,12 @@ class GatedStore(FlakyStore):
             await self.gate.wait()
         return await super().twin(device_id)
 
+    async def devices_with_delta(self) -> set[str]:
+        if self.gate is not None:
+            self.reading.set()
+            await self.gate.wait()
+        return await super().devices_with_delta()
+
 
 async def test_authorization_of_reads_and_writes(node: Node) -> None:
     """get: viewers within their claim and the device itself; desired: operators within
@@ -152,6 +158,7 @@ async def test_an_event_during_the_sync_read_is_not_lost() -> None:
     async with running(make_node(store=store)) as node:
         twin = node.services.twin
         await node.register("d1")
+        await twin.update_desired(OPERATOR, "d1", {"x": 1})  # a delta: the connect reads the twin
         store.gate = asyncio.Event()
         device = await node.services.registry.get("d1")
         session = FakeDeviceSession(device, node.clock.now_ms())
@@ -198,7 +205,7 @@ async def test_resync_tells_only_a_newer_different_delta(node: Node) -> None:
     node.store.database.twins["d1"] = Twin("d1", 5, {"a": 2}, {}, {"desired": {}, "reported": {}})
     await asyncio.wait_for(twin.sync(session), LIMIT_S)
     assert deltas(session)[1:] == [{"type": "twin_delta", "version": 5, "delta": {"a": 2}}]
-    twin.forget(session.session_id)
+    twin.session_closed(session.session_id)
     twin.on_event(twin_event("d1", 50, 9, {"z": 1}))  # not synced: its own read would see it
     assert len(deltas(session)) == 2
 
@@ -222,3 +229,55 @@ async def test_desired_written_on_one_node_reaches_the_device_on_another(pair: t
     await n1.services.twin.update_desired(OPERATOR, "d1", {"mode": "eco"})
     await until(lambda: len(deltas(session)) == 1)
     assert deltas(session) == [{"type": "twin_delta", "version": 2, "delta": {"mode": "eco"}}]
+
+
+async def test_a_device_known_to_have_no_delta_connects_without_a_read() -> None:
+    """The index filled at start says which devices have a delta; a connect of any other
+    device reads nothing (the gated read would never return) and tells nothing; a write
+    puts the device in the index and its next session reads and is told."""
+    store = GatedStore()
+    async with running(make_node(store=store)) as node:
+        twin = node.services.twin
+        await node.register("d1")
+        store.gate = asyncio.Event()
+        quiet = await node.connect("d1")
+        await node.settle()
+        assert (store.reading.is_set(), deltas(quiet)) == (False, [])
+        store.gate = None
+        await twin.update_desired(OPERATOR, "d1", {"a": 1})
+        await until(lambda: len(deltas(quiet)) == 1)
+        node.services.sessions.device_closed(quiet, "closed")
+        again = await node.connect("d1")
+        await until(lambda: len(deltas(again)) == 1)
+        assert deltas(again) == [{"type": "twin_delta", "version": 2, "delta": {"a": 1}}]
+        await twin.report(device_principal("d1"), "d1", {"a": 1})  # the delta empties
+        await until(lambda: len(deltas(again)) == 2)
+        node.services.sessions.device_closed(again, "closed")
+        store.gate = asyncio.Event()
+        last = await node.connect("d1")
+        await node.settle()
+        assert (store.reading.is_set(), deltas(last)) == (False, [])
+
+
+async def test_a_delta_given_while_the_index_fills_is_kept() -> None:
+    """An outage makes the index stale (every connect reads); a delta whose event arrives
+    while the fill query runs (on an older snapshot) stays in the index."""
+    store = GatedStore()
+    async with running(make_node(store=store)) as node:
+        twin = node.services.twin
+        await node.register("d1")
+        twin.index_stale()
+        store.gate = asyncio.Event()
+        filling = asyncio.ensure_future(twin.fill())
+        await asyncio.wait_for(store.reading.wait(), LIMIT_S)
+        twin.on_event(twin_event("d1", 5, 2, {"a": 1}))  # committed after the query's snapshot
+        store.gate.set()
+        await asyncio.wait_for(filling, LIMIT_S)
+        store.gate = asyncio.Event()
+        store.reading.clear()
+        device = await node.services.registry.get("d1")
+        session = FakeDeviceSession(device, node.clock.now_ms())
+        node.services.sessions.device_opened(session)
+        await asyncio.wait_for(store.reading.wait(), LIMIT_S)  # d1 may have a delta: it reads
+        store.gate.set()
+        await node.settle()

@@ -192,6 +192,10 @@ class SqlStore:
         async with self._read() as conn:
             return await twin.get(conn, device_id)
 
+    async def devices_with_delta(self) -> set[str]:
+        async with self._read() as conn:
+            return await twin.devices_with_delta(conn)
+
     # -- telemetry -----------------------------------------------------------------------
 
     async def telemetry(

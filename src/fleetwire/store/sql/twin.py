@@ -19,7 +19,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from fleetwire.domain.twin import Twin
+from fleetwire.domain.twin import Twin, delta
 from fleetwire.domain.twin import apply as apply_patch
 from fleetwire.store.base import EventWrite, PatchTwin, StoreUnavailableError, WriteResult
 from fleetwire.store.sql.engine import dumps
@@ -39,6 +39,11 @@ _UPDATE: Final = sa.text(
     " metadata = :metadata WHERE device_id = :device_id AND version = :read_version"
 )
 _DELETE: Final = sa.text("DELETE FROM twins WHERE device_id = :device_id")
+# Twins with something desired (stored as orjson text: empty is exactly '{}').
+_WITH_DESIRED: Final = sa.text(
+    "SELECT device_id, CAST(desired AS TEXT) AS desired, CAST(reported AS TEXT) AS reported"
+    " FROM twins WHERE CAST(desired AS TEXT) <> :empty"
+)
 
 
 async def insert(conn: AsyncConnection, device_id: str) -> None:
@@ -57,6 +62,11 @@ async def get(conn: AsyncConnection, device_id: str) -> Twin | None:
         orjson.loads(row.reported),
         orjson.loads(row.metadata),
     )
+
+
+async def devices_with_delta(conn: AsyncConnection) -> set[str]:
+    found = (await conn.execute(_WITH_DESIRED, {"empty": "{}"})).all()
+    return {row.device_id for row in found if delta(orjson.loads(row.desired), orjson.loads(row.reported))}
 
 
 async def delete(conn: AsyncConnection, device_id: str) -> None:
