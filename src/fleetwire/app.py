@@ -14,12 +14,13 @@ if TYPE_CHECKING:
 
     from fleetwire.transport.server import FleetwireServer
 
-from fleetwire.api import commands, devices, errors, health, jobs, telemetry, tokens
+from fleetwire.api import commands, devices, errors, health, jobs, telemetry, tokens, twin
 from fleetwire.auth.principal import TokenVerifier
 from fleetwire.auth.secret import signing_secret
 from fleetwire.broker.base import Broker
 from fleetwire.domain.clock import Clock, SystemClock
 from fleetwire.domain.schemas import SchemaLimits
+from fleetwire.domain.twin import TwinLimits
 from fleetwire.events.hub import Hub
 from fleetwire.events.publisher import EventPublisher
 from fleetwire.events.writer import GroupWriter
@@ -39,6 +40,7 @@ from fleetwire.services.routing import NodeRouter
 from fleetwire.services.sessions import SessionService
 from fleetwire.services.subscriptions import SubscriptionService
 from fleetwire.services.tasks import Tasks
+from fleetwire.services.twin import TwinService
 from fleetwire.settings import Settings
 from fleetwire.store.base import Store
 
@@ -113,7 +115,7 @@ def create_app(
     app.state.signing_secret = secret
     app.state.metrics = health.metrics_registry(services)
     errors.install(app)
-    for module in (devices, telemetry, commands, tokens, jobs):
+    for module in (devices, telemetry, commands, tokens, twin, jobs):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(health.router)
     return app
@@ -156,6 +158,13 @@ def build_services(
         max_pending=settings.max_pending_commands,
         max_issuing=settings.max_issuing_commands,
     )
+    twin = TwinService(
+        store=store,
+        writer=writer,
+        local=local,
+        clock=clock,
+        limits=TwinLimits(max_bytes=settings.max_twin_bytes, max_depth=settings.max_twin_depth),
+    )
     sessions = SessionService(
         node_id=node_id,
         heartbeat_s=settings.heartbeat_s,
@@ -169,6 +178,7 @@ def build_services(
         clock=clock,
         pending=pending,
         replace_wait_s=settings.replace_wait_s,
+        twin=twin,
     )
     registry = RegistryService(
         store=store,
@@ -198,6 +208,7 @@ def build_services(
         progress_s=settings.job_progress_s,
     )
     hub.listeners.append(jobs.on_event)
+    hub.listeners.append(twin.on_event)
     return Services(
         node_id=node_id,
         clock=clock,
@@ -226,6 +237,7 @@ def build_services(
         registry=registry,
         cache=cache,
         jobs=jobs,
+        twin=twin,
         periods=Periods(
             heartbeat_s=settings.heartbeat_s,
             command_sweep_s=settings.command_sweep_s,
@@ -279,6 +291,7 @@ def websocket_handshake(settings: Settings, services: Services) -> Handshake:
         commands=services.commands,
         subscriptions=services.subscriptions,
         jobs=services.jobs,
+        twin=services.twin,
     )
     limits = SessionLimits(
         rate=settings.rate_per_second,

@@ -29,6 +29,7 @@ from fleetwire.services.routing import NodeRouter
 from fleetwire.services.sessions import SessionService
 from fleetwire.services.subscriptions import SubscriptionService
 from fleetwire.services.tasks import Tasks
+from fleetwire.services.twin import TwinService
 from fleetwire.store.base import Store
 
 
@@ -63,6 +64,7 @@ class Services:
     registry: RegistryService
     cache: DeviceCache
     jobs: JobService
+    twin: TwinService
     periods: Periods
 
     async def start(self) -> None:

@@ -19,6 +19,12 @@ Contract of every implementation:
   every other event is kept in the event history, at most `history` per device (`purge`).
 - `transition_command` is a compare-and-set: it succeeds only from the states that
   domain.commands.ALLOWED_FROM permits, so exactly one of several racing nodes wins.
+- PatchTwin is the only way a twin changes: the merge (domain.twin.apply) runs on the
+  stored twin inside the transaction, under the device's row lock, and its `twin.updated`
+  commits with it. An `if_version` mismatch or a result over the limits changes nothing
+  (WriteResult.refused); a patch that changes nothing writes nothing and records no event.
+  RegisterDevice (and create_device) create the device's empty twin (version 1); deleting
+  the device deletes it.
 - Errors reaching the database raise StoreUnavailableError (retryable) and change nothing.
 """
 
@@ -30,9 +36,11 @@ from typing import Any, Protocol
 
 from fleetwire.domain.commands import Command, CommandState
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
+from fleetwire.domain.errors import FleetwireError
 from fleetwire.domain.events import Event
 from fleetwire.domain.jobs import Execution, ExecutionState, Job, JobState
 from fleetwire.domain.telemetry import Record, Value
+from fleetwire.domain.twin import DEFAULT_LIMITS, Section, Twin, TwinLimits
 
 
 class StoreUnavailableError(Exception):
@@ -173,6 +181,24 @@ class SetJobState:
 
 
 JobOp = CreateJob | DispatchExecution | SetJobState
+
+
+@dataclass(frozen=True, slots=True)
+class PatchTwin:
+    """Merge `patch` (RFC 7396, checked by domain.twin.check_patch) into one section of the
+    device's twin and record `twin.updated` in the same transaction (module docstring).
+
+    WriteResult.twin is the twin after the op (as stored when nothing changed or it was
+    refused), `changed` whether the version moved, `refused` the conflict / limit error."""
+
+    device_id: str
+    section: Section
+    patch: dict[str, Any]
+    at_ms: int
+    if_version: int | None = None
+    limits: TwinLimits = DEFAULT_LIMITS
+
+
 WriteOp = (
     EventWrite
     | TelemetryWrite
@@ -185,6 +211,7 @@ WriteOp = (
     | CreateJob
     | DispatchExecution
     | SetJobState
+    | PatchTwin
 )
 RegistryOp = RegisterDevice | UpdateDevice | DeleteDevice
 CommandOp = CreateCommand | TransitionCommand
@@ -200,6 +227,8 @@ class WriteResult:
     command: Command | None = None  # command ops: the command as stored after the op
     job: Job | None = None  # job ops: the job as stored after the op
     applied: bool = False  # DispatchExecution: the execution moved out of pending
+    twin: Twin | None = None  # PatchTwin: the twin after the op
+    refused: FleetwireError | None = None  # PatchTwin: conflict or over a limit; nothing changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +275,13 @@ class Store(Protocol):
     async def purge(self, telemetry_before_ms: int, history: int) -> None:
         """Telemetry with ts before the cutoff, events beyond `history` per device, and final
         commands completed before the cutoff (pending and sent ones stay)."""
+
+    # -- twin ----------------------------------------------------------------------------
+    async def twin(self, device_id: str) -> Twin | None:
+        """The device's twin; None if the device does not exist. Changed only by PatchTwin."""
+
+    async def devices_with_delta(self) -> set[str]:
+        """Ids of the devices whose twin has a non-empty delta (one query at start)."""
 
     # -- telemetry -----------------------------------------------------------------------
     async def telemetry(

@@ -39,6 +39,8 @@ from fleetwire.domain.jobs import (
     JobState,
 )
 from fleetwire.domain.telemetry import Value
+from fleetwire.domain.twin import Twin
+from fleetwire.domain.twin import apply as apply_patch
 from fleetwire.store.base import (
     CreateCommand,
     CreateJob,
@@ -46,6 +48,7 @@ from fleetwire.store.base import (
     DispatchExecution,
     DuplicateError,
     EventWrite,
+    PatchTwin,
     RegisterDevice,
     SetJobState,
     StatusWrite,
@@ -122,10 +125,12 @@ class MemoryDatabase:
     jobs: dict[str, Job] = field(default_factory=dict)
     executions: dict[str, list[_ExecutionRow]] = field(default_factory=dict)  # by job, in order
     leases: dict[str, tuple[str | None, int]] = field(default_factory=dict)  # job: (holder, until)
+    twins: dict[str, Twin] = field(default_factory=dict)
 
     def drop(self, device_id: str) -> Device | None:
         device = self.devices.pop(device_id, None)
         if device is not None:
+            self.twins.pop(device_id, None)
             self.history.pop(device_id, None)
             self.telemetry.pop(device_id, None)
             for command_id in [c.id for c in self.commands.values() if c.device_id == device_id]:
@@ -188,6 +193,7 @@ class MemoryStore:
         if stored.id in db.devices:
             raise DuplicateError(f"device {device.id!r} exists already")
         db.devices[stored.id] = kept
+        db.twins[stored.id] = Twin.empty(stored.id)
         return stored
 
     async def get_device(self, device_id: str) -> Device | None:
@@ -271,6 +277,16 @@ class MemoryStore:
         for command in list(db.commands.values()):  # final commands live as long as telemetry
             if command.completed_at_ms is not None and command.completed_at_ms < telemetry_before_ms:
                 del db.commands[command.id]
+
+    # -- twin ----------------------------------------------------------------------------
+
+    async def twin(self, device_id: str) -> Twin | None:
+        twin = (await self._turn()).twins.get(device_id)
+        return None if twin is None else _fresh_twin(twin)
+
+    async def devices_with_delta(self) -> set[str]:
+        db = await self._turn()
+        return {device_id for device_id, twin in db.twins.items() if twin.delta}
 
     # -- telemetry -----------------------------------------------------------------------
 
@@ -502,6 +518,12 @@ def _execution(db: MemoryDatabase, job_id: str, index: int, row: _ExecutionRow) 
     )
 
 
+def _fresh_twin(twin: Twin) -> Twin:
+    return replace(
+        twin, desired=_json(twin.desired), reported=_json(twin.reported), metadata=_json(twin.metadata)
+    )
+
+
 def _points(records: Iterable[_Record]) -> Iterable[TelemetryPoint]:
     for record in records:
         for key, value in record.values.items():
@@ -572,6 +594,8 @@ def _prepare(op: WriteOp) -> _Prepared:
             for k, v in op.changes.items()
         }
         return op, encoded
+    if type(op) is PatchTwin:
+        return op, _json(op.patch)
     return op, None
 
 
@@ -598,6 +622,8 @@ class _Group:
                 self._command(op, result)
             elif type(op) is CreateJob or type(op) is DispatchExecution or type(op) is SetJobState:
                 self._job(op, data, result)
+            elif type(op) is PatchTwin:
+                self._twin(op, data, result)
             else:
                 self._log(op, data, result)
             results.append(result)
@@ -725,6 +751,22 @@ class _Group:
             row.state = STORED_DISPATCHED
             self._command(CreateCommand(command), result)
 
+    def _twin(self, op: PatchTwin, patch: dict[str, Any], result: WriteResult) -> None:
+        db = self._db
+        twin = db.twins.get(op.device_id)
+        if twin is None:
+            result.missing = True
+            return
+        outcome = apply_patch(twin, op.section, patch, op.at_ms, if_version=op.if_version, limits=op.limits)
+        result.twin = _fresh_twin(outcome.twin)
+        result.refused = outcome.refused
+        if not outcome.changed:
+            return
+        db.twins[op.device_id] = _fresh_twin(outcome.twin)  # shares nothing with the event
+        result.changed = True
+        data = outcome.event_data(op.section, patch)
+        result.events.append(self._event(op.device_id, "twin.updated", op.at_ms, data, _json(data)))
+
     def _registry(self, op: WriteOp, data: Any, result: WriteResult) -> None:
         db = self._db
         if type(op) is RegisterDevice:
@@ -733,6 +775,7 @@ class _Group:
                 return
             stored = to_store(data, op.at_ms)
             db.devices[stored.id] = stored
+            db.twins[stored.id] = Twin.empty(stored.id)
             public = stored.public()
             result.events.append(self._event(stored.id, "device.registered", op.at_ms, public, _json(public)))
             result.device = _fresh_device(db.devices[stored.id])

@@ -143,3 +143,15 @@ job_executions: Final = sa.Table(
     sa.Column("updated_at", sa.BigInteger, nullable=False),
     sa.Index("ix_job_executions_state", "job_id", "state", "idx"),
 )
+
+# One twin per device (contract §6), created with the device and deleted with it; changed
+# only by the PatchTwin write op (store/sql/twin.py).
+twins: Final = sa.Table(
+    "twins",
+    metadata,
+    sa.Column("device_id", ID, sa.ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("desired", JSON, nullable=False),
+    sa.Column("reported", JSON, nullable=False),
+    sa.Column("metadata", JSON, nullable=False),
+)

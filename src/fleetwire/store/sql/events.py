@@ -31,6 +31,7 @@ from fleetwire.store.base import (
     DispatchExecution,
     EventWrite,
     JobOp,
+    PatchTwin,
     RegisterDevice,
     RegistryOp,
     SetJobState,
@@ -44,7 +45,7 @@ from fleetwire.store.base import (
 from fleetwire.store.rules import to_store
 from fleetwire.store.schema import commands, devices, events, telemetry
 from fleetwire.store.sql import commands as cmd
-from fleetwire.store.sql import jobs, registry
+from fleetwire.store.sql import jobs, registry, twin
 from fleetwire.store.sql import telemetry as tm
 from fleetwire.store.sql.dialect import Dialect
 from fleetwire.store.sql.engine import dumps
@@ -85,6 +86,8 @@ async def write(
             follow = await jobs.write_op(conn, cast("JobOp", op), result)
         elif type(op) is CreateCommand or type(op) is TransitionCommand:
             follow = await _write_command(conn, op, result)
+        elif type(op) is PatchTwin:
+            follow = await twin.patch(conn, op, result)
         else:
             follow = await _write_registry(conn, dialect, cast("RegistryOp", op), result)
         if follow is not None:  # its event: numbered by the next run like any other

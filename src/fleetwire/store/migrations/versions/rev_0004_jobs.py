@@ -1,7 +1,7 @@
 """Fleet jobs (contract §7): jobs, job_executions, commands.job_id.
 
 Revision ID: 0004
-Revises: 0001
+Revises: 0003 (re-chained after merging main, which added 0003)
 Create Date: 2026-12-01
 
 A frozen copy of store/schema.py's job tables as they were at this revision.
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0004"
-down_revision: str | None = "0001"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
