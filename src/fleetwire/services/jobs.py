@@ -368,6 +368,10 @@ class _Driver:
                 log.warning("job %s: %s; retrying", self._job_id, exc)
                 self._wake_in(_RETRY_S)
                 continue
+            except Exception:  # a bug: say so, and keep the job alive rather than stuck here
+                log.exception("job %s: rollout step failed; retrying", self._job_id)
+                self._wake_in(_RETRY_S)
+                continue
             if done:
                 await self.stop(release=True)
 
@@ -406,6 +410,7 @@ class _Driver:
         dispatched, more = await self._dispatch(job, wanted, now)
         if self._bucket is not None:
             self._bucket.take(dispatched, now)
+            self._wake_in(self._bucket.next_in_s(now))  # the next token, answered or not
         if more:
             self.wake()  # a full batch went: there may be room for the next one
         return False
@@ -446,10 +451,12 @@ class _Driver:
                 )
                 ops.append(DispatchExecution(job.id, execution.index, now, command=command))
             results = await asyncio.gather(*(service._writer.submit(op) for op in ops))
+            refused = False
             for result in results:
                 sent = result.command
                 if not result.applied:
-                    return dispatched, False  # paused, canceled or taken over meanwhile
+                    refused = True  # paused, canceled, or sent by another node meanwhile
+                    continue
                 if sent is None:
                     continue  # skipped (or its device is gone)
                 dispatched += 1
@@ -457,6 +464,8 @@ class _Driver:
                 session = sessions.get(sent.device_id)
                 if session is not None:
                     await service._router.send(session.node, session.session_id, sent.device_message())
+            if refused:
+                return dispatched, False
         return dispatched, dispatched == service._batch
 
     async def _end(self, state: JobState, allowed: frozenset[JobState], now: int) -> None:

@@ -277,3 +277,19 @@ async def test_abort_cancel_rate_and_listing(node: Node) -> None:
     assert cursor == rated
     rest, end = await node.services.jobs.list_jobs(VIEWER, 5, cursor)
     assert ([j.id for j, _ in rest], end) == ([aborting], None)
+
+
+async def test_a_rate_limited_rollout_goes_on_while_devices_stay_silent(node: Node) -> None:
+    """max_per_minute 60: one execution a second of the clock, even when no device answers
+    (the driver arms its next token itself, it does not wait for an answer)."""
+    sessions = []
+    for index in range(3):
+        await node.register(f"d{index}", tags=("t",))
+        sessions.append(await node.connect(f"d{index}"))
+    await create(node, rollout={"max_per_minute": 60})
+    await until(lambda: len(commands_of(sessions[0])) == 1)
+    node.clock.advance(1)
+    await until(lambda: len(commands_of(sessions[1])) == 1)
+    assert commands_of(sessions[2]) == []
+    node.clock.advance(1)
+    await until(lambda: len(commands_of(sessions[2])) == 1)
