@@ -84,7 +84,9 @@ async def transition(
 async def pending(tx: Tx, device_id: str, now_ms: int) -> list[Command]:
     return await _all(
         tx,
-        "WHERE device_id = ? AND state = ? AND expires_at > ? ORDER BY issued_at, id",
+        # `+expires_at`: not an index term, so SQLite takes ix_commands_device_state (this
+        # device) instead of ix_commands_due (every pending command of the fleet).
+        "WHERE device_id = ? AND state = ? AND +expires_at > ? ORDER BY issued_at, id",
         device_id,
         _PENDING,
         now_ms,

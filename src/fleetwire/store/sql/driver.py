@@ -23,10 +23,11 @@ Rows are tuples by position (sqlite3 tuples, asyncpg Records): columns are named
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Coroutine, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Final, NoReturn, Protocol, TypeVar
 
@@ -117,6 +118,85 @@ def drive(coro: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("a SQLite transaction function awaited something other than its Tx")
 
 
+_Job = tuple["asyncio.Future[Any]", Callable[[sqlite3.Connection], Any]]
+_Done = list[tuple["asyncio.Future[Any]", Any, BaseException | None]]
+
+
+class _Worker:
+    """One thread owning one sqlite3 connection, running jobs in arrival order.
+
+    Cheaper than `run_in_executor` (measured 45 against ~100 µs of CPU per call on the
+    2-vCPU VM): the thread takes every job queued while it was busy and hands all their
+    results back to the loop in ONE `call_soon_threadsafe`, so concurrent calls share the
+    cost of waking either side (~8 µs per call at 16 in flight).
+    """
+
+    def __init__(self, name: str, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._jobs: queue.SimpleQueue[
+            tuple[asyncio.Future[Any], Callable[[sqlite3.Connection], Any]] | None
+        ] = queue.SimpleQueue()
+        self._connect = connect
+        self._opened: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    async def opened(self) -> None:
+        await self._opened
+
+    def submit(self, job: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._jobs.put((future, job))
+        return future
+
+    def stop(self) -> None:
+        """Close the connection after the jobs queued before this call (returns at once)."""
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        try:
+            conn = self._connect()
+        except Exception as exc:  # handed to open(); the thread ends
+            failed: _Done = [(self._opened, None, exc)]
+            self._loop.call_soon_threadsafe(_settle, failed)
+            return
+        opened: _Done = [(self._opened, None, None)]
+        self._loop.call_soon_threadsafe(_settle, opened)
+        jobs = self._jobs
+        try:
+            while True:
+                batch = [jobs.get()]
+                while not jobs.empty():
+                    batch.append(jobs.get_nowait())
+                done: _Done = []
+                stop = False
+                for item in batch:
+                    if item is None:
+                        stop = True
+                        continue
+                    future, job = item
+                    try:
+                        done.append((future, job(conn), None))
+                    except BaseException as exc:  # handed to the caller
+                        done.append((future, None, exc))
+                if done:
+                    self._loop.call_soon_threadsafe(_settle, done)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+
+def _settle(done: _Done) -> None:
+    for future, result, exc in done:
+        if future.done():  # the caller was cancelled
+            continue
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
+
+
 class SqliteDatabase:
     """Two sqlite3 connections, each owned by its own thread (module docstring)."""
 
@@ -133,62 +213,56 @@ class SqliteDatabase:
             "PRAGMA wal_autocheckpoint=10000",
             "PRAGMA journal_size_limit=67108864",
         )
-        self._writer: ThreadPoolExecutor | None = None
-        self._reader: ThreadPoolExecutor | None = None
-        self._write_conn: sqlite3.Connection | None = None
-        self._read_conn: sqlite3.Connection | None = None
+        self._writer: _Worker | None = None
+        self._reader: _Worker | None = None
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level None: no implicit BEGIN; transactions are explicit below.
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
-        for pragma in self._pragmas:
-            conn.execute(pragma)
+        try:
+            for pragma in self._pragmas:
+                conn.execute(pragma)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     async def open(self) -> None:
         if self._writer is not None:
             return
         create_private(Path(self._path))  # before sqlite3 makes the file with the umask's mode
-        loop = asyncio.get_running_loop()
-        writer = ThreadPoolExecutor(1, thread_name_prefix="fleetwire-sqlite-writer")
-        reader = ThreadPoolExecutor(1, thread_name_prefix="fleetwire-sqlite-reader")
+        writer = _Worker("fleetwire-sqlite-writer", self._connect)
+        reader = _Worker("fleetwire-sqlite-reader", self._connect)
         try:
-            self._write_conn = await loop.run_in_executor(writer, self._connect)
-            self._read_conn = await loop.run_in_executor(reader, self._connect)
+            await writer.opened()
+            await reader.opened()
         except Exception as exc:
-            await self._shutdown(writer, reader)
+            writer.stop()
+            reader.stop()
             _raise_translated(exc)
         self._writer, self._reader = writer, reader
 
     async def close(self) -> None:
         writer, reader, self._writer, self._reader = self._writer, self._reader, None, None
-        if writer is not None and reader is not None:
-            await self._shutdown(writer, reader)
-
-    async def _shutdown(self, writer: ThreadPoolExecutor, reader: ThreadPoolExecutor) -> None:
-        loop = asyncio.get_running_loop()
-        for executor, conn in ((writer, self._write_conn), (reader, self._read_conn)):
-            if conn is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    await loop.run_in_executor(executor, conn.close)
-            executor.shutdown(wait=False)
-        self._write_conn = self._read_conn = None
+        for worker in (writer, reader):
+            if worker is not None:
+                worker.stop()
 
     async def read(self, fn: TxFunction[T], *, snapshot: bool = False) -> T:
-        reader, conn = self._reader, self._read_conn
-        if reader is None or conn is None:
+        reader = self._reader
+        if reader is None:
             raise StoreUnavailableError("the store is closed")
         try:
-            return await asyncio.get_running_loop().run_in_executor(reader, _run_read, conn, fn, snapshot)
+            return await reader.submit(partial(_run_read, fn=fn, snapshot=snapshot))
         except Exception as exc:
             _raise_translated(exc)
 
     async def write(self, fn: TxFunction[T]) -> T:
-        writer, conn = self._writer, self._write_conn
-        if writer is None or conn is None:
+        writer = self._writer
+        if writer is None:
             raise StoreUnavailableError("the store is closed")
         try:
-            return await asyncio.get_running_loop().run_in_executor(writer, _run_write, conn, fn)
+            return await writer.submit(partial(_run_write, fn=fn))
         except Exception as exc:
             _raise_translated(exc)
 
@@ -256,6 +330,12 @@ class _PgTx:
         await self._conn.copy_records_to_table(table, records=rows, columns=list(columns))
 
 
+async def _keep_session(_conn: Any) -> None:
+    """No RESET ALL round trip when a connection goes back to the pool (~250 µs of CPU per
+    acquire, measured): SqlStore never changes session state (no SET, LISTEN or session
+    locks), and every transaction is closed by its context manager."""
+
+
 class PostgresDatabase:
     """An asyncpg pool; statements are prepared and cached per connection by asyncpg."""
 
@@ -270,7 +350,7 @@ class PostgresDatabase:
             return
         try:
             self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=self._pool_size, timeout=self._timeout_s
+                self._dsn, min_size=1, max_size=self._pool_size, timeout=self._timeout_s, reset=_keep_session
             )
         except Exception as exc:
             _raise_translated(exc)
