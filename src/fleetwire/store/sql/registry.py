@@ -6,7 +6,7 @@ from typing import Any, Final
 
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
 from fleetwire.store.rules import check_changes
-from fleetwire.store.sql import rows
+from fleetwire.store.sql import rows, twin
 from fleetwire.store.sql.dialect import Dialect
 from fleetwire.store.sql.driver import Tx
 from fleetwire.store.sql.engine import dumps
@@ -24,7 +24,10 @@ _GET: Final = f"SELECT {_COLUMNS} FROM devices WHERE id = ?"
 
 async def insert(tx: Tx, device: Device) -> bool:
     """Insert the (to_store) device; False if the id exists (nothing written, nothing failed)."""
-    return await tx.fetchrow(_INSERT, *rows.device_values(device)) is not None
+    if await tx.fetchrow(_INSERT, *rows.device_values(device)) is None:
+        return False
+    await twin.insert(tx, device.id)  # created with the device (contract §6)
+    return True
 
 
 async def get(tx: Tx, device_id: str) -> Device | None:
@@ -116,4 +119,5 @@ async def delete(tx: Tx, device_id: str) -> Device | None:
     # Events and commands also cascade by foreign key; telemetry has none (see schema).
     for table in ("telemetry", "telemetry_latest", "events", "commands"):
         await tx.execute(f"DELETE FROM {table} WHERE device_id = ?", device_id)
+    await twin.delete(tx, device_id)
     return rows.device(row)

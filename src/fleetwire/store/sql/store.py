@@ -21,6 +21,7 @@ from fleetwire.domain.clock import now_ms
 from fleetwire.domain.commands import Command, CommandState
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
 from fleetwire.domain.events import Event
+from fleetwire.domain.twin import Twin
 from fleetwire.store.base import (
     DuplicateError,
     Store,
@@ -29,7 +30,7 @@ from fleetwire.store.base import (
     WriteResult,
 )
 from fleetwire.store.rules import to_store
-from fleetwire.store.sql import commands, events, registry, rows, telemetry
+from fleetwire.store.sql import commands, events, registry, rows, telemetry, twin
 from fleetwire.store.sql.dialect import for_url
 from fleetwire.store.sql.driver import Database, PostgresDatabase, SqliteDatabase, Tx
 from fleetwire.store.sql.engine import (
@@ -177,6 +178,14 @@ class SqlStore:
                     history=history,
                 )
             )
+
+    # -- twin ----------------------------------------------------------------------------
+
+    async def twin(self, device_id: str) -> Twin | None:
+        return await self._database.read(partial(twin.get, device_id=device_id))
+
+    async def devices_with_delta(self) -> set[str]:
+        return await self._database.read(twin.devices_with_delta)
 
     # -- telemetry -----------------------------------------------------------------------
 
