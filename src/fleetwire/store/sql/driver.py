@@ -34,7 +34,7 @@ from typing import Any, Final, NoReturn, Protocol, TypeVar
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
 from fleetwire.store.base import StoreUnavailableError
-from fleetwire.store.sql.engine import create_private
+from fleetwire.store.sql.engine import create_private, sqlite_pragmas
 from fleetwire.store.sql.errors import translate
 
 T = TypeVar("T")
@@ -202,17 +202,7 @@ class SqliteDatabase:
 
     def __init__(self, path: str, *, synchronous: str, busy_timeout_ms: int) -> None:
         self._path = path
-        self._pragmas = (
-            f"PRAGMA busy_timeout={busy_timeout_ms}",  # first: the others may need the lock
-            "PRAGMA journal_mode=WAL",
-            f"PRAGMA synchronous={synchronous}",
-            "PRAGMA foreign_keys=ON",
-            "PRAGMA cache_size=-65536",  # 64 MiB: the index pages of a busy telemetry table
-            # Checkpoint every ~40 MiB of WAL instead of 4 MiB: a busy device's index pages are
-            # rewritten by most commits and copied back once per checkpoint (2x ingest, measured).
-            "PRAGMA wal_autocheckpoint=10000",
-            "PRAGMA journal_size_limit=67108864",
-        )
+        self._pragmas = sqlite_pragmas(synchronous, busy_timeout_ms)
         self._writer: _Worker | None = None
         self._reader: _Worker | None = None
 
