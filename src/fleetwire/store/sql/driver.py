@@ -221,14 +221,18 @@ class SqliteDatabase:
         if self._writer is not None:
             return
         create_private(Path(self._path))  # before sqlite3 makes the file with the umask's mode
+        # One after the other: the writer's `journal_mode=WAL` on a new file needs the file
+        # to itself, and a racing connect got SQLITE_BUSY without the busy handler (measured).
         writer = _Worker("fleetwire-sqlite-writer", self._connect)
-        reader = _Worker("fleetwire-sqlite-reader", self._connect)
         try:
             await writer.opened()
+        except Exception as exc:
+            _raise_translated(exc)
+        reader = _Worker("fleetwire-sqlite-reader", self._connect)
+        try:
             await reader.opened()
         except Exception as exc:
             writer.stop()
-            reader.stop()
             _raise_translated(exc)
         self._writer, self._reader = writer, reader
 
