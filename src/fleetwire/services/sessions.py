@@ -210,7 +210,7 @@ class SessionService:
         await self._writer.submit(EventWrite(device_id, "device.disconnected", at, data))
 
     async def _announce(self, session: LocalDeviceSession) -> None:
-        data = {"session_id": session.session_id, "node": self.node_id}
+        data = {"session_id": session.session_id, "node": self.node_id, "transport": session.transport}
         await self._writer.submit(
             EventWrite(session.device_id, "device.connected", session.connected_at_ms, data)
         )
