@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
+import httpx
 import pytest
 
 from fleetwire.transport.mqtt import codec
@@ -67,6 +68,11 @@ async def test_connect_with_a_token_is_announced_with_transport_mqtt(mqtt_node: 
         connection = (await rest.get("/devices/d1/connection")).json()
     assert connection["connected"] is True
     assert connection["session_id"] == event["data"]["session_id"]
+    async with httpx.AsyncClient(base_url=mqtt_node.http_url, timeout=5) as http:
+        metrics = (await http.get("/metrics")).text
+    assert 'fleetwire_device_sessions_by_transport{transport="mqtt"} 1.0' in metrics
+    assert 'fleetwire_device_sessions_by_transport{transport="websocket"} 0.0' in metrics
+    assert 'fleetwire_device_sessions_opened_total{transport="mqtt"} 1.0' in metrics
     if version == 5:
         props = connack.properties
         assert props.MaximumQoS == 1
@@ -475,3 +481,37 @@ async def test_mosquitto_pub_and_sub(mqtt_node: Node) -> None:
             sub.kill()
     assert sub.returncode == 0, err
     assert json.loads(out)["command_id"] == ack["command_id"]
+
+
+@pytest.mark.parametrize("version", [4, 5])
+async def test_a_packet_over_the_size_limit_ends_the_connection(
+    make_node: Callable[..., Node], version: int
+) -> None:
+    """FLEETWIRE_MAX_MESSAGE_BYTES caps a packet: 5.0 DISCONNECT 0x95, 3.1.1 close; nothing of
+    it is stored and the refusal comes from the fixed header, before the body is read."""
+    node = make_node(mqtt_port=0, max_message_bytes=2048)
+    await node.register("d1")
+    device = await RawDevice.open(node.mqtt_port, version=version)
+    connack = await device.connect("d1", node.token("d1", "device").encode())
+    assert isinstance(connack, codec.Connack)
+    assert connack.reason_code == 0
+    body = json.dumps({"data": {"k": "x" * 1000, "j": "y" * 1000}}).encode()
+    await device.send(codec.Publish("devices/d1/telemetry", body, 1, 1))
+    if version == 5:
+        assert await device.recv() == codec.Disconnect(0x95)
+    with pytest.raises(ConnectionError):
+        await device.recv()
+    await device.close()
+    assert await telemetry_of(node, "d1") == []
+
+
+async def test_a_text_frame_on_mqtt_over_websocket_closes(mqtt_node: Node) -> None:
+    """MQTT over WebSocket is binary frames only (MQTT 5.0 §6): a text frame closes (1003)."""
+    from websockets.asyncio.client import connect
+
+    async with asyncio.timeout(10):
+        ws = await connect(f"{mqtt_node.ws_url}/mqtt", subprotocols=["mqtt"])  # type: ignore[list-item]
+        assert ws.subprotocol == "mqtt"
+        await ws.send("hello")
+        await ws.wait_closed()
+        assert ws.close_code == 1003

@@ -78,6 +78,8 @@ class SessionService:
         self._seen_connected: dict[str, str] = {}
         self._connected_waiters: dict[str, asyncio.Future[bool]] = {}
         self._replace_wait_s = replace_wait_s
+        # Device sessions opened on this node since it started, by transport (metrics).
+        self.opened_by_transport: dict[str, int] = {}
 
     # -- a session opens and closes -----------------------------------------------------------
     def opened(self, session: LocalSession) -> None:
@@ -85,6 +87,8 @@ class SessionService:
 
     def device_opened(self, session: LocalDeviceSession) -> None:
         self.local.by_id[session.session_id] = session
+        transport = session.transport
+        self.opened_by_transport[transport] = self.opened_by_transport.get(transport, 0) + 1
         previous = self.local.devices.get(session.device_id)
         self.local.devices[session.device_id] = session
         if previous is not None:
