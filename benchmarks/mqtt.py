@@ -384,7 +384,8 @@ def run(opts: Any) -> int:
     ]
     print(
         f"fleetwire bench mqtt: {devices} devices per transport, single-record telemetry QoS 1 "
-        f"(window 8 per device), commands with 16 in flight (FLEETWIRE_MAX_ISSUING_COMMANDS); {duration:g} s measured after {warmup:g} s"
+        f"(window 8 per device), commands with 16 in flight "
+        f"(FLEETWIRE_MAX_ISSUING_COMMANDS); {duration:g} s measured after {warmup:g} s"
     )
     print(bench._table(headers, rows))
     ratio = bench._ratio(ingest["mqtt"]["server_us_per_point"], ingest["websocket"]["server_us_per_point"])
