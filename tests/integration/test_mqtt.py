@@ -515,3 +515,27 @@ async def test_a_text_frame_on_mqtt_over_websocket_closes(mqtt_node: Node) -> No
         await ws.send("hello")
         await ws.wait_closed()
         assert ws.close_code == 1003
+
+
+@pytest.mark.parametrize("version", [4, 5])
+async def test_twin_delta_and_reported(mqtt_node: Node, version: int) -> None:
+    """A desired change set before the device connects reaches it on devices/d1/twin/delta once
+    it subscribes; a publish to devices/d1/twin/reported is acked after the write, and the
+    delta it closes arrives empty."""
+    async with mqtt_node.rest("operator") as rest:
+        changed = await rest.patch("/devices/d1/twin", json={"desired": {"led": "on"}})
+        assert changed.status_code == 200, changed.text
+    version_before = changed.json()["version"]
+    device = PahoDevice(mqtt_node.mqtt_port, "d1", version=version)
+    await device.connect(mqtt_node.token("d1", "device"))
+    await device.subscribe("devices/d1/twin/delta", 1)
+    delta = await device.next("message", topic="devices/d1/twin/delta")
+    assert json.loads(delta.payload) == {"version": version_before, "delta": {"led": "on"}}
+    mid = await device.publish("devices/d1/twin/reported", json.dumps({"reported": {"led": "on"}}))
+    assert (await device.next("puback", mid=mid)).code == 0
+    closed = await device.next("message", topic="devices/d1/twin/delta")
+    assert json.loads(closed.payload) == {"version": version_before + 1, "delta": {}}
+    async with mqtt_node.rest() as rest:
+        twin = (await rest.get("/devices/d1/twin")).json()
+    assert (twin["reported"], twin["delta"]) == ({"led": "on"}, {})
+    device.disconnect()

@@ -53,7 +53,9 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[Any]:
         node = self.services
         yield GaugeMetricFamily(
-            "fleetwire_connections", "Open sessions on this node (WebSocket and MQTT)", value=len(node.sessions.local)
+            "fleetwire_connections",
+            "Open sessions on this node (WebSocket and MQTT)",
+            value=len(node.sessions.local),
         )
         yield GaugeMetricFamily(
             "fleetwire_device_sessions",

@@ -446,3 +446,18 @@ def test_inbound_is_a_plain_record() -> None:
     entry = Inbound("status", "on", 1)
     assert (entry.done, entry.error) == (False, None)
     assert isinstance(Run(entry).request, Inbound)
+
+
+def test_twin_delta_waits_for_the_subscription_latest_only() -> None:
+    core = session(5)
+    core.twin_delta({"type": "twin_delta", "version": 2, "delta": {"a": 1}})
+    core.twin_delta({"type": "twin_delta", "version": 3, "delta": {"a": 2}})
+    assert packets(core) == []
+    core.receive(Subscribe(1, (("devices/d1/twin/#", 1),)), T0)
+    assert packets(core) == [
+        Suback(1, (1,)),
+        Publish("devices/d1/twin/delta", b'{"version":3,"delta":{"a":2}}'),
+    ]
+    core.receive(Publish("devices/d1/twin/reported", b'{"reported": {"a": 2}}', 1, 4), T0)
+    [run] = core.actions()
+    assert run.request.type == "twin_report"

@@ -24,6 +24,7 @@ from fleetwire.domain.clock import Timer
 from fleetwire.domain.close import Close
 from fleetwire.domain.devices import DEVICE_ID, Device
 from fleetwire.domain.errors import ErrorCode, FleetwireError
+from fleetwire.domain.twin import TwinWrite
 from fleetwire.realtime.endpoint import EndpointServices, new_session_id
 from fleetwire.realtime.mqtt.session import (
     REFUSE_AUTH_METHOD,
@@ -138,9 +139,14 @@ class MqttEndpoint:
         if core is None:
             return
         message = orjson.loads(payload)
-        if message.get("type") == "command":
+        kind = message.get("type")
+        if kind == "command":
             core.command(message, self.mqtt.services.clock.now_ms())
-            self._run()
+        elif kind == "twin_delta":
+            core.twin_delta(message)
+        else:
+            return  # nothing else is addressed to a device session
+        self._run()
 
     def close(self, code: Close) -> None:
         if self.core is not None:
@@ -386,6 +392,9 @@ class MqttEndpoint:
             elif request.type == "command_result":
                 command_id, ok, result, failure = request.value
                 await services.commands.result(self.device_id, command_id, ok, result, failure)
+            elif request.type == "twin_report":
+                write: TwinWrite = request.value
+                await services.twin.report(self.principal, self.device_id, write.patch, write.if_version)
             else:  # auth: 5.0 re-authentication
                 error = await self._reauthenticate(request.value)
         except FleetwireError as exc:

@@ -10,7 +10,7 @@ reading, close.
 
 The rules that live here:
 - Topics (§8): a device publishes only under `devices/{id}/` (telemetry, status, command
-  results) and subscribes only under it; anything else is not authorized (5.0 reason 0x87;
+  results, twin reported) and subscribes only under it; anything else is not authorized (5.0 reason 0x87;
   3.1.1: SUBACK 0x80, and a publish elsewhere closes the connection).
 - A QoS 1 publish is acknowledged when its request completed (telemetry: after the durable
   commit), PUBACKs in the order the publishes arrived (MQTT 3.1.1 §4.6). A refused publish
@@ -220,6 +220,7 @@ class MqttSession:
         "_close_by_ms",
         "_closed",
         "_closing",
+        "_delta",
         "_end_reason",
         "_limits",
         "_order",
@@ -290,6 +291,7 @@ class MqttSession:
         self.close_code: Close | None = None
         self._out: list[Action] = []
         self._outbox = _Outbox()
+        self._delta: bytes | None = None  # the twin delta not yet published (latest only)
         self.subscriptions: dict[str, int] = {}
         self.next_packet_id = 1
         self.session_present = restored is not None and not connect.clean_start
@@ -462,6 +464,8 @@ class MqttSession:
             kind = "status"
         elif suffix.startswith("commands/") and suffix.endswith("/result") and suffix.count("/") == 2:
             kind = "command_result"
+        elif suffix == "twin/reported":
+            kind = "twin_report"
         else:
             raise FleetwireError(ErrorCode.UNKNOWN_TYPE, f"no such topic: {self.prefix}{suffix}")
         try:
@@ -525,6 +529,7 @@ class MqttSession:
                 codes.append(qos)
         self._send(Suback(packet.packet_id, tuple(codes)))
         self._pump(now_ms)  # queued commands go out after the SUBACK (contract §8)
+        self._publish_delta()
 
     def _qos_for(self, topic: str) -> int | None:
         """The QoS a message on `topic` goes out with; None when not subscribed."""
@@ -603,6 +608,21 @@ class MqttSession:
             return
         held.append((orjson.dumps(body), expires_at_ms))
         self._pump(now_ms)
+
+    def twin_delta(self, message: dict[str, Any]) -> None:
+        """The twin's delta changed (contract §6): `{"version", "delta"}` on
+        `devices/{id}/twin/delta`, QoS 0. It is state, not a message: only the latest is
+        kept until the device subscribes (a delta given at connect waits for the SUBACK)."""
+        if self._closed:
+            return
+        self._delta = orjson.dumps({k: v for k, v in message.items() if k != "type"})
+        self._publish_delta()
+
+    def _publish_delta(self) -> None:
+        topic = self.prefix + "twin/delta"
+        if self._delta is not None and not self._closed and self._qos_for(topic) is not None:
+            self._send(Publish(topic, self._delta))
+            self._delta = None
 
     def _pump(self, now_ms: int) -> None:
         outbox = self._outbox
