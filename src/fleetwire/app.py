@@ -312,6 +312,7 @@ def mqtt_gate(settings: Settings, services: Services) -> MqttGate:
         max_in_flight=settings.max_in_flight,
         max_held=settings.send_queue,
         max_session_expiry_s=settings.mqtt_session_expiry_s,
+        max_subscriptions=settings.max_subscriptions,
         close_grace_s=settings.close_grace_s,
         leeway_s=settings.jwt_leeway_s,
     )

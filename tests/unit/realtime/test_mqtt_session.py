@@ -461,3 +461,14 @@ def test_twin_delta_waits_for_the_subscription_latest_only() -> None:
     core.receive(Publish("devices/d1/twin/reported", b'{"reported": {"a": 2}}', 1, 4), T0)
     [run] = core.actions()
     assert run.request.type == "twin_report"
+
+
+def test_subscriptions_per_session_are_capped() -> None:
+    limits = MqttLimits(
+        rate=100, close_after=3, max_clock_skew_s=300, max_packet_bytes=4096, max_subscriptions=2
+    )
+    core = session(5, limits=limits)
+    core.receive(
+        Subscribe(1, (("devices/d1/a", 1), ("devices/d1/b", 1), ("devices/d1/c", 1), ("devices/d1/a", 0))), T0
+    )
+    assert packets(core) == [Suback(1, (1, 1, 0x97, 0))]

@@ -161,6 +161,7 @@ class MqttLimits:
     max_in_flight: int = 64  # requests at once (5.0 CONNACK Receive Maximum)
     max_held: int = 1000  # commands held (not subscribed, or the device's window full); beyond: close
     max_session_expiry_s: int = 86_400  # a persistent session is kept at most this long
+    max_subscriptions: int = 100  # topic filters per session (FLEETWIRE_MAX_SUBSCRIPTIONS)
     close_grace_s: float = 2.0
     leeway_s: float = 0.0
 
@@ -523,6 +524,11 @@ class MqttSession:
                 codes.append(TOPIC_FILTER_INVALID if v5 else FAILURE_311)
             elif not topic_filter.startswith(self.prefix):  # devices/{id}/# and below only
                 codes.append(NOT_AUTHORIZED if v5 else FAILURE_311)
+            elif (
+                topic_filter not in self.subscriptions
+                and len(self.subscriptions) >= self._limits.max_subscriptions
+            ):
+                codes.append(QUOTA_EXCEEDED if v5 else FAILURE_311)  # bounded memory per session
             else:
                 qos = min(options & 0x03, 1)
                 self.subscriptions[topic_filter] = qos
