@@ -1,6 +1,7 @@
-"""The tables SqlStore queries (SQLAlchemy Core), identical on SQLite and PostgreSQL.
+"""The tables SqlStore queries, identical on SQLite and PostgreSQL (SQLAlchemy Core).
 
-This is the *current* shape of the schema, used to build queries. The database is created and
+This is the *current* shape of the schema (Alembic's target metadata; the queries themselves
+are SQL text in store/sql). The database is created and
 changed only by the Alembic revisions in ``store/migrations/versions``; a change here needs a
 new revision there (revisions are frozen copies, never imports of this module).
 
@@ -20,12 +21,6 @@ JSON: Final = sa.JSON(none_as_null=True)
 # Identifiers and telemetry keys compare by code point on both databases (SQLite's BINARY),
 # so that ORDER BY, cursors and Python agree; PostgreSQL's default collation would not.
 ID: Final = sa.Text().with_variant(sa.Text(collation="C"), "postgresql")
-
-# Telemetry values are typed columns so that queries can compare and aggregate numbers.
-KIND_FLOAT: Final = 0
-KIND_INT: Final = 1  # exact: `num`, plus the decimal text in `txt` beyond ±2**53
-KIND_BOOL: Final = 2  # num 0.0 / 1.0
-KIND_STR: Final = 3  # txt
 
 devices: Final = sa.Table(
     "devices",
@@ -62,22 +57,32 @@ events: Final = sa.Table(
     sqlite_with_rowid=False,
 )
 
-# One row per (record, key). No foreign key on purpose: a per-row FK check would tax the
-# ingest hot path, and `write` locks the device row in the same transaction anyway;
-# `delete_device` deletes the rows explicitly.
+# One row per record: its values as one JSON object (telemetry.encode), so that a batch costs
+# one row per record, not one per key. No foreign key on purpose: a per-row FK check would tax
+# the ingest hot path, and `write` locks the device row in the same transaction anyway;
+# `delete_device` deletes the rows explicitly. The primary key serves history (by seq), the
+# one secondary index the newest-first time ranges and purge (by ts).
 telemetry: Final = sa.Table(
     "telemetry",
     metadata,
     sa.Column("device_id", ID, primary_key=True),
     sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("ts", sa.BigInteger, nullable=False),
+    sa.Column("data", JSON, nullable=False),
+    sa.Index("ix_telemetry_ts", "device_id", "ts", "seq"),
+    sqlite_with_rowid=False,
+)
+
+# The newest point of each device and key, upserted by the write that stores the record
+# (same transaction), so latest_telemetry reads one row per key.
+telemetry_latest: Final = sa.Table(
+    "telemetry_latest",
+    metadata,
+    sa.Column("device_id", ID, primary_key=True),
     sa.Column("key", ID, primary_key=True),
     sa.Column("ts", sa.BigInteger, nullable=False),
-    sa.Column("kind", sa.SmallInteger, nullable=False),
-    sa.Column("num", sa.Double),
-    sa.Column("txt", sa.Text),
-    # The only secondary index: every index costs about half the ingest rate (measured), so
-    # the all-keys query merges per-key scans of this one instead of having its own.
-    sa.Index("ix_telemetry_key_ts", "device_id", "key", "ts", "seq"),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("value", sa.Text, nullable=False),  # JSON text; TEXT: SQLite's JSON affinity is NUMERIC
     sqlite_with_rowid=False,
 )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 from fnmatch import fnmatchcase
@@ -15,11 +16,11 @@ from hypothesis import strategies as st
 from fleetwire.domain.clock import format_ms
 from fleetwire.domain.telemetry import Record
 from fleetwire.store.base import DuplicateError, StoreUnavailableError
-from fleetwire.store.schema import KIND_BOOL, KIND_FLOAT, KIND_INT, KIND_STR
 from fleetwire.store.sql import SqlStore, async_url
+from fleetwire.store.sql.driver import drive, numbered
 from fleetwire.store.sql.errors import translate
 from fleetwire.store.sql.globs import glob_regex, glob_sqlite
-from fleetwire.store.sql.telemetry import Timestamps, rows, value
+from fleetwire.store.sql.telemetry import Timestamps, decode, decode_value, encode, encode_value
 
 ID_CHARS = "abAB09_.:-"
 PATTERN_CHARS = ID_CHARS + "*?[]!^\\"
@@ -131,22 +132,57 @@ def test_glob_translations(pattern: str, regex: str | None, glob: str | None) ->
     assert (glob_regex(pattern), glob_sqlite(pattern)) == (regex, glob)
 
 
-def test_telemetry_values_are_typed_rows_and_back() -> None:
-    """Each value kind gets its column and kind code, and decodes to the same type and value."""
-    values = {"f": 1.5, "i": 7, "b": True, "s": "x", "big": 2**70, "huge": 10**400, "neg": -(2**53)}
-    out: list[tuple[object, ...]] = []
-    rows("d1", 9, 123, values, out)  # type: ignore[arg-type]  # a literal of mixed values infers dict[str, object]
-    assert out == [
-        ("d1", 9, "f", 123, KIND_FLOAT, 1.5, None),
-        ("d1", 9, "i", 123, KIND_INT, 7.0, None),
-        ("d1", 9, "b", 123, KIND_BOOL, 1.0, None),
-        ("d1", 9, "s", 123, KIND_STR, None, "x"),
-        ("d1", 9, "big", 123, KIND_INT, float(2**70), str(2**70)),
-        ("d1", 9, "huge", 123, KIND_INT, None, str(10**400)),
-        ("d1", 9, "neg", 123, KIND_INT, float(-(2**53)), None),
-    ]
-    decoded = {row[2]: value(row[4], row[5], row[6]) for row in out}  # type: ignore[arg-type]  # rows are tuples of object
+def test_telemetry_values_are_one_json_object_and_back() -> None:
+    """A record is one JSON object; integers beyond 64 bits are a marker, never a float."""
+    values = {
+        "f": 1.5,
+        "i": 7,
+        "b": True,
+        "s": "x {",
+        "big": 2**70,
+        "huge": 10**400,
+        "neg": -(2**63),
+        "f3": 3.0,
+    }
+    text = encode(values)  # type: ignore[arg-type]  # a literal of mixed values infers dict[str, object]
+    big, huge, neg = 2**70, 10**400, -(2**63)
+    assert text == (
+        f'{{"f":1.5,"i":7,"b":true,"s":"x {{","big":{{"$int":"{big}"}},"huge":{{"$int":"{huge}"}}'
+        f',"neg":{neg},"f3":3.0}}'
+    )
+    decoded = decode(text)
     assert {k: (type(v), v) for k, v in decoded.items()} == {k: (type(v), v) for k, v in values.items()}
+    assert encode({"i": 1}) == '{"i":1}'  # the hot path: one orjson call
+    for value in values.values():
+        assert (type(decode_value(encode_value(value))), decode_value(encode_value(value))) == (
+            type(value),
+            value,
+        )  # type: ignore[arg-type]  # values of the literal above
+    with pytest.raises(TypeError, match="must be a number"):
+        encode({"l": [1]})  # type: ignore[dict-item]  # what the store refuses
+
+
+def test_placeholders_are_numbered_for_postgresql() -> None:
+    """One SQL text for both drivers: `?` becomes $1, $2, … in order."""
+    assert numbered("SELECT 1") == "SELECT 1"
+    assert (
+        numbered("UPDATE t SET a = ?, b = ? WHERE id IN (?,?)")
+        == "UPDATE t SET a = $1, b = $2 WHERE id IN ($3,$4)"
+    )
+
+
+def test_a_transaction_function_that_suspends_is_refused() -> None:
+    """SQLite runs transaction functions in its thread without a loop: they must not suspend."""
+
+    async def finishes() -> int:
+        return 7
+
+    async def suspends() -> None:
+        await asyncio.sleep(0)
+
+    assert drive(finishes()) == 7
+    with pytest.raises(RuntimeError, match="awaited something other than its Tx"):
+        drive(suspends())
 
 
 def test_driver_errors_become_store_errors() -> None:

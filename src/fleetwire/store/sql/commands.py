@@ -4,108 +4,121 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from fleetwire.domain.commands import ALLOWED_FROM, Command, CommandState
-from fleetwire.store.schema import commands
 from fleetwire.store.sql import rows
+from fleetwire.store.sql.driver import Tx
+from fleetwire.store.sql.engine import dumps
 
-_NOT_FINAL: Final = (CommandState.PENDING.value, CommandState.SENT.value)
+_COLUMNS: Final = rows.COMMAND_COLUMNS
+_SELECT: Final = f"SELECT {_COLUMNS} FROM commands"
+_INSERT: Final = f"INSERT INTO commands ({_COLUMNS}) VALUES ({','.join('?' * len(rows.COMMAND_FIELDS))})"
+_PENDING: Final = CommandState.PENDING.value
+_SENT: Final = CommandState.SENT.value
 
 
-async def insert(conn: AsyncConnection, command: Command) -> None:
-    await conn.execute(commands.insert().values(rows.command_values(command)))
+async def insert(tx: Tx, command: Command) -> None:
+    await tx.execute(_INSERT, *rows.command_values(command))
 
 
-async def _one(conn: AsyncConnection, query: sa.Select[Any]) -> Command | None:
-    row = (await conn.execute(query)).first()
+async def _one(tx: Tx, where: str, *args: Any) -> Command | None:
+    row = await tx.fetchrow(f"{_SELECT} {where}", *args)
     return None if row is None else rows.command(row)
 
 
-async def _all(conn: AsyncConnection, query: sa.Select[Any]) -> list[Command]:
-    return [rows.command(row) for row in (await conn.execute(query)).all()]
+async def _all(tx: Tx, where: str, *args: Any) -> list[Command]:
+    return [rows.command(row) for row in await tx.fetch(f"{_SELECT} {where}", *args)]
 
 
-async def get(conn: AsyncConnection, command_id: str) -> Command | None:
-    return await _one(conn, commands.select().where(commands.c.id == command_id))
+async def get(tx: Tx, command_id: str) -> Command | None:
+    return await _one(tx, "WHERE id = ?", command_id)
 
 
-async def find(conn: AsyncConnection, issuer: str, idempotency_key: str, since_ms: int) -> Command | None:
-    c = commands.c
-    query = (
-        commands.select()
-        .where(c.issuer == issuer, c.idempotency_key == idempotency_key, c.issued_at >= since_ms)
-        .order_by(c.issued_at.desc(), c.id.desc())
-        .limit(1)
+async def find(tx: Tx, issuer: str, idempotency_key: str, since_ms: int) -> Command | None:
+    return await _one(
+        tx,
+        "WHERE issuer = ? AND idempotency_key = ? AND issued_at >= ?"
+        " ORDER BY issued_at DESC, id DESC LIMIT 1",
+        issuer,
+        idempotency_key,
+        since_ms,
     )
-    return await _one(conn, query)
 
 
-def transition(
+async def transition(
+    tx: Tx,
     command_id: str,
     state: CommandState,
     at_ms: int,
     result: dict[str, Any] | None,
     error: dict[str, Any] | None,
-) -> sa.UpdateBase | None:
-    """The compare-and-set UPDATE … RETURNING; None if no state may move to `state`."""
+) -> Command | None:
+    """The compare-and-set UPDATE … RETURNING; None if the current state does not allow it."""
     allowed = ALLOWED_FROM.get(state)
     if not allowed:
         return None  # nothing ever moves back to pending
-    values: dict[str, Any] = {"state": state.value}
+    names = ["state"]
+    values: list[Any] = [state.value]
     if state is CommandState.SENT:
-        values["sent_at"] = at_ms
+        names.append("sent_at")
+        values.append(at_ms)
     if state.final:
-        values["completed_at"] = at_ms
+        names.append("completed_at")
+        values.append(at_ms)
     if result is not None:
-        values["result"] = result
+        names.append("result")
+        values.append(dumps(result))
     if error is not None:
-        values["error"] = error
-    return (
-        commands.update()
-        .where(commands.c.id == command_id, commands.c.state.in_(sorted(s.value for s in allowed)))
-        .values(values)
-        .returning(*commands.c)
+        names.append("error")
+        values.append(dumps(error))
+    froms = sorted(s.value for s in allowed)
+    row = await tx.fetchrow(
+        f"UPDATE commands SET {', '.join(f'{n} = ?' for n in names)}"
+        f" WHERE id = ? AND state IN ({','.join('?' * len(froms))}) RETURNING {_COLUMNS}",
+        *values,
+        command_id,
+        *froms,
+    )
+    return None if row is None else rows.command(row)
+
+
+async def pending(tx: Tx, device_id: str, now_ms: int) -> list[Command]:
+    return await _all(
+        tx,
+        # `+expires_at`: not an index term, so SQLite takes ix_commands_device_state (this
+        # device) instead of ix_commands_due (every pending command of the fleet).
+        "WHERE device_id = ? AND state = ? AND +expires_at > ? ORDER BY issued_at, id",
+        device_id,
+        _PENDING,
+        now_ms,
     )
 
 
-async def pending(conn: AsyncConnection, device_id: str, now_ms: int) -> list[Command]:
-    c = commands.c
-    query = (
-        commands.select()
-        .where(c.device_id == device_id, c.state == CommandState.PENDING.value, c.expires_at > now_ms)
-        .order_by(c.issued_at, c.id)
+async def devices_with_pending(tx: Tx, now_ms: int) -> set[str]:
+    found = await tx.fetch(
+        "SELECT DISTINCT device_id FROM commands WHERE state = ? AND expires_at > ?", _PENDING, now_ms
     )
-    return await _all(conn, query)
-
-
-async def devices_with_pending(conn: AsyncConnection, now_ms: int) -> set[str]:
-    c = commands.c
-    query = (
-        sa.select(c.device_id).where(c.state == CommandState.PENDING.value, c.expires_at > now_ms).distinct()
-    )
-    return set((await conn.execute(query)).scalars().all())
+    return {row[0] for row in found}
 
 
 async def of_device(
-    conn: AsyncConnection, device_id: str, state: CommandState | None, limit: int, after: str | None
+    tx: Tx, device_id: str, state: CommandState | None, limit: int, after: str | None
 ) -> list[Command]:
-    c = commands.c
-    query = commands.select().where(c.device_id == device_id).order_by(c.id.desc()).limit(limit)
+    where, args = "WHERE device_id = ?", [device_id]
     if state is not None:
-        query = query.where(c.state == state.value)
+        where += " AND state = ?"
+        args.append(state.value)
     if after is not None:
-        query = query.where(c.id < after)
-    return await _all(conn, query)
+        where += " AND id < ?"
+        args.append(after)
+    return await _all(tx, where + " ORDER BY id DESC LIMIT ?", *args, limit)
 
 
-async def due(conn: AsyncConnection, now_ms: int, limit: int) -> list[Command]:
-    c = commands.c
-    query = (
-        commands.select()
-        .where(c.state.in_(_NOT_FINAL), c.expires_at <= now_ms)
-        .order_by(c.expires_at, c.id)
-        .limit(limit)
+async def due(tx: Tx, now_ms: int, limit: int) -> list[Command]:
+    return await _all(
+        tx,
+        "WHERE state IN (?, ?) AND expires_at <= ? ORDER BY expires_at, id LIMIT ?",
+        _PENDING,
+        _SENT,
+        now_ms,
+        limit,
     )
-    return await _all(conn, query)

@@ -92,6 +92,21 @@ def create_private(database: Path) -> None:
         os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
 
 
+def sqlite_pragmas(synchronous: str, busy_timeout_ms: int) -> tuple[str, ...]:
+    """What every SQLite connection runs first (the migration engine's and the driver's)."""
+    return (
+        f"PRAGMA busy_timeout={busy_timeout_ms}",  # first: the others may need the lock
+        "PRAGMA journal_mode=WAL",
+        f"PRAGMA synchronous={synchronous}",
+        "PRAGMA foreign_keys=ON",
+        "PRAGMA cache_size=-65536",  # 64 MiB: the index pages of a busy telemetry table
+        # Checkpoint every ~40 MiB of WAL instead of 4 MiB: a busy device's index pages are
+        # rewritten by most commits and are copied back once per checkpoint (2x ingest, measured).
+        "PRAGMA wal_autocheckpoint=10000",
+        "PRAGMA journal_size_limit=67108864",
+    )
+
+
 def _sqlite_engine(url: str) -> AsyncEngine:
     synchronous, busy_timeout = sqlite_options(url)
     database = make_url(url).database
@@ -106,17 +121,7 @@ def _sqlite_engine(url: str) -> AsyncEngine:
         max_overflow=5,
         pool_use_lifo=True,
     )
-    pragmas = (
-        f"PRAGMA busy_timeout={busy_timeout}",  # first: the others may need the lock
-        "PRAGMA journal_mode=WAL",
-        f"PRAGMA synchronous={synchronous}",
-        "PRAGMA foreign_keys=ON",
-        "PRAGMA cache_size=-65536",  # 64 MiB: the index pages of a busy telemetry table
-        # Checkpoint every ~40 MiB of WAL instead of 4 MiB: a busy device's index pages are
-        # rewritten by most commits and are copied back once per checkpoint (2x ingest, measured).
-        "PRAGMA wal_autocheckpoint=10000",
-        "PRAGMA journal_size_limit=67108864",
-    )
+    pragmas = sqlite_pragmas(synchronous, busy_timeout)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:

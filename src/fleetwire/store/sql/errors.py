@@ -1,7 +1,8 @@
 """Driver and SQLAlchemy exceptions as the Store's errors (store.base).
 
-Exception text never carries SQL parameters: every engine is made with
-``hide_parameters=True`` (engine.create_engine).
+Exception text never carries SQL parameters: sqlite3 and asyncpg errors name the statement's
+failure, not its values (asyncpg keeps a key's value in `.detail`, never in the text), and the
+migration engine is made with ``hide_parameters=True`` (engine.create_engine).
 """
 
 from __future__ import annotations

@@ -1,19 +1,21 @@
 """SqlStore: the Store seam on SQLite (the default) or PostgreSQL, one code path.
 
-SQLAlchemy 2 async Core with aiosqlite / asyncpg. This module holds the engines and the
-transactions; the statements are in registry, events, telemetry and commands, and what
-differs between the two databases is the store's Dialect.
+The drivers are raw sqlite3 in threads and asyncpg (driver.py says why); SQLAlchemy and
+Alembic only migrate the schema at open(). This module holds the transactions; the
+statements are in registry, events, telemetry and commands, and what differs between the
+two databases is the store's Dialect.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+import sqlite3
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
 from typing import Any, Final
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
+from sqlalchemy.engine import make_url
 
 from fleetwire.domain.clock import now_ms
 from fleetwire.domain.commands import Command, CommandState
@@ -23,7 +25,6 @@ from fleetwire.domain.twin import Twin
 from fleetwire.store.base import (
     DuplicateError,
     Store,
-    StoreUnavailableError,
     TelemetryPoint,
     WriteOp,
     WriteResult,
@@ -31,6 +32,7 @@ from fleetwire.store.base import (
 from fleetwire.store.rules import to_store
 from fleetwire.store.sql import commands, events, registry, rows, telemetry, twin
 from fleetwire.store.sql.dialect import for_url
+from fleetwire.store.sql.driver import Database, PostgresDatabase, SqliteDatabase, Tx
 from fleetwire.store.sql.engine import (
     async_url,
     create_engine,
@@ -42,6 +44,7 @@ from fleetwire.store.sql.engine import (
 from fleetwire.store.sql.errors import translate
 
 _PURGE_CHUNK: Final = 500
+_FOREIGN_KEY: Final = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)
 
 
 class SqlStore:
@@ -57,144 +60,132 @@ class SqlStore:
             raise ValueError("history must be at least 1")
         self._url = url
         async_url(url)  # refuse a bad URL now, not at open()
+        self._database: Database
         if is_sqlite(url):
-            sqlite_options(url)
+            synchronous, busy_timeout = sqlite_options(url)
+            path = make_url(url).database
+            assert path is not None  # async_url refuses URLs without a file
+            self._database = SqliteDatabase(
+                str(Path(path).expanduser()), synchronous=synchronous, busy_timeout_ms=busy_timeout
+            )
+        else:
+            dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+            self._database = PostgresDatabase(dsn)
         self._dialect = for_url(url)
         self._history = history
-        self._engine: AsyncEngine | None = None
-        self._writer: AsyncEngine | None = None
-        self._snapshot: AsyncEngine | None = None
-        self._write_lock: contextlib.AbstractAsyncContextManager[Any] = contextlib.nullcontext()
+        self._open = False
 
     @property
     def dialect(self) -> str:
         return self._dialect.name
 
     async def open(self) -> None:
-        if self._engine is not None:
+        if self._open:
             return
-        engine = create_engine(self._url)
-        writer = engine.execution_options(fleetwire_write=True)
+        # The driver's connections first: they stay open across the migration engine's
+        # dispose(), so the database never loses its last connection while other processes
+        # start (the last close checkpoints the WAL, and a racing open got SQLITE_BUSY).
+        await self._database.open()
         try:
-            async with writer.begin() as conn:
+            await self._migrate()
+        except BaseException:
+            await self._database.close()
+            raise
+        self._open = True
+
+    async def _migrate(self) -> None:
+        """Bring the schema up to date through Alembic (SQLAlchemy: not on any hot path)."""
+        engine = create_engine(self._url)
+        try:
+            async with engine.execution_options(fleetwire_write=True).begin() as conn:
                 await lock_for_migrations(conn)
                 await conn.run_sync(upgrade_to_head)
         except Exception as exc:
-            await engine.dispose()
             translated = translate(exc)
             if translated is None:
                 raise
             raise translated from exc
-        self._engine, self._writer = engine, writer
-        self._write_lock = self._dialect.write_lock()
-        isolation = self._dialect.snapshot_isolation
-        self._snapshot = engine if isolation is None else engine.execution_options(isolation_level=isolation)
+        finally:
+            await engine.dispose()
 
     async def close(self) -> None:
-        engine, self._engine, self._writer, self._snapshot = self._engine, None, None, None
-        if engine is not None:
-            await engine.dispose()
+        self._open = False
+        await self._database.close()
 
     async def ping(self) -> None:
-        async with self._read() as conn:
-            await conn.execute(sa.text("SELECT 1"))
-
-    # -- transactions --------------------------------------------------------------------
-
-    @asynccontextmanager
-    async def _read(self, *, snapshot: bool = False) -> AsyncIterator[AsyncConnection]:
-        """A connection for reading; `snapshot` makes several statements see one state."""
-        engine = self._snapshot if snapshot else self._engine
-        if engine is None:
-            raise StoreUnavailableError("the store is closed")
-        try:
-            async with engine.connect() as conn:
-                yield conn
-        except Exception as exc:
-            translated = translate(exc)
-            if translated is None:
-                raise
-            raise translated from exc
-
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        """One write transaction (SQLite: BEGIN IMMEDIATE), committed on leaving."""
-        if self._writer is None:
-            raise StoreUnavailableError("the store is closed")
-        try:
-            async with self._write_lock, self._writer.begin() as conn:
-                yield conn
-        except Exception as exc:
-            translated = translate(exc)
-            if translated is None:
-                raise
-            raise translated from exc
+        await self._database.read(_ping)
 
     # -- registry ------------------------------------------------------------------------
 
     async def create_device(self, device: Device) -> Device:
         stored = to_store(device, now_ms())
-        async with self._write() as conn:
-            inserted = await registry.insert(conn, self._dialect, stored)
-        if not inserted:
+        if not await self._database.write(partial(registry.insert, device=stored)):
             raise DuplicateError(f"device {device.id!r} exists already")
         return stored
 
     async def get_device(self, device_id: str) -> Device | None:
-        async with self._read() as conn:
-            return await registry.get(conn, device_id)
+        return await self._database.read(partial(registry.get, device_id=device_id))
 
     async def list_devices(self, where: DeviceFilter, limit: int, after: str | None = None) -> list[Device]:
         query = registry.list_query(self._dialect, where, limit, after)
         if query is None:
             return []
-        async with self._read() as conn:
-            found = (await conn.execute(query)).all()
-        return [rows.device(row) for row in found]
+        sql, params = query
+
+        async def run(tx: Tx) -> list[Device]:
+            return [rows.device(row) for row in await tx.fetch(sql, *params)]
+
+        return await self._database.read(run)
 
     async def update_device(self, device_id: str, changes: DeviceChanges) -> Device | None:
         values = registry.change_values(changes)
         if not values:
             return await self.get_device(device_id)
-        async with self._write() as conn:
-            return await registry.update(conn, device_id, values, now_ms())
+        return await self._database.write(
+            partial(registry.update, device_id=device_id, values=values, at_ms=now_ms())
+        )
 
     async def delete_device(self, device_id: str) -> Device | None:
-        async with self._write() as conn:
-            return await registry.delete(conn, device_id)
+        return await self._database.write(partial(registry.delete, device_id=device_id))
 
     # -- event log -----------------------------------------------------------------------
 
     async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
         if not ops:
             return []
-        async with self._write() as conn:
-            return await events.write(conn, self._dialect, ops, self._history)
+        return await self._database.write(
+            partial(events.write, dialect=self._dialect, ops=ops, history=self._history)
+        )
 
     async def events(self, device_id: str, after_seq: int, limit: int) -> list[Event]:
         if limit <= 0:
             return []
-        async with self._read(snapshot=True) as conn:
-            return await events.history(conn, device_id, after_seq, limit)
+        return await self._database.read(
+            partial(events.history, device_id=device_id, after_seq=after_seq, limit=limit), snapshot=True
+        )
 
     async def purge(self, telemetry_before_ms: int, history: int) -> None:
         """Chunks of devices, each in its own short transaction (never one huge delete)."""
         after: str | None = ""
         while after is not None:
-            async with self._write() as conn:
-                after = await events.purge_chunk(
-                    conn, self._dialect, after, _PURGE_CHUNK, telemetry_before_ms, history
+            after = await self._database.write(
+                partial(
+                    events.purge_chunk,
+                    dialect=self._dialect,
+                    after=after,
+                    chunk=_PURGE_CHUNK,
+                    telemetry_before_ms=telemetry_before_ms,
+                    history=history,
                 )
+            )
 
     # -- twin ----------------------------------------------------------------------------
 
     async def twin(self, device_id: str) -> Twin | None:
-        async with self._read() as conn:
-            return await twin.get(conn, device_id)
+        return await self._database.read(partial(twin.get, device_id=device_id))
 
     async def devices_with_delta(self) -> set[str]:
-        async with self._read() as conn:
-            return await twin.devices_with_delta(conn)
+        return await self._database.read(twin.devices_with_delta)
 
     # -- telemetry -----------------------------------------------------------------------
 
@@ -210,33 +201,41 @@ class SqlStore:
     ) -> list[TelemetryPoint]:
         if limit <= 0:
             return []
-        async with self._read() as conn:
-            return await telemetry.points(
-                conn, device_id, key=key, from_ms=from_ms, to_ms=to_ms, limit=limit, before=before
-            )
+        return await self._database.read(
+            partial(
+                telemetry.points,
+                dialect=self._dialect,
+                device_id=device_id,
+                key=key,
+                from_ms=from_ms,
+                to_ms=to_ms,
+                limit=limit,
+                before=before,
+            ),
+            # Several pages when records hold fewer points than asked for: one snapshot.
+            snapshot=key is None,
+        )
 
     async def latest_telemetry(self, device_id: str) -> dict[str, TelemetryPoint]:
-        async with self._read() as conn:
-            return await telemetry.latest(conn, device_id)
+        return await self._database.read(partial(telemetry.latest, device_id=device_id))
 
     # -- commands ------------------------------------------------------------------------
 
     async def create_command(self, command: Command) -> Command:
         """Insert; DuplicateError for an existing id, LookupError if the device is absent."""
         try:
-            async with self._write() as conn:
-                await commands.insert(conn, command)
-        except sa.exc.IntegrityError as exc:  # not unique: the device's foreign key
+            await self._database.write(partial(commands.insert, command=command))
+        except _FOREIGN_KEY as exc:  # not unique (that is DuplicateError): the device's key
             raise LookupError(f"device {command.device_id!r} does not exist") from exc
         return command
 
     async def get_command(self, command_id: str) -> Command | None:
-        async with self._read() as conn:
-            return await commands.get(conn, command_id)
+        return await self._database.read(partial(commands.get, command_id=command_id))
 
     async def find_command(self, issuer: str, idempotency_key: str, since_ms: int) -> Command | None:
-        async with self._read() as conn:
-            return await commands.find(conn, issuer, idempotency_key, since_ms)
+        return await self._database.read(
+            partial(commands.find, issuer=issuer, idempotency_key=idempotency_key, since_ms=since_ms)
+        )
 
     async def transition_command(
         self,
@@ -247,30 +246,36 @@ class SqlStore:
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
     ) -> Command | None:
-        statement = commands.transition(command_id, state, at_ms, result, error)
-        if statement is None:
-            return None
-        async with self._write() as conn:
-            row = (await conn.execute(statement)).first()
-        return None if row is None else rows.command(row)
+        return await self._database.write(
+            partial(
+                commands.transition,
+                command_id=command_id,
+                state=state,
+                at_ms=at_ms,
+                result=result,
+                error=error,
+            )
+        )
 
     async def pending_commands(self, device_id: str, now_ms: int) -> list[Command]:
-        async with self._read() as conn:
-            return await commands.pending(conn, device_id, now_ms)
+        return await self._database.read(partial(commands.pending, device_id=device_id, now_ms=now_ms))
 
     async def devices_with_pending(self, now_ms: int) -> set[str]:
-        async with self._read() as conn:
-            return await commands.devices_with_pending(conn, now_ms)
+        return await self._database.read(partial(commands.devices_with_pending, now_ms=now_ms))
 
     async def list_commands(
         self, device_id: str, state: CommandState | None, limit: int, after: str | None = None
     ) -> list[Command]:
-        async with self._read() as conn:
-            return await commands.of_device(conn, device_id, state, limit, after)
+        return await self._database.read(
+            partial(commands.of_device, device_id=device_id, state=state, limit=limit, after=after)
+        )
 
     async def due_commands(self, now_ms: int, limit: int) -> list[Command]:
-        async with self._read() as conn:
-            return await commands.due(conn, now_ms, limit)
+        return await self._database.read(partial(commands.due, now_ms=now_ms, limit=limit))
+
+
+async def _ping(tx: Tx) -> None:
+    await tx.fetchrow("SELECT 1")
 
 
 _: type[Store] = SqlStore  # static conformance: mypy checks SqlStore against the protocol

@@ -1,51 +1,79 @@
-"""Telemetry rows: values as typed columns and back, and the newest-first queries."""
+"""Telemetry: one row per record (its values as one JSON object), and the newest-first queries.
+
+A batch costs one row per record, not one per key (measured 5.6 against 23.6 µs per record of
+4 keys on SQLite). The per-key latest values are their own table, `telemetry_latest`, upserted
+in the same transaction (one row per device and key of a write group), so `latest_telemetry`
+is one index range and never looks at the records.
+
+Values are JSON scalars; an integer beyond 64 bits (which orjson cannot write, and which
+would come back as a float) is stored as ``{"$int": "<digits>"}`` — no scalar is an object,
+so the marker cannot be confused with a value.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Final
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+import orjson
 
 from fleetwire.domain.clock import format_ms
 from fleetwire.domain.telemetry import Value
 from fleetwire.store.base import TelemetryPoint
 from fleetwire.store.rules import scalar
-from fleetwire.store.schema import KIND_BOOL, KIND_FLOAT, KIND_INT, KIND_STR, telemetry
+from fleetwire.store.sql.dialect import Dialect
+from fleetwire.store.sql.driver import Row, Tx
 
-COLUMNS: Final = ("device_id", "seq", "key", "ts", "kind", "num", "txt")
-_EXACT_INT: Final = 2**53  # beyond this a double loses integer digits
-_MERGE_ARMS: Final = 200  # per-key scans in one UNION ALL (SQLite allows 500 compound arms)
-
-_KEYS_CTE: Final = (
-    "WITH RECURSIVE keys(k) AS ("
-    " SELECT MIN(key) FROM telemetry WHERE device_id = :d"
-    " UNION ALL"
-    " SELECT (SELECT MIN(t.key) FROM telemetry t WHERE t.device_id = :d AND t.key > keys.k)"
-    " FROM keys WHERE keys.k IS NOT NULL)"
+COLUMNS: Final = ("device_id", "seq", "ts", "data")
+_SCALARS: Final = frozenset({float, int, bool, str})
+_INT64: Final = 2**63
+_BIG: Final = "$int"
+_dumps: Final = orjson.dumps
+_loads: Final = orjson.loads
+# Newest (ts, seq) wins; the upsert never moves a key back to an older point.
+_UPSERT_LATEST: Final = (
+    "INSERT INTO telemetry_latest (device_id, key, ts, seq, value) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (device_id, key) DO UPDATE SET ts = excluded.ts, seq = excluded.seq, value = excluded.value"
+    " WHERE (excluded.ts, excluded.seq) > (telemetry_latest.ts, telemetry_latest.seq)"
 )
-_KEYS: Final = sa.text(_KEYS_CTE + " SELECT k FROM keys").bindparams(sa.bindparam("d", type_=sa.Text))
-_LATEST: Final = sa.text(
-    _KEYS_CTE + " SELECT t.key, t.ts, t.seq, t.kind, t.num, t.txt FROM keys JOIN telemetry t"
-    " ON t.device_id = :d AND t.key = keys.k AND t.seq = ("
-    "  SELECT t2.seq FROM telemetry t2 WHERE t2.device_id = :d AND t2.key = keys.k"
-    "  ORDER BY t2.ts DESC, t2.seq DESC LIMIT 1)"
-).bindparams(sa.bindparam("d", type_=sa.Text))
 
 
-def value(kind: int, num: float | None, txt: str | None) -> Value:
-    if kind == KIND_FLOAT:
-        assert num is not None
-        return float(num)
-    if kind == KIND_INT:
-        if txt is not None:
-            return int(txt)
-        assert num is not None
-        return int(num)
-    if kind == KIND_BOOL:
-        return bool(num)
-    assert txt is not None
-    return txt
+def encode(values: Mapping[str, Value]) -> str:
+    """The record's values as JSON text (the ingest hot path: one orjson call).
+
+    Raises TypeError for a value that is no scalar (store.rules.scalar): nothing of such a
+    group is written, and GroupWriter fails only the op that carried it.
+    """
+    if _SCALARS.issuperset(map(type, values.values())):
+        try:
+            return _dumps(values).decode()
+        except orjson.JSONEncodeError:
+            pass  # an integer beyond 64 bits: below
+    return _dumps({key: _exact(scalar(key, value)) for key, value in values.items()}).decode()
+
+
+def encode_value(value: Value) -> str:
+    return _dumps(_exact(value)).decode()
+
+
+def _exact(value: Value) -> Any:
+    if type(value) is int and not -_INT64 <= value < _INT64:
+        return {_BIG: str(value)}
+    return value
+
+
+def decode(text: str) -> dict[str, Value]:
+    values: dict[str, Any] = _loads(text)
+    if "{" in text[1:]:  # a big integer's marker (or a "{" inside a string: looked at, kept)
+        for key, value in values.items():
+            if type(value) is dict:
+                values[key] = int(value[_BIG])
+    return values
+
+
+def decode_value(text: str) -> Value:
+    value = _loads(text)
+    return int(value[_BIG]) if type(value) is dict else value
 
 
 class Timestamps:
@@ -69,67 +97,17 @@ class Timestamps:
         return f"{self._prefix}.{millis:03d}Z"
 
 
-def rows(device_id: str, seq: int, ts: int, values: dict[str, Value], out: list[tuple[Any, ...]]) -> None:
-    """Append one row per key, in COLUMNS order (the ingest hot path).
-
-    Raises TypeError for a value that is no scalar (store.rules.scalar): nothing of such a
-    group is written, and GroupWriter fails only the op that carried it.
-    """
-    for key, value in values.items():
-        kind = type(value)
-        if kind is float:
-            out.append((device_id, seq, key, ts, KIND_FLOAT, value, None))
-        elif kind is int and -_EXACT_INT <= value <= _EXACT_INT:  # type: ignore[operator]  # `kind is int` does not narrow `value`
-            out.append((device_id, seq, key, ts, KIND_INT, float(value), None))
-        elif kind is bool:
-            out.append((device_id, seq, key, ts, KIND_BOOL, 1.0 if value else 0.0, None))
-        elif kind is str:
-            out.append((device_id, seq, key, ts, KIND_STR, None, value))
-        elif kind is int:  # a big int: keep the exact digits; num is the nearest double (or NULL)
-            try:
-                approx: float | None = float(value)
-            except OverflowError:
-                approx = None
-            out.append((device_id, seq, key, ts, KIND_INT, approx, str(value)))
-        else:  # off the hot path: a subclass (IntEnum, a numpy float) or no scalar at all
-            rows(device_id, seq, ts, {key: scalar(key, value)}, out)
-
-
-async def keys(conn: AsyncConnection, device_id: str) -> list[str]:
-    """The device's distinct telemetry keys by a loose index scan (one probe per key)."""
-    result = await conn.execute(_KEYS, {"d": device_id})
-    return [row[0] for row in result if row[0] is not None]
-
-
-def _key_range(
-    device_id: str,
-    key: str,
-    from_ms: int | None,
-    to_ms: int | None,
-    before: tuple[int, int, str] | None,
-    limit: int,
-) -> sa.Select[Any]:
-    t = telemetry.c
-    query = (
-        sa.select(t.key, t.ts, t.seq, t.kind, t.num, t.txt)
-        .where(t.device_id == device_id, t.key == key)
-        .order_by(t.ts.desc(), t.seq.desc())
-        .limit(limit)
+async def write_latest(tx: Tx, newest: Mapping[tuple[str, str], tuple[int, int, Value]]) -> None:
+    """Upsert the newest point of each (device, key) of a write group."""
+    await tx.executemany(
+        _UPSERT_LATEST,
+        [(d, k, ts, seq, encode_value(v)) for (d, k), (ts, seq, v) in newest.items()],
     )
-    if from_ms is not None:
-        query = query.where(t.ts >= from_ms)
-    if to_ms is not None:
-        query = query.where(t.ts <= to_ms)
-    if before is not None:
-        # (ts, seq, key) < before, with the key fixed: a range of (ts, seq) in the index.
-        ts_seq = sa.tuple_(t.ts, t.seq)
-        bound = sa.tuple_(sa.literal(before[0]), sa.literal(before[1]))
-        query = query.where(ts_seq <= bound if key < before[2] else ts_seq < bound)
-    return query
 
 
 async def points(
-    conn: AsyncConnection,
+    tx: Tx,
+    dialect: Dialect,
     device_id: str,
     *,
     key: str | None,
@@ -140,36 +118,57 @@ async def points(
 ) -> list[TelemetryPoint]:
     """Points with from_ms <= ts <= to_ms (both inclusive), newest first by (ts, seq, key).
 
-    Every key is one range of ix_telemetry_key_ts; all keys are a merge of those ranges
-    (each cut at `limit`), so no query ever sorts a device's whole history.
+    Records are one range of ix_telemetry_ts (device, ts, seq) read newest first; one key is
+    that range filtered by the key's presence, all keys are each record's points by key.
     """
     if limit <= 0:
         return []
-    wanted = [key] if key is not None else await keys(conn, device_id)
+    terms = ["device_id = ?"]
+    args: list[Any] = [device_id]
+    if key is not None:
+        terms.append(dialect.has_key("data"))
+        args.append(key)
+    if from_ms is not None:
+        terms.append("ts >= ?")
+        args.append(from_ms)
+    if to_ms is not None:
+        terms.append("ts <= ?")
+        args.append(to_ms)
+    bound: tuple[int, int] | None = None
+    inclusive = key is None or (before is not None and key < before[2])
+    if before is not None:
+        bound = (before[0], before[1])
     found: list[TelemetryPoint] = []
-    for start in range(0, len(wanted), _MERGE_ARMS):
-        arms = [
-            _key_range(device_id, k, from_ms, to_ms, before, limit)
-            for k in wanted[start : start + _MERGE_ARMS]
-        ]
-        if len(arms) == 1:
-            query = arms[0]
-        else:
-            merged = sa.union_all(*(arm.subquery().select() for arm in arms)).subquery()
-            query = (
-                sa.select(merged)
-                .order_by(merged.c.ts.desc(), merged.c.seq.desc(), merged.c.key.desc())
-                .limit(limit)
-            )
-        found += (
-            TelemetryPoint(r.key, r.ts, r.seq, value(r.kind, r.num, r.txt)) for r in await conn.execute(query)
+    while True:
+        page_terms, page_args = list(terms), list(args)
+        if bound is not None:
+            # (ts, seq) before the bound, spelled so that the index range applies on both.
+            page_terms.append("ts <= ?")
+            page_terms.append(f"(ts < ? OR seq {'<=' if inclusive else '<'} ?)")
+            page_args += (bound[0], bound[0], bound[1])
+        rows: list[Row] = await tx.fetch(
+            f"SELECT ts, seq, data FROM telemetry WHERE {' AND '.join(page_terms)}"
+            " ORDER BY ts DESC, seq DESC LIMIT ?",
+            *page_args,
+            limit,
         )
-    if len(wanted) > _MERGE_ARMS:
-        found.sort(key=lambda p: (p.ts_ms, p.seq, p.key), reverse=True)
-    return found[:limit]
+        for ts, seq, data in rows:
+            values = decode(data)
+            if key is not None:
+                found.append(TelemetryPoint(key, ts, seq, values[key]))
+                continue
+            for k in sorted(values, reverse=True):
+                if before is None or (ts, seq, k) < before:
+                    found.append(TelemetryPoint(k, ts, seq, values[k]))
+        if len(found) >= limit or len(rows) < limit:
+            return found[:limit]
+        # Every record of the page had fewer points than asked for (records without values,
+        # or the cut record of `before`): read on from the last one.
+        last = rows[-1]
+        bound, inclusive = (last[0], last[1]), False
 
 
-async def latest(conn: AsyncConnection, device_id: str) -> dict[str, TelemetryPoint]:
-    """The newest point of every key: one index probe per key, never a scan of all rows."""
-    result = (await conn.execute(_LATEST, {"d": device_id})).all()
-    return {r.key: TelemetryPoint(r.key, r.ts, r.seq, value(r.kind, r.num, r.txt)) for r in result}
+async def latest(tx: Tx, device_id: str) -> dict[str, TelemetryPoint]:
+    """The newest point of every key: one range of telemetry_latest's primary key."""
+    found = await tx.fetch("SELECT key, ts, seq, value FROM telemetry_latest WHERE device_id = ?", device_id)
+    return {row[0]: TelemetryPoint(row[0], row[1], row[2], decode_value(row[3])) for row in found}

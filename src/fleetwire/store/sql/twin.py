@@ -1,8 +1,7 @@
 """Device twins: statements on `twins`, each run inside the caller's transaction.
 
-Plain SQL text with named parameters, the same on SQLite and PostgreSQL: parameters are
-str and int only (JSON goes in as orjson text, comes out through CAST AS TEXT), so the
-statements port to any driver unchanged.
+Plain SQL text with `?` parameters (driver.Tx), the same on SQLite and PostgreSQL:
+parameters are str and int only (JSON goes in as orjson text and comes out as text).
 
 Concurrency: a PatchTwin runs inside `events.write`, which on PostgreSQL locks the device
 row (FOR NO KEY UPDATE, in id order) before any op of a group that is not pure ingest, and
@@ -13,69 +12,55 @@ exclude) could never be overwritten silently.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 
 import orjson
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fleetwire.domain.twin import Twin, delta
 from fleetwire.domain.twin import apply as apply_patch
 from fleetwire.store.base import EventWrite, PatchTwin, StoreUnavailableError, WriteResult
+from fleetwire.store.sql.driver import Tx
 from fleetwire.store.sql.engine import dumps
 
 _EMPTY_METADATA: Final = dumps({"desired": {}, "reported": {}})
 
-_INSERT: Final = sa.text(
-    "INSERT INTO twins (device_id, version, desired, reported, metadata)"
-    " VALUES (:device_id, 1, :empty, :empty, :metadata)"
+_INSERT: Final = "INSERT INTO twins (device_id, version, desired, reported, metadata) VALUES (?, 1, ?, ?, ?)"
+_SELECT: Final = "SELECT version, desired, reported, metadata FROM twins WHERE device_id = ?"
+# RETURNING: the driver API has no rowcount; no row back = the version check failed.
+_UPDATE: Final = (
+    "UPDATE twins SET version = ?, desired = ?, reported = ?, metadata = ?"
+    " WHERE device_id = ? AND version = ? RETURNING version"
 )
-_SELECT: Final = sa.text(
-    "SELECT version, CAST(desired AS TEXT) AS desired, CAST(reported AS TEXT) AS reported,"
-    " CAST(metadata AS TEXT) AS metadata FROM twins WHERE device_id = :device_id"
-)
-_UPDATE: Final = sa.text(
-    "UPDATE twins SET version = :version, desired = :desired, reported = :reported,"
-    " metadata = :metadata WHERE device_id = :device_id AND version = :read_version"
-)
-_DELETE: Final = sa.text("DELETE FROM twins WHERE device_id = :device_id")
-# Twins with something desired (stored as orjson text: empty is exactly '{}').
-_WITH_DESIRED: Final = sa.text(
-    "SELECT device_id, CAST(desired AS TEXT) AS desired, CAST(reported AS TEXT) AS reported"
-    " FROM twins WHERE CAST(desired AS TEXT) <> :empty"
-)
+_DELETE: Final = "DELETE FROM twins WHERE device_id = ?"
+# Twins with something desired (stored as orjson text: empty is exactly '{}'); the CAST
+# because PostgreSQL's json has no equality operator.
+_WITH_DESIRED: Final = "SELECT device_id, desired, reported FROM twins WHERE CAST(desired AS TEXT) <> ?"
 
 
-async def insert(conn: AsyncConnection, device_id: str) -> None:
+async def insert(tx: Tx, device_id: str) -> None:
     """The empty twin (version 1) of a device just inserted."""
-    await conn.execute(_INSERT, {"device_id": device_id, "empty": "{}", "metadata": _EMPTY_METADATA})
+    await tx.execute(_INSERT, device_id, "{}", "{}", _EMPTY_METADATA)
 
 
-async def get(conn: AsyncConnection, device_id: str) -> Twin | None:
-    row = (await conn.execute(_SELECT, {"device_id": device_id})).first()
+async def get(tx: Tx, device_id: str) -> Twin | None:
+    row = await tx.fetchrow(_SELECT, device_id)
     if row is None:
         return None
-    return Twin(
-        device_id,
-        int(row.version),
-        orjson.loads(row.desired),
-        orjson.loads(row.reported),
-        orjson.loads(row.metadata),
-    )
+    return Twin(device_id, int(row[0]), orjson.loads(row[1]), orjson.loads(row[2]), orjson.loads(row[3]))
 
 
-async def devices_with_delta(conn: AsyncConnection) -> set[str]:
-    found = (await conn.execute(_WITH_DESIRED, {"empty": "{}"})).all()
-    return {row.device_id for row in found if delta(orjson.loads(row.desired), orjson.loads(row.reported))}
+async def devices_with_delta(tx: Tx) -> set[str]:
+    found = await tx.fetch(_WITH_DESIRED, "{}")
+    return {row[0] for row in found if delta(orjson.loads(row[1]), orjson.loads(row[2]))}
 
 
-async def delete(conn: AsyncConnection, device_id: str) -> None:
-    await conn.execute(_DELETE, {"device_id": device_id})
+async def delete(tx: Tx, device_id: str) -> None:
+    await tx.execute(_DELETE, device_id)
 
 
-async def patch(conn: AsyncConnection, op: PatchTwin, result: WriteResult) -> EventWrite | None:
+async def patch(tx: Tx, op: PatchTwin, result: WriteResult) -> EventWrite | None:
     """Apply one PatchTwin; its `twin.updated` to number next when the twin changed."""
-    twin = await get(conn, op.device_id)
+    twin = await get(tx, op.device_id)
     if twin is None:
         result.missing = True
         return None
@@ -85,16 +70,16 @@ async def patch(conn: AsyncConnection, op: PatchTwin, result: WriteResult) -> Ev
     if not outcome.changed:
         return None
     new = outcome.twin
-    values: dict[str, Any] = {
-        "device_id": op.device_id,
-        "version": new.version,
-        "desired": dumps(new.desired),
-        "reported": dumps(new.reported),
-        "metadata": dumps(new.metadata),
-        "read_version": twin.version,
-    }
-    updated = await conn.execute(_UPDATE, values)
-    if updated.rowcount != 1:  # excluded by the row lock (module docstring); never silently lost
+    updated = await tx.fetchrow(
+        _UPDATE,
+        new.version,
+        dumps(new.desired),
+        dumps(new.reported),
+        dumps(new.metadata),
+        op.device_id,
+        twin.version,
+    )
+    if updated is None:  # excluded by the row lock (module docstring); never silently lost
         raise StoreUnavailableError(f"the twin of {op.device_id!r} changed during the write; retry")
     result.changed = True
     return EventWrite(op.device_id, "twin.updated", op.at_ms, outcome.event_data(op.section, op.patch))

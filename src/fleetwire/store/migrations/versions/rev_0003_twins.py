@@ -1,7 +1,7 @@
 """Device twins (contract §6): one row per device, and one for every existing device.
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 Create Date: 2026-12-01
 
 A frozen copy of the `twins` table of store/schema.py at this revision.
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003"
-down_revision: str | None = "0001"
+down_revision: str | None = "0002"  # chained after 0002 (telemetry records) at the merge
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
