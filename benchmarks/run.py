@@ -38,7 +38,7 @@ from typing import Any
 from benchmarks.profile import top
 from benchmarks.sysinfo import core_times, raise_nofile
 
-SCENARIOS = ("fanout", "ingest", "connections", "commands", "cluster")
+SCENARIOS = ("fanout", "ingest", "connections", "commands", "cluster", "mqtt")
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -278,6 +278,7 @@ def start_fleetwire(
     database_url: str | None = None,
     broker_url: str | None = None,
     node_id: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> ServerProcess:
     port = free_port()
     data_dir = opts.workdir / f"data-{name}"
@@ -303,13 +304,16 @@ def start_fleetwire(
         env["FLEETWIRE_BROKER_URL"] = broker_url
     if node_id:
         env["FLEETWIRE_NODE_ID"] = node_id
+    env.update(extra_env or {})
     argv = pinned(opts.args.server_cpu, sys.executable, "-m", "fleetwire", "serve")
     server = ServerProcess(name, argv, env, port, opts.workdir / f"{name}.log", http=True)
     server.wait_ready()
     return server
 
 
-def run_loadgen(opts: Options, spec: dict[str, Any], label: str) -> dict[str, Any]:
+def run_loadgen(
+    opts: Options, spec: dict[str, Any], label: str, module: str = "benchmarks.loadgen"
+) -> dict[str, Any]:
     tag = label.replace(" ", "-").replace("/", "-")
     spec_path = opts.workdir / f"spec-{tag}.json"
     result_path = opts.workdir / f"result-{tag}.json"
@@ -322,7 +326,8 @@ def run_loadgen(opts: Options, spec: dict[str, Any], label: str) -> dict[str, An
         opts.args.loadgen_cpu,
         sys.executable,
         "-m",
-        "benchmarks.loadgen",
+        module,
+        *(["load"] if module != "benchmarks.loadgen" else []),
         str(spec_path),
         str(result_path),
     )
@@ -973,6 +978,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix=f"fleetwire-bench-{opts.scenario}-"))
     opts.workdir = workdir
     started = time.time()
+    if opts.scenario == "mqtt":  # its own runner and table (benchmarks/mqtt.py)
+        from benchmarks import mqtt
+
+        try:
+            return mqtt.run(opts)
+        finally:
+            if not keep:
+                import shutil
+
+                shutil.rmtree(workdir, ignore_errors=True)
     try:
         runs = SCENARIO_RUNNERS[opts.scenario](opts)
     except BenchError as exc:

@@ -27,6 +27,8 @@ from fleetwire.events.writer import GroupWriter
 from fleetwire.presence.base import Presence
 from fleetwire.realtime.endpoint import EndpointServices
 from fleetwire.realtime.handshake import Handshake
+from fleetwire.realtime.mqtt.endpoint import MqttGate, MqttServices, PersistentSessions
+from fleetwire.realtime.mqtt.session import MqttLimits
 from fleetwire.realtime.session import SessionLimits
 from fleetwire.services.auth import Authenticator
 from fleetwire.services.cache import DeviceCache, PendingIndex
@@ -258,7 +260,8 @@ def build_node_server(
 ) -> FleetwireServer:
     """REST and WebSocket on one port (the app's settings give host, port and limits)."""
     from fleetwire.transport.base import TransportLimits
-    from fleetwire.transport.server import build_server
+    from fleetwire.transport.mqtt.stream import StreamLimits
+    from fleetwire.transport.server import MqttListen, build_server
 
     settings: Settings = app.state.settings
     services: Services = app.state.services
@@ -269,30 +272,32 @@ def build_node_server(
         handshake_timeout_s=settings.handshake_timeout_s,
         close_grace_s=settings.close_grace_s,
     )
+    gate = mqtt_gate(settings, services)  # one per node: it holds the persistent MQTT sessions
+    mqtt = None
+    if settings.mqtt_port is not None:
+        mqtt = MqttListen(
+            gate,
+            settings.host,
+            settings.mqtt_port,
+            # Twice the session limit of sockets: the ones over it still read their CONNACK 0x03/0x97.
+            StreamLimits(settings.send_queue, settings.close_grace_s, 2 * settings.max_connections),
+        )
     return build_server(
         app,
-        websocket_handshake(settings, services),
+        websocket_handshake(settings, services, gate),
         host=settings.host,
         port=settings.port if port is None else port,
         limits=limits,
         log_level=log_level or settings.log_level,
         on_started=on_started,
+        mqtt=mqtt,
     )
 
 
-def websocket_handshake(settings: Settings, services: Services) -> Handshake:
-    """The device and client WebSocket endpoints over the node's services."""
-    endpoint_services = EndpointServices(
-        node_id=services.node_id,
-        clock=services.clock,
-        auth=services.auth,
-        sessions=services.sessions,
-        ingest=services.ingest,
-        commands=services.commands,
-        subscriptions=services.subscriptions,
-        jobs=services.jobs,
-        twin=services.twin,
-    )
+def websocket_handshake(settings: Settings, services: Services, mqtt: MqttGate | None = None) -> Handshake:
+    """The device and client WebSocket endpoints (and MQTT over WebSocket) over the node's
+    services."""
+    endpoint_services = endpoint_services_of(services)
     limits = SessionLimits(
         rate=settings.rate_per_second,
         close_after=settings.rate_limit_close_after,
@@ -309,4 +314,47 @@ def websocket_handshake(settings: Settings, services: Services) -> Handshake:
         limits,
         origins=settings.origins,
         max_connections=settings.max_connections,
+        mqtt=mqtt or mqtt_gate(settings, services),
+    )
+
+
+def mqtt_gate(settings: Settings, services: Services) -> MqttGate:
+    """MQTT device endpoints (contract §8) over the node's services: one per node, shared by
+    the TCP listener and `/mqtt`, since it holds the node's persistent MQTT sessions."""
+    limits = MqttLimits(
+        rate=settings.rate_per_second,
+        close_after=settings.rate_limit_close_after,
+        max_clock_skew_s=settings.max_clock_skew_s,
+        max_packet_bytes=settings.max_message_bytes,
+        max_keep_alive_s=settings.mqtt_max_keep_alive_s,
+        max_in_flight=settings.max_in_flight,
+        max_held=settings.send_queue,
+        max_session_expiry_s=settings.mqtt_session_expiry_s,
+        max_subscriptions=settings.max_subscriptions,
+        close_grace_s=settings.close_grace_s,
+        leeway_s=settings.jwt_leeway_s,
+    )
+    return MqttGate(
+        MqttServices(
+            services=endpoint_services_of(services),
+            registry=services.registry,
+            limits=limits,
+            persistent=PersistentSessions(settings.mqtt_max_sessions),
+            max_connections=settings.max_connections,
+            connect_timeout_s=settings.handshake_timeout_s,
+        )
+    )
+
+
+def endpoint_services_of(services: Services) -> EndpointServices:
+    return EndpointServices(
+        node_id=services.node_id,
+        clock=services.clock,
+        auth=services.auth,
+        sessions=services.sessions,
+        ingest=services.ingest,
+        commands=services.commands,
+        subscriptions=services.subscriptions,
+        twin=services.twin,
+        jobs=services.jobs,
     )

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     rate_limit_close_after: int = Field(default=100, ge=1)
     send_queue: int = Field(default=1000, ge=1)
     node_id: str = Field(default_factory=_default_node_id)
+    # Contract §8: the MQTT device listener on `host` (unset: none; MQTT over WebSocket at
+    # /mqtt on the main port either way).
+    mqtt_port: int | None = Field(default=None, ge=0, le=65535)
 
     # Not in the contract's table; each is a limit the contract implies (see docs/protocol.md).
     max_clock_skew_s: float = 300.0
@@ -78,6 +81,10 @@ class Settings(BaseSettings):
     job_batch: int = Field(default=500, ge=1)  # executions one rollout step dispatches at most
     job_lease_s: float = Field(default=15.0, gt=0)  # a dead driver's jobs are taken over after this
     job_progress_s: float = Field(default=0.25, gt=0)  # `job` frames: at most one per job per this
+    # MQTT (docs/protocol.md, MQTT): a keep-alive of 0 or above this becomes this (AWS IoT's 1200).
+    mqtt_max_keep_alive_s: int = Field(default=1200, ge=1, le=65535)
+    mqtt_session_expiry_s: int = Field(default=86_400, ge=0)  # longest a persistent session is kept
+    mqtt_max_sessions: int = Field(default=100_000, ge=1)  # persistent sessions kept per node
     log_level: str = "info"
 
     @field_validator("rate_limit")

@@ -85,6 +85,13 @@ class Node:
         return fired
 
     @property
+    def mqtt_port(self) -> int:
+        """The MQTT listener's port (the node was made with `mqtt_port=0`)."""
+        port = self._server.mqtt_port
+        assert port is not None, "this node has no MQTT listener (pass mqtt_port=0)"
+        return port
+
+    @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 

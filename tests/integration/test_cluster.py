@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 
 from fleetwire.auth.jwt import mint_token
 from tests.integration.harness import SECRET, TIMEOUT, Session
+from tests.integration.mqtt_clients import PahoDevice
 from tests.services import RedisServer, free_port, stop_process
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
@@ -31,10 +33,12 @@ class ProcessNode:
     def __init__(self, name: str, tmp: Path, database_url: str, broker_url: str) -> None:
         self.name = name
         self.port = free_port()
+        self.mqtt_port = free_port()
         self.log = tmp / f"{name}.log"
         env = {
             **os.environ,
             "FLEETWIRE_PORT": str(self.port),
+            "FLEETWIRE_MQTT_PORT": str(self.mqtt_port),
             "FLEETWIRE_DATA_DIR": str(tmp / name),
             "FLEETWIRE_DATABASE_URL": database_url,
             "FLEETWIRE_BROKER_URL": broker_url,
@@ -169,6 +173,38 @@ async def test_replacement_across_nodes_and_seq(cluster: Callable[..., Any]) -> 
         seqs.append((await client.event("device.status"))["seq"])
     assert seqs == list(range(seqs[0], seqs[0] + 7))
     assert second.welcome["device_id"] == "d1"
+
+
+async def test_mqtt_replacement_across_nodes(cluster: Callable[..., Any]) -> None:
+    """An MQTT 5.0 device on A connects again on B: A's session gets DISCONNECT 0x8E, one
+    `device.disconnected` (replaced) then `device.connected` on B (transport mqtt), and a
+    command issued on A reaches the device on B, its result back to the issuer on A."""
+    a, b = await cluster("a", "b")
+    async with a.rest() as rest:
+        await rest.post("/devices", json={"id": "d1"})
+    client = await a.client()
+    await client.request({"type": "subscribe", "devices": ["d1"], "events": ["presence"]})
+    token = a.token("d1", "device")
+    first = PahoDevice(a.mqtt_port, "d1", version=5)
+    assert (await first.connect(token)).code == 0
+    one = await client.event("device.connected")
+    assert (one["data"]["node"], one["data"]["transport"]) == ("a", "mqtt")
+    second = PahoDevice(b.mqtt_port, "d1", version=5)
+    assert (await second.connect(token)).code == 0
+    assert (await first.next("disconnect")).code == 0x8E
+    gone = await client.event("device.disconnected")
+    assert (gone["data"]["session_id"], gone["data"]["reason"]) == (one["data"]["session_id"], "replaced")
+    back = await client.event("device.connected")
+    assert (back["data"]["node"], back["data"]["transport"], back["seq"]) == ("b", "mqtt", gone["seq"] + 1)
+    await second.subscribe("devices/d1/commands")
+    ack = await client.request({"type": "command", "device_id": "d1", "name": "blink"})
+    command = await second.next("message", topic="devices/d1/commands")
+    assert json.loads(command.payload)["command_id"] == ack["command_id"]
+    await second.publish(f"devices/d1/commands/{ack['command_id']}/result", json.dumps({"ok": True}))
+    result = await client.next_of("command_result")
+    assert (result["command_id"], result["state"]) == (ack["command_id"], "succeeded")
+    first.stop()
+    second.disconnect()
 
 
 async def test_sigkill_node_lost_exactly_once(cluster: Callable[..., Any]) -> None:

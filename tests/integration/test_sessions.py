@@ -112,7 +112,11 @@ async def test_presence_events_registry_and_snapshot(node: Node) -> None:
     connected = await client.event("device.connected")
     assert connected["device_id"] == "d1"
     assert connected["seq"] == 2
-    assert connected["data"] == {"session_id": device.welcome["session_id"], "node": node.settings.node_id}
+    assert connected["data"] == {
+        "session_id": device.welcome["session_id"],
+        "node": node.settings.node_id,
+        "transport": "websocket",
+    }
     async with node.rest("viewer") as rest:
         listing = (await rest.get("/connections")).json()
         assert [c["device_id"] for c in listing["items"]] == ["d1"]

@@ -53,13 +53,35 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[Any]:
         node = self.services
         yield GaugeMetricFamily(
-            "fleetwire_connections", "Open WebSocket sessions on this node", value=len(node.sessions.local)
+            "fleetwire_connections",
+            "Open sessions on this node (WebSocket and MQTT)",
+            value=len(node.sessions.local),
         )
         yield GaugeMetricFamily(
             "fleetwire_device_sessions",
             "Device sessions on this node",
             value=len(node.sessions.local.devices),
         )
+        sessions = node.sessions
+        by_transport = GaugeMetricFamily(
+            "fleetwire_device_sessions_by_transport",
+            "Device sessions on this node by transport (websocket, mqtt)",
+            labels=["transport"],
+        )
+        live: dict[str, int] = dict.fromkeys(("websocket", "mqtt"), 0)
+        for session in sessions.local.devices.values():
+            live[session.transport] = live.get(session.transport, 0) + 1
+        for transport, count in sorted(live.items()):
+            by_transport.add_metric([transport], count)
+        yield by_transport
+        opened = CounterMetricFamily(
+            "fleetwire_device_sessions_opened",
+            "Device sessions opened on this node by transport",
+            labels=["transport"],
+        )
+        for transport in sorted({*live, *sessions.opened_by_transport}):
+            opened.add_metric([transport], sessions.opened_by_transport.get(transport, 0))
+        yield opened
         yield GaugeMetricFamily(
             "fleetwire_write_queue", "Operations waiting for the group writer", value=node.writer.queued
         )

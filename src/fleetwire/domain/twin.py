@@ -81,12 +81,16 @@ class Outcome:
 
     twin: Twin
     changed: bool = False
-    delta_changed: bool = False
     refused: FleetwireError | None = None
+    delta: dict[str, Any] | None = None  # the new delta, when changed
 
     def event_data(self, section: Section, patch: dict[str, Any]) -> dict[str, Any]:
         """The `twin.updated` data: the new version, the applied patch, the whole delta."""
-        return {"version": self.twin.version, section.value: patch, "delta": self.twin.delta}
+        return {
+            "version": self.twin.version,
+            section.value: patch,
+            "delta": self.twin.delta if self.delta is None else self.delta,
+        }
 
 
 # -- JSON values ---------------------------------------------------------------------------
@@ -216,6 +220,24 @@ def merge(target: Any, patch: Any) -> Any:
     return result
 
 
+def changes(target: dict[str, Any], patch: dict[str, Any]) -> bool:
+    """Whether merge(target, patch) differs from target (as JSON), walking only the patch:
+    a write costs what its patch holds, not what the twin holds."""
+    for key, value in patch.items():
+        if value is None:
+            if key in target:
+                return True
+        elif key not in target:
+            return True  # any value (even `{}`) adds the key
+        elif isinstance(value, dict):
+            old = target[key]
+            if not isinstance(old, dict) or changes(old, value):
+                return True
+        elif not json_equal(target[key], value):
+            return True
+    return False
+
+
 def _metadata(
     meta: Any, before: dict[str, Any], after: dict[str, Any], patch: dict[str, Any], at: str
 ) -> dict[str, Any]:
@@ -288,9 +310,9 @@ def apply(
             ),
         )
     before = twin.section(section)
-    after = merge(before, patch)
-    if json_equal(before, after):
+    if not changes(before, patch):
         return Outcome(twin)
+    after = merge(before, patch)
     size = compact_size(after)
     if size > limits.max_bytes:
         return Outcome(
@@ -300,12 +322,13 @@ def apply(
                 f"`{section.value}` would be {size} bytes as compact JSON; at most {limits.max_bytes}",
             ),
         )
-    if depth(after) > limits.max_depth:
+    # The merge nests no deeper than the stored section or the patch: the patch decides.
+    if depth(patch) > limits.max_depth:
         return Outcome(
-            twin, refused=invalid(f"`{section.value}` would nest deeper than {limits.max_depth} levels")
+            twin, refused=invalid(f"`{section.value}` patch nests deeper than {limits.max_depth} levels")
         )
     meta = dict(twin.metadata)
     meta[section.value] = _metadata(twin.metadata.get(section.value), before, after, patch, format_ms(at_ms))
     desired, reported = (after, twin.reported) if section is Section.DESIRED else (twin.desired, after)
     changed = Twin(twin.device_id, twin.version + 1, desired, reported, meta)
-    return Outcome(changed, changed=True, delta_changed=not json_equal(twin.delta, changed.delta))
+    return Outcome(changed, changed=True, delta=changed.delta)

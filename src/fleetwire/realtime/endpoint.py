@@ -236,6 +236,7 @@ class Endpoint:
 
 class DeviceEndpoint(Endpoint):
     __slots__ = ("device", "device_id")
+    transport: ClassVar[str] = "websocket"  # `data.transport` of `device.connected` (contract §8)
     _HANDLERS: ClassVar[dict[str, str]] = {
         "status": "_status",
         "command_result": "_command_result",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fleetwire.auth.principal import AuthError, Role
 from fleetwire.domain.devices import DEVICE_ID
 from fleetwire.realtime.endpoint import ClientEndpoint, DeviceEndpoint, EndpointServices, new_session_id
+from fleetwire.realtime.mqtt.endpoint import MqttGate
 from fleetwire.realtime.session import Session, SessionLimits
 from fleetwire.services.registry import RegistryService
 from fleetwire.store.base import StoreUnavailableError
@@ -16,6 +17,7 @@ from fleetwire.transport.base import Handler, Refusal, UpgradeRequest
 
 DEVICE_PATH = "/ws/device"
 CLIENT_PATH = "/ws/client"
+MQTT_PATH = "/mqtt"  # contract §8: MQTT over WebSocket, subprotocol `mqtt`
 
 
 class Handshake:
@@ -27,7 +29,9 @@ class Handshake:
         *,
         origins: frozenset[str],
         max_connections: int,
+        mqtt: MqttGate | None = None,
     ) -> None:
+        self._mqtt = mqtt
         self._services = services
         self._registry = registry
         self._limits = limits
@@ -36,8 +40,17 @@ class Handshake:
 
     async def __call__(self, request: UpgradeRequest) -> Handler | Refusal:
         is_device = request.path == DEVICE_PATH
-        if not is_device and request.path != CLIENT_PATH:
+        is_mqtt = request.path == MQTT_PATH and self._mqtt is not None
+        if not is_device and not is_mqtt and request.path != CLIENT_PATH:
             return Refusal(404, "not_found", "no WebSocket endpoint here")
+        if is_mqtt and self._mqtt is not None:
+            # The token travels in CONNECT, never in an ambient credential (cookie, header a
+            # browser adds), so a cross-site page cannot hijack a session: no Origin check
+            # (clients such as paho send one of their own). The endpoint decides (CONNACK, §8).
+            offered = request.headers.get("sec-websocket-protocol", "")
+            if "mqtt" not in (p.strip() for p in offered.split(",")):
+                return Refusal(400, "bad_request", "MQTT over WebSocket needs subprotocol `mqtt`")
+            return self._mqtt.websocket()
         origin = request.headers.get("origin")
         if origin is not None and "*" not in self._origins and origin not in self._origins:
             return Refusal(403, "forbidden", "Origin not allowed")

@@ -229,7 +229,7 @@ class SessionProtocol:
             text = f"`{kind}` is not allowed on this endpoint" if known else "unknown message type"
             return Reply(error(request_id, FleetwireError(code, text)))
         try:
-            value = self._parse(kind, message, now_ms)
+            value = self.parse(kind, message, now_ms)
         except FleetwireError as exc:
             return Reply(error(request_id, exc))
         return Request(kind, request_id, value)
@@ -242,7 +242,8 @@ class SessionProtocol:
             return reply if allowed is False else (reply, CloseWith(Close.RATE_LIMITED))
         return Reply(error(None, invalid("binary frames are not accepted; send JSON text frames")))
 
-    def _parse(self, kind: str, message: dict[str, Any], now_ms: int) -> Any:
+    def parse(self, kind: str, message: dict[str, Any], now_ms: int) -> Any:
+        """The fields of a message of `kind` (allowed here), checked; raises FleetwireError."""
         if kind == "telemetry":
             return telemetry.parse_single(message, now_ms, self._skew_ms, ENVELOPE)
         if kind == "telemetry_batch":

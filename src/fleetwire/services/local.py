@@ -1,6 +1,6 @@
 """The sessions this node holds, as services see them: no socket, no protocol, no transport.
 
-An endpoint (WebSocket today, MQTT next) implements `LocalSession` / `LocalDeviceSession`
+An endpoint (WebSocket or MQTT) implements `LocalSession` / `LocalDeviceSession`
 and registers with `SessionService.opened`; services reach a session only through these
 methods, and every one of them returns at once.
 """
@@ -37,6 +37,10 @@ class LocalDeviceSession(LocalSession, Protocol):
 
     @property
     def last_seen_ms(self) -> int: ...
+
+    @property
+    def transport(self) -> str:
+        """`websocket` or `mqtt`: `data.transport` of `device.connected` (contract §8)."""
 
     def connected(self) -> None:
         """`device.connected` is recorded: requests that waited for it may now run."""

@@ -81,6 +81,8 @@ class SessionService:
         self._seen_connected: dict[str, str] = {}
         self._connected_waiters: dict[str, asyncio.Future[bool]] = {}
         self._replace_wait_s = replace_wait_s
+        # Device sessions opened on this node since it started, by transport (metrics).
+        self.opened_by_transport: dict[str, int] = {}
 
     # -- a session opens and closes -----------------------------------------------------------
     def opened(self, session: LocalSession) -> None:
@@ -88,6 +90,8 @@ class SessionService:
 
     def device_opened(self, session: LocalDeviceSession) -> None:
         self.local.by_id[session.session_id] = session
+        transport = session.transport
+        self.opened_by_transport[transport] = self.opened_by_transport.get(transport, 0) + 1
         previous = self.local.devices.get(session.device_id)
         self.local.devices[session.device_id] = session
         if previous is not None:
@@ -217,7 +221,7 @@ class SessionService:
         await self._writer.submit(EventWrite(device_id, "device.disconnected", at, data))
 
     async def _announce(self, session: LocalDeviceSession) -> None:
-        data = {"session_id": session.session_id, "node": self.node_id}
+        data = {"session_id": session.session_id, "node": self.node_id, "transport": session.transport}
         await self._writer.submit(
             EventWrite(session.device_id, "device.connected", session.connected_at_ms, data)
         )

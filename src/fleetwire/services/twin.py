@@ -13,6 +13,11 @@ commands (`sync`), and an event that arrives meanwhile is kept and wins if newer
 versions than the one a session was last told are never sent (events from two nodes may
 reach a hub late).
 
+Transports stay out of it: a session (WebSocket today, MQTT next) registers with
+SessionService, which calls `sync` after its queued commands and `session_closed` at its end;
+the delta reaches it through `LocalDeviceSession.send` as a `twin_delta` message, like a
+command. Reads and writes take the caller's Principal and authorize here.
+
 A connect asks the database nothing when the device is known to have an empty delta: every
 node keeps the set of devices whose delta may not be empty, filled by one query at start
 (and after a broker outage, when events may have been missed) and kept exact by the
@@ -154,6 +159,8 @@ class TwinService:
         """A hub listener (every node sees every event): a `twin.updated` of a device whose
         session is here tells it the new delta when that changed."""
         if event.name != "twin.updated":
+            if event.name == "device.deleted":  # its twin went with it
+                self._with_delta.discard(event.device_id)
             return
         data = orjson.loads(event.payload)["data"]
         current: _Told = (data["version"], data["delta"])

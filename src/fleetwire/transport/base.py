@@ -92,6 +92,9 @@ class Socket(Protocol):
 
 
 class Handler(Protocol):
+    """A handler may carry a `subprotocol` class attribute (a string, e.g. `mqtt` for MQTT over
+    WebSocket): the adapter answers the upgrade with that `Sec-WebSocket-Protocol`."""
+
     def on_open(self, socket: Socket) -> None: ...
 
     def on_message(self, payload: bytes, is_text: bool) -> None: ...

@@ -323,6 +323,12 @@ class _Connection(WSListener):
         return self._closing or self._ws.is_disconnected
 
     @property
+    def subprotocol(self) -> str | None:
+        """The handler's `subprotocol` (see transport.base.Handler), for the 101."""
+        value = getattr(self._handler, "subprotocol", None)
+        return value if isinstance(value, str) else None
+
+    @property
     def queued(self) -> int:
         """Messages held because the peer does not read (never more than `send_queue`)."""
         return len(self._held) if self._held else 0
@@ -558,6 +564,10 @@ class _Decision:
         listener, self.listener = self.listener, None
         if listener is None:  # bytes arrived before the decision: cannot happen while paused
             return _refused_response()
+        subprotocol = listener.subprotocol
+        if subprotocol is not None:  # RFC 6455 §4.2.2: the one the handler speaks (`mqtt`)
+            response = WSUpgradeResponse.create_101_response({"Sec-WebSocket-Protocol": subprotocol})
+            return WSUpgradeResponseWithListener(response, listener)
         return listener
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -20,11 +21,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fleetwire.transport.base import TransportAdapter, TransportLimits, WebSocketApp
 from fleetwire.transport.logs import RedactAccessToken, install_log_redaction
+from fleetwire.transport.mqtt.stream import StreamHandler, StreamLimits, TcpListener
 from fleetwire.transport.picows import PicowsTransport
 
 __all__ = [
     "FleetwireServer",
     "HeadTimeoutHttpProtocol",
+    "MqttListen",
     "RedactAccessToken",
     "build_server",
     "install_log_redaction",
@@ -82,11 +85,20 @@ class HeadTimeoutHttpProtocol(HttpToolsProtocol):
 
 
 class FleetwireServer(uvicorn.Server):
-    """uvicorn.Server that reports the port it bound (port 0 in tests) once it listens."""
+    """uvicorn.Server that reports the port it bound (port 0 in tests) once it listens, and
+    runs the MQTT TCP listener (contract §8) beside it when one is given."""
 
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_started: Callable[[int], None] | None = None,
+        mqtt: MqttListen | None = None,
+    ) -> None:
         super().__init__(config)
         self._on_started = on_started
+        self._mqtt = mqtt
+        self._mqtt_listener: TcpListener | None = None
+        self.mqtt_port: int | None = None
 
     @property
     def port(self) -> int | None:
@@ -98,11 +110,35 @@ class FleetwireServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
+        if self.started and self._mqtt is not None:
+            mqtt = self._mqtt
+            self._mqtt_listener = TcpListener(mqtt.handler_factory, mqtt.limits)
+            self.mqtt_port = await self._mqtt_listener.start(mqtt.host, mqtt.port)
         if self.started:
             install_log_redaction()  # again: Config may have re-run dictConfig meanwhile
             port = self.port
             if self._on_started is not None and port is not None:
                 self._on_started(port)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """No new MQTT connections; the lifespan's shutdown closes the sessions (DISCONNECT
+        0x8B on 5.0), then what is left is aborted."""
+        listener = self._mqtt_listener
+        if listener is not None and listener.server is not None:
+            listener.server.close()
+        await super().shutdown(sockets=sockets)
+        if listener is not None:
+            await listener.stop()
+
+
+@dataclass(frozen=True, slots=True)
+class MqttListen:
+    """Where and how the MQTT TCP listener runs."""
+
+    handler_factory: Callable[[], StreamHandler]
+    host: str
+    port: int
+    limits: StreamLimits
 
 
 def build_server(
@@ -116,6 +152,7 @@ def build_server(
     access_log: bool = True,
     on_started: Callable[[int], None] | None = None,
     adapter: TransportAdapter | None = None,
+    mqtt: MqttListen | None = None,
     **uvicorn_options: Any,
 ) -> FleetwireServer:
     """A uvicorn server: httptools + uvloop, lifespan on, `adapter` (picows by default) for
@@ -140,4 +177,4 @@ def build_server(
         **options,
     )
     install_log_redaction()
-    return FleetwireServer(config, on_started=on_started)
+    return FleetwireServer(config, on_started=on_started, mqtt=mqtt)

@@ -16,6 +16,7 @@ from fleetwire.domain.twin import (
     TwinLimits,
     TwinWrite,
     apply,
+    changes,
     check_patch,
     delta,
     depth,
@@ -67,7 +68,7 @@ def test_merge_changes_neither_argument() -> None:
     assert (target, patch) == ({"a": {"b": 1}}, {"a": {"c": 2}})
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(DOCUMENTS, PATCHES)
 def test_merge_is_idempotent(document: dict[str, Any], patch: dict[str, Any]) -> None:
     """Applying the same patch twice is applying it once."""
@@ -75,7 +76,16 @@ def test_merge_is_idempotent(document: dict[str, Any], patch: dict[str, Any]) ->
     assert json_equal(merge(once, patch), once)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
+@given(DOCUMENTS, PATCHES)
+def test_changes_tells_whether_the_merge_changes_the_document(
+    document: dict[str, Any], patch: dict[str, Any]
+) -> None:
+    """The patch-only walk agrees with comparing the whole documents."""
+    assert changes(document, patch) is not json_equal(merge(document, patch), document)
+
+
+@settings(max_examples=60, deadline=None)
 @given(DOCUMENTS, PATCHES)
 def test_merge_result_holds_no_null(document: dict[str, Any], patch: dict[str, Any]) -> None:
     def nulls(value: Any) -> bool:
@@ -109,14 +119,14 @@ def test_json_equality_is_not_pythons() -> None:
     assert delta({"flag": True}, {"flag": 1}) == {"flag": True}
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(DOCUMENTS, DOCUMENTS)
 def test_delta_is_empty_when_reported_covers_desired(desired: dict[str, Any], extra: dict[str, Any]) -> None:
     """Reported holding every desired leaf (and more) leaves nothing to do."""
     assert delta(desired, merge(extra, desired)) == {}
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(DOCUMENTS, DOCUMENTS)
 def test_reporting_the_delta_empties_it(desired: dict[str, Any], reported: dict[str, Any]) -> None:
     """A device that applies the delta and reports it converges (no endless delta loop)."""
@@ -127,7 +137,7 @@ def test_reporting_the_delta_empties_it(desired: dict[str, Any], reported: dict[
 def test_apply_versions_metadata_and_no_change() -> None:
     twin = Twin.empty("d1")
     first = apply(twin, Section.DESIRED, {"led": {"on": True}, "n": 1}, 1000)
-    assert (first.changed, first.delta_changed, first.refused) == (True, True, None)
+    assert (first.changed, first.refused, first.delta) == (True, None, {"led": {"on": True}, "n": 1})
     assert first.twin.version == 2
     assert first.twin.metadata == {
         "desired": {"led": {"on": {"updated_at": format_ms(1000)}}, "n": {"updated_at": format_ms(1000)}},
@@ -142,7 +152,7 @@ def test_apply_versions_metadata_and_no_change() -> None:
     same = apply(leaf_to_object.twin, Section.DESIRED, {"n": {"x": 1}, "gone": None}, 4000)
     assert (same.changed, same.twin) == (False, leaf_to_object.twin)
     reported = apply(leaf_to_object.twin, Section.REPORTED, {"other": 1}, 5000)
-    assert (reported.changed, reported.delta_changed) == (True, False)
+    assert (reported.changed, reported.delta) == (True, {"n": {"x": 1}})
     assert reported.event_data(Section.REPORTED, {"other": 1}) == {
         "version": 5,
         "reported": {"other": 1},

@@ -185,6 +185,7 @@ class FakeDeviceSession(FakeClientSession):
         self.device = device
         self.seen_ms = connected_at_ms
         self.connected_calls = 0
+        self.transport = "websocket"
 
     @property
     def last_seen_ms(self) -> int:

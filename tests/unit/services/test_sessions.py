@@ -32,7 +32,9 @@ async def test_device_opened_claims_presence_and_announces(node: Node) -> None:
     at = session.connected_at_ms
     assert await node.presence.get("d1") == SessionInfo("d1", session.session_id, "n1", at, at)
     assert node.log.of("d1") == [("device.registered", 1), ("device.connected", 2)]
-    assert node.log.data("d1", "device.connected") == [{"session_id": session.session_id, "node": "n1"}]
+    assert node.log.data("d1", "device.connected") == [
+        {"session_id": session.session_id, "node": "n1", "transport": "websocket"}
+    ]
     [connected] = [e for e in node.log.events if e.name == "device.connected"]
     assert orjson.loads(connected.payload)["at"] == format_ms(at)
     assert session.connected_calls == 1

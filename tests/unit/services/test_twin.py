@@ -257,6 +257,15 @@ async def test_a_device_known_to_have_no_delta_connects_without_a_read() -> None
         last = await node.connect("d1")
         await node.settle()
         assert (store.reading.is_set(), deltas(last)) == (False, [])
+        node.services.sessions.device_closed(last, "closed")
+        store.gate = None
+        await twin.update_desired(OPERATOR, "d1", {"b": 2})
+        await node.services.registry.delete("d1")  # its twin, and its place in the index, go
+        await node.register("d1")
+        store.gate = asyncio.Event()
+        fresh = await node.connect("d1")
+        await node.settle()
+        assert (store.reading.is_set(), deltas(fresh)) == (False, [])
 
 
 async def test_a_delta_given_while_the_index_fills_is_kept() -> None:

@@ -1,0 +1,1 @@
+"""MQTT device sessions (contract §8): the sans-I/O core and its endpoint."""

@@ -1,0 +1,1 @@
+"""MQTT (contract §8): the packet codec and the TCP listener; nothing of fleetwire."""
