@@ -398,6 +398,7 @@ class BaseClient:
                             self._watchdog(ws, heartbeat * self.options.watchdog_factor)
                         )
                     self.state = State.CONNECTED
+                    log.debug("fleetwire session %s open", message.get("session_id"))
                     self._connected_event.set()
                     self._emit(Connected(str(message.get("session_id")), message))
                     self._spawn(self._on_welcome(message))
@@ -466,6 +467,7 @@ class BaseClient:
             return
         self.state = State.CLOSED
         self.close_reason, self.close_code = reason, code
+        log.info("fleetwire client closed: %s (code %s, status %s)", reason, code, status)
         self._closing = True
         self._emit(Closed(reason, code, status))
         self._closed_event.set()
