@@ -53,8 +53,7 @@ async def test_subscription_resumes_after_a_reconnect(node: Node) -> None:
         for n in range(3):
             await device.request({"type": "telemetry", "data": {"n": n}})
         assert await values(subscription, 3) == [0, 1, 2]
-        assert app._ws is not None
-        app._ws.transport.abort()  # the TCP connection drops
+        app.drop()  # the TCP connection drops
         dropped = await recorder.next(Disconnected)
         for n in range(3, 6):
             await device.request({"type": "telemetry", "data": {"n": n}})
@@ -87,8 +86,7 @@ async def test_unrecovered_resume_is_filled_from_the_history(make_node: Callable
         subscription = await app.subscribe(["d1"], ["telemetry"])
         await device.request({"type": "telemetry", "data": {"n": 0}})
         assert await values(subscription, 1) == [0]
-        assert app._ws is not None
-        app._ws.transport.abort()
+        app.drop()
         dropped = await recorder.next(Disconnected)
         await device.close()
         device = await node.device("d1")  # a disconnect and a connect in the gap
@@ -212,8 +210,7 @@ async def test_pending_requests_fail_at_once_on_disconnect(node: Node) -> None:
         await app.wait_connected(TIMEOUT)
         waiting = asyncio.ensure_future(app.command("d1", "slow", timeout=600))
         command = await device.next_of("command")
-        assert app._ws is not None
-        app._ws.transport.abort()
+        app.drop()
         with pytest.raises(CommandResultLost) as lost:
             await asyncio.wait_for(waiting, TIMEOUT)
         assert lost.value.command_id == command["command_id"]

@@ -43,6 +43,7 @@ log = logging.getLogger("fleetwire.client")
 _wire_log = logging.getLogger("fleetwire.client.wire")
 _wire_log.setLevel(logging.INFO)
 
+CLOSED_BY_APPLICATION = "closed by the application"  # Closed.reason after close()
 TokenProvider = Callable[[], Awaitable[str]]
 Listener = Callable[["ConnectionEvent"], Awaitable[None] | None]
 
@@ -203,7 +204,13 @@ class BaseClient:
         if self._runner is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._runner), self.options.open_timeout_s)
-        await self._finish("closed by the application", None, None)
+        await self._finish(CLOSED_BY_APPLICATION, None, None)
+
+    def drop(self) -> None:
+        """Abort the TCP connection without a close frame, as a network failure would (the
+        client then reconnects by its policy): for tests and `fleetwire simulate --flaky`."""
+        if self._ws is not None:
+            self._ws.transport.abort()
 
     async def wait_closed(self, timeout: float) -> None:
         await asyncio.wait_for(self._closed_event.wait(), timeout)
@@ -339,7 +346,9 @@ class BaseClient:
                     self.backoff.reset()
             if action is Action.REFRESH_TOKEN and isinstance(self._token_source, str):
                 action = Action.STOP  # a fixed token cannot be refreshed
-            if self._closing or action is Action.STOP:
+            if self._closing:
+                break
+            if action is Action.STOP:
                 await self._finish(reason, code, status)
                 return
             delay = self.backoff.next_delay(action, retry_after)
@@ -357,7 +366,7 @@ class BaseClient:
             finally:
                 sleeper.cancel()
                 waker.cancel()
-        await self._finish("closed by the application", None, None)
+        await self._finish(CLOSED_BY_APPLICATION, None, None)
 
     async def _open(self, token: str) -> _WatchedConnection:
         ws = await connect(

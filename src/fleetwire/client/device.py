@@ -80,6 +80,9 @@ class DeviceClient(BaseClient):
         self.max_batch_bytes = max_batch_bytes
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self._outbox_changed = asyncio.Event()
+        self._outbox_empty = asyncio.Event()
+        if not len(self.buffer):
+            self._outbox_empty.set()
         self._handlers: dict[str, CommandHandler] = {}
         self._commands: asyncio.Queue[Command] = asyncio.Queue(command_queue)
         self._command_workers = command_workers
@@ -114,7 +117,16 @@ class DeviceClient(BaseClient):
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters[key] = future
         self._outbox_changed.set()
+        self._outbox_empty.clear()
         return future
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until every record taken so far was acked or refused; False on timeout."""
+        try:
+            await asyncio.wait_for(self._outbox_empty.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def _flush_loop(self) -> None:
         """Send the outbox, oldest first, one message in flight, whenever a session is open."""
@@ -122,6 +134,7 @@ class DeviceClient(BaseClient):
             await self._connected_event.wait()
             batch = self._next_batch()
             if not batch:
+                self._outbox_empty.set()
                 self._outbox_changed.clear()
                 await self._outbox_changed.wait()
                 continue
