@@ -28,6 +28,7 @@ from fleetwire.services.routing import NodeRouter
 from fleetwire.services.sessions import SessionService
 from fleetwire.services.subscriptions import SubscriptionService
 from fleetwire.services.tasks import Tasks
+from fleetwire.services.twin import TwinService
 from fleetwire.store.base import Store
 
 
@@ -60,6 +61,7 @@ class Services:
     subscriptions: SubscriptionService
     registry: RegistryService
     cache: DeviceCache
+    twin: TwinService
     periods: Periods
 
     async def start(self) -> None:
