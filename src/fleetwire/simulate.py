@@ -151,6 +151,7 @@ class Totals:
     sent: int = 0  # records handed to the SDK
     errors: int = 0  # refused records, a full outbox, failed commands
     commands: int = 0
+    deltas: int = 0  # twin deltas applied (and reported)
     stopped: list[str] = field(default_factory=list)  # devices whose client closed for good
 
 
@@ -212,6 +213,22 @@ class Fleet:
         def read(command: Command) -> dict[str, Any]:
             totals.commands += 1
             return sim.sensor.read(time.monotonic() - self.started)
+
+        @client.on_delta
+        def adopt(delta: dict[str, Any], version: int) -> dict[str, Any] | None:
+            """Apply what is desired and report it: `interval_s` sets the message rate, any
+            other key is taken as is (a real device would switch its LED, its mode…)."""
+            if not delta:
+                return None  # converged
+            totals.deltas += 1
+            interval = delta.get("interval_s")
+            if (
+                isinstance(interval, int | float)
+                and not isinstance(interval, bool)
+                and 0.001 <= interval <= 3600
+            ):
+                sim.rate = 1.0 / interval
+            return delta
 
         def on_state(event: ConnectionEvent) -> None:
             if isinstance(event, Closed) and event.reason != CLOSED_BY_APPLICATION:
@@ -370,7 +387,8 @@ async def run(
     print(
         f"{len(fleet.devices)} devices, {elapsed:.1f} s: {fleet.totals.sent} records sent, {acked} acked "
         f"({acked / max(elapsed, 1e-9):,.0f}/s), {fleet.buffered()} unacked, {fleet.totals.errors} errors, "
-        f"{fleet.reconnects()} reconnects, {fleet.totals.commands} commands answered",
+        f"{fleet.reconnects()} reconnects, {fleet.totals.commands} commands answered, "
+        f"{fleet.totals.deltas} twin deltas applied",
         file=out,
     )
     for sim in fleet.devices:

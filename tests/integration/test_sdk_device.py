@@ -14,6 +14,7 @@ import pytest
 
 from fleetwire.client import (
     Action,
+    AppClient,
     Backoff,
     ClientClosed,
     ClientOptions,
@@ -490,3 +491,57 @@ async def test_no_token_in_logs(node: Node, caplog: pytest.LogCaptureFixture) ->
     assert token not in text
     assert refused_token not in text
     assert token.split(".")[1] not in text
+
+
+async def test_twin_delta_handler_converges(node: Node) -> None:
+    """A desired state set while the device was offline reaches on_delta after the welcome;
+    the handler's return value is reported, the next delta is {} (converged); a later
+    twin_update from an AppClient goes the same way, and twin() shows the result."""
+    await node.register("d1")
+    async with node.rest("operator") as rest:
+        response = await rest.patch(
+            "/devices/d1/twin", json={"desired": {"led": {"on": True}, "interval_s": 10}}
+        )
+        assert response.status_code == 200, response.text
+    device = DeviceClient(node.ws_url, node.token("d1", "device"))
+    calls: list[tuple[dict[str, Any], int]] = []
+    called = asyncio.Event()
+
+    @device.on_delta
+    def adopt(delta: dict[str, Any], version: int) -> dict[str, Any]:
+        calls.append((delta, version))
+        called.set()
+        return delta
+
+    async def next_call() -> tuple[dict[str, Any], int]:
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                called.clear()
+                if len(calls) > seen:
+                    return calls[seen]
+                await called.wait()
+
+    app = AppClient(node.ws_url, node.token("ops", "operator"))
+    await device.start()
+    await app.start()
+    try:
+        seen = 0
+        assert await next_call() == ({"led": {"on": True}, "interval_s": 10}, 2)
+        seen = 1
+        assert await next_call() == ({}, 3)  # the report made the delta empty
+        await app.wait_connected(TIMEOUT)
+        assert await app.twin_update("d1", {"led": {"on": False}}) == 4
+        seen = 2
+        assert await next_call() == ({"led": {"on": False}}, 4)
+        seen = 3
+        assert await next_call() == ({}, 5)
+        twin = await device.twin()
+        assert (twin["reported"], twin["delta"], twin["version"]) == (
+            {"led": {"on": False}, "interval_s": 10},
+            {},
+            5,
+        )
+        assert len(calls) == 4
+    finally:
+        await app.close()
+        await device.close()

@@ -80,7 +80,8 @@ async def test_register_send_and_summary(node: Node, tmp_path: Path) -> None:
 
 async def test_answers_commands_while_running(node: Node, tmp_path: Path) -> None:
     """While the simulator runs, ping and set_rate succeed; a bad set_rate fails with
-    invalid_params; the summary counts the three commands."""
+    invalid_params; a desired twin state is adopted and reported (the delta becomes {}); the
+    summary counts the three commands and the one delta."""
     stop = asyncio.Event()
     running = asyncio.ensure_future(
         simulate(node, tmp_path, ["--register", "--devices", "2", "--rate", "5"], stop)
@@ -94,6 +95,11 @@ async def test_answers_commands_while_running(node: Node, tmp_path: Path) -> Non
     for name, params in (("ping", {}), ("set_rate", {"rate": 50}), ("set_rate", {"rate": -1})):
         await operator.request({"type": "command", "device_id": "sim-1", "name": name, "params": params})
         results.append(await operator.next_of("command_result"))
+    await operator.request({"type": "subscribe", "devices": ["sim-1"], "events": ["twin"]})
+    desired = {"interval_s": 0.05, "mode": "eco"}
+    await operator.request({"type": "twin_update", "device_id": "sim-1", "desired": desired})
+    reported = await operator.event("twin.updated", reported=desired)
+    assert reported["data"]["delta"] == {}
     stop.set()
     code, output = await running
     assert [r["state"] for r in results] == ["succeeded", "succeeded", "failed"]
@@ -103,6 +109,7 @@ async def test_answers_commands_while_running(node: Node, tmp_path: Path) -> Non
     match = SUMMARY.search(output)
     assert match, output
     assert int(match.group(7)) == 3
+    assert output.rstrip().endswith("1 twin deltas applied"), output
     assert code == 0
 
 

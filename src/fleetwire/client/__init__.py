@@ -17,7 +17,7 @@ from fleetwire.client.connection import (
     State,
     TokenProvider,
 )
-from fleetwire.client.device import Command, CommandError, DeviceClient
+from fleetwire.client.device import Command, CommandError, DeltaHandler, DeviceClient
 from fleetwire.client.errors import (
     BufferFull,
     ClientClosed,
@@ -50,6 +50,7 @@ __all__ = [
     "Connecting",
     "ConnectionEvent",
     "ConnectionLost",
+    "DeltaHandler",
     "DeviceClient",
     "Disconnected",
     "Event",

@@ -333,6 +333,18 @@ class AppClient(BaseClient):
             if subscription.matches(event):
                 await subscription._queue.put(event)
 
+    # -- twin (contract §6) ------------------------------------------------------------------
+
+    async def twin_update(
+        self, device_id: str, desired: dict[str, Any], if_version: int | None = None
+    ) -> int:
+        """Merge-patch a device's `desired` (operator); returns the twin's version."""
+        message: dict[str, Any] = {"type": "twin_update", "device_id": device_id, "desired": desired}
+        if if_version is not None:
+            message["if_version"] = if_version
+        ack = await self._request(message)
+        return int(ack["version"])
+
     # -- commands --------------------------------------------------------------------------
 
     async def command(

@@ -8,6 +8,7 @@
 - `@device.command("reboot")` registers a handler; its return value (or exception) is sent as
   `command_result` automatically. An expired command is skipped, a redelivered `command_id`
   ignored; handlers run in a bounded pool of worker tasks, not on the read loop.
+- The twin (contract §6): `report(patch)`, `twin()`, and `@device.on_delta` for `twin_delta`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class CommandError(Exception):
 
 
 CommandHandler = Callable[[Command], Awaitable[dict[str, Any] | None] | dict[str, Any] | None]
+# Called with (delta, version); a returned object is reported as the `reported` patch.
+DeltaHandler = Callable[[dict[str, Any], int], Awaitable[dict[str, Any] | None] | dict[str, Any] | None]
 # Retries of a batch the server could not take right now (rate_limited, unavailable).
 _RETRY_LATER_S = 1.0
 
@@ -90,6 +93,10 @@ class DeviceClient(BaseClient):
         self._remembered = remembered_commands
         self._results: deque[dict[str, Any]] = deque(maxlen=command_queue)  # unsent results
         self._workers: list[asyncio.Task[None]] = []
+        self._delta_handler: DeltaHandler | None = None
+        self._delta: tuple[int, dict[str, Any]] | None = None  # the newest delta not yet handled
+        self._delta_arrived = asyncio.Event()
+        self._delta_version = 0  # the version of the last delta handed to the handler
         self.acked = 0  # records acked by the server
         self.refused = 0  # records refused as invalid
         self.commands_handled = 0
@@ -228,7 +235,60 @@ class DeviceClient(BaseClient):
             await self._on_device_message(message)
 
     async def _on_device_message(self, message: dict[str, Any]) -> None:
-        """Other server messages (the twin, in later versions); ignored here."""
+        if message.get("type") == "twin_delta":
+            # Each twin_delta carries the whole delta: a newer one replaces one not yet handled.
+            version = int(message.get("version") or 0)
+            if self._delta is None or version >= self._delta[0]:
+                self._delta = (version, message.get("delta") or {})
+                self._delta_arrived.set()
+
+    # -- twin (contract §6) ----------------------------------------------------------------
+
+    def on_delta(self, handler: DeltaHandler) -> DeltaHandler:
+        """Decorator: called with (delta, version) after the welcome when the twin's delta is
+        not empty and after every change of it (also to `{}`: converged). Runs off the read
+        loop; deltas that arrive while it runs are coalesced to the newest. A returned object
+        is sent as a `twin_report` patch (return the delta to adopt everything desired)."""
+        self._delta_handler = handler
+        return handler
+
+    async def report(self, reported: dict[str, Any], if_version: int | None = None) -> int:
+        """Merge-patch the twin's `reported` (RFC 7396; None deletes a key); returns the
+        twin's version. RequestError `conflict` when `if_version` is not the current one."""
+        message: dict[str, Any] = {"type": "twin_report", "reported": reported}
+        if if_version is not None:
+            message["if_version"] = if_version
+        ack = await self._request(message)
+        return int(ack["version"])
+
+    async def twin(self) -> dict[str, Any]:
+        """The device's twin: desired, reported, delta, version, metadata."""
+        ack = await self._request({"type": "twin_get"})
+        twin: dict[str, Any] = ack["twin"]
+        return twin
+
+    async def _delta_worker(self) -> None:
+        while True:
+            await self._delta_arrived.wait()
+            self._delta_arrived.clear()
+            if self._delta is None:
+                continue
+            version, delta = self._delta
+            self._delta = None
+            handler = self._delta_handler
+            if handler is None or version < self._delta_version:
+                continue
+            self._delta_version = version
+            try:
+                patch = handler(delta, version)
+                if inspect.isawaitable(patch):
+                    patch = await patch
+                if patch:
+                    await self.report(patch)
+            except (ConnectionLost, NotConnected, TimeoutError):
+                continue  # the next session's welcome brings the delta again
+            except Exception:
+                log.exception("fleetwire device: the twin delta handler failed")
 
     async def _command_worker(self) -> None:
         while True:
@@ -276,7 +336,10 @@ class DeviceClient(BaseClient):
         if self._runner is not None:
             return
         await super().start()
-        self._workers = [asyncio.ensure_future(self._flush_loop())]
+        self._workers = [
+            asyncio.ensure_future(self._flush_loop()),
+            asyncio.ensure_future(self._delta_worker()),
+        ]
         self._workers += [asyncio.ensure_future(self._command_worker()) for _ in range(self._command_workers)]
 
     def _on_closed(self) -> None:
