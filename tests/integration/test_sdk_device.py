@@ -545,3 +545,37 @@ async def test_twin_delta_handler_converges(node: Node) -> None:
     finally:
         await app.close()
         await device.close()
+
+
+async def test_batches_shrink_below_the_servers_message_limit(make_node: Callable[..., Node]) -> None:
+    """The server's FLEETWIRE_MAX_MESSAGE_BYTES is 2048: the first batch (40 records, ~2.6 KB)
+    is closed with 1009; the client halves its batch bound under that size, reconnects and
+    every record is stored in order. A single record over the limit is refused too_large
+    instead of being retried forever."""
+    node = make_node(max_message_bytes=2048)
+    await node.register("d1", "d2")
+    options = ClientOptions(backoff=Backoff(random=always(0.0)))
+    device = DeviceClient(node.ws_url, node.token("d1", "device"), options=options)
+    recorder = Recorder(device)
+    futures = [device.enqueue({"n": n, "padding": "x" * 20}) for n in range(40)]
+    await device.start()
+    try:
+        await asyncio.wait_for(asyncio.gather(*futures), TIMEOUT)
+        closed = await recorder.next(Disconnected)
+        assert (closed.code, closed.reason) == (1009, "message_too_big")
+        assert device.max_batch_bytes < 2048
+        assert await stored(node, "d1") == list(range(40))
+    finally:
+        await device.close()
+    big = DeviceClient(node.ws_url, node.token("d2", "device"), options=options)
+    too_big = big.enqueue({"text": "y" * 1024, "more": "z" * 1024})
+    after = big.enqueue({"n": 1})
+    await big.start()
+    try:
+        with pytest.raises(RequestError) as refused:
+            await asyncio.wait_for(too_big, TIMEOUT)
+        assert refused.value.code == "too_large"
+        await asyncio.wait_for(after, TIMEOUT)
+        assert await stored(node, "d2") == [1]
+    finally:
+        await big.close()

@@ -184,8 +184,7 @@ class AppClient(BaseClient):
     ) -> Subscription:
         """Subscribe (contract §2.3); the subscription is made again after every reconnect."""
         subscription = Subscription(self, list(devices), list(events or ["presence", "status"]), queue)
-        await self._subscribe(subscription, None)
-        self._subscriptions.append(subscription)
+        await self._subscribe(subscription, None)  # the dispatcher adds it with its ack
         return subscription
 
     async def _subscribe(self, subscription: Subscription, resume: dict[str, int] | None) -> None:
@@ -274,6 +273,10 @@ class AppClient(BaseClient):
             subscription.recovered = dict(ack.get("recovered") or {})
             if resumed:
                 subscription.resubscribed += 1
+            elif subscription not in self._subscriptions:
+                # Here, not after the request returns: the events right behind the ack are
+                # dispatched before the subscribing coroutine runs again.
+                self._subscriptions.append(subscription)
             for item in subscription.snapshot:
                 device_id, seq = str(item.get("device_id")), int(item.get("seq") or 0)
                 last = self.last_seq.get(device_id)

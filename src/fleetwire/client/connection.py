@@ -234,6 +234,9 @@ class BaseClient:
         """A message that is not a reply, welcome or token_expiring; runs on the read loop,
         so it must only hand the message on (a bounded put is the backpressure)."""
 
+    def _on_close_code(self, code: int | None) -> None:
+        """The close code of a session that just ended (before the backoff)."""
+
     def _on_session_end(self) -> None:
         """Runs when a session ends, after pending requests failed."""
 
@@ -342,6 +345,7 @@ class BaseClient:
                 opened += 1
                 code, reason = await self._session(ws)
                 action = decide_close(code)
+                self._on_close_code(code)
                 if self.clock.monotonic() - started >= self.backoff.stable_s:
                     self.backoff.reset()
             if action is Action.REFRESH_TOKEN and isinstance(self._token_source, str):

@@ -97,6 +97,7 @@ class DeviceClient(BaseClient):
         self._delta: tuple[int, dict[str, Any]] | None = None  # the newest delta not yet handled
         self._delta_arrived = asyncio.Event()
         self._delta_version = 0  # the version of the last delta handed to the handler
+        self._unanswered: tuple[list[int], int] | None = None  # (keys, bytes) sent, no reply yet
         self.acked = 0  # records acked by the server
         self.refused = 0  # records refused as invalid
         self.commands_handled = 0
@@ -120,7 +121,12 @@ class DeviceClient(BaseClient):
         if self.state.value == "closed":
             raise ClientClosed("client closed", self.close_code)
         record = {"ts": ts if ts is not None else int(self.clock.time() * 1000), "data": data}
-        key = self.buffer.append(orjson.dumps(record))
+        body = orjson.dumps(record)
+        if len(body) > self.max_batch_bytes:
+            raise ValueError(
+                f"a record of {len(body)} bytes is over max_batch_bytes ({self.max_batch_bytes})"
+            )
+        key = self.buffer.append(body)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters[key] = future
         self._outbox_changed.set()
@@ -152,16 +158,20 @@ class DeviceClient(BaseClient):
                 if len(records) == 1
                 else {"type": "telemetry_batch", "records": records}
             )
+            # Kept when the session ends before the reply: a 1009 close is about this batch.
+            self._unanswered = (keys, sum(len(body) + 1 for _, body in batch))
             try:
                 ack = await self._request(message)
             except (ConnectionLost, NotConnected, TimeoutError):
                 continue  # the records stay; the next session sends them again
             except RequestError as exc:
+                self._unanswered = None
                 if exc.code in ("rate_limited", "unavailable", "internal"):
                     await self.clock.sleep(_RETRY_LATER_S)
                     continue
                 self._refused(keys, records, exc)
                 continue
+            self._unanswered = None
             self.buffer.remove(keys)
             self.acked += int(ack.get("accepted", len(keys)))
             for key in keys:
@@ -177,6 +187,21 @@ class DeviceClient(BaseClient):
             batch.append((key, body))
             size += len(body) + 1
         return batch
+
+    def _on_close_code(self, code: int | None) -> None:
+        """1009: the server's FLEETWIRE_MAX_MESSAGE_BYTES is below our batches. Halve the
+        batch bound under the size that failed; a single record too big is refused (it
+        could never be sent), so the outbox never loops on it."""
+        if code != 1009 or self._unanswered is None:
+            return
+        keys, size = self._unanswered
+        self._unanswered = None
+        if len(keys) == 1:
+            self._refused(
+                keys, [{}], RequestError("too_large", "the record is over the server's message limit")
+            )
+        else:
+            self.max_batch_bytes = max(1, min(self.max_batch_bytes, size) // 2)
 
     def _refused(self, keys: list[int], records: list[dict[str, Any]], exc: RequestError) -> None:
         """An atomic batch was refused: drop the records the details name, keep the others
