@@ -358,6 +358,7 @@ async def run(
         if (problem := await register(base, admin, fleet)) is not None:
             print(f"fleetwire simulate: {problem}", file=sys.stderr)
             return 1
+    fleet.started = time.monotonic()  # the run, not the registration
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     if args.duration:

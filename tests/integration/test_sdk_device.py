@@ -579,3 +579,25 @@ async def test_batches_shrink_below_the_servers_message_limit(make_node: Callabl
         assert await stored(node, "d2") == [1]
     finally:
         await big.close()
+
+
+async def test_send_right_after_a_drop_waits_for_the_next_session(node: Node) -> None:
+    """A record taken just after the TCP connection dropped (before the read loop noticed)
+    is sent by the next session: the outbox waits for the session to end instead of retrying
+    on the dead socket (which fails without yielding and would starve the loop)."""
+    await node.register("d1")
+    device = DeviceClient(
+        node.ws_url, node.token("d1", "device"), options=ClientOptions(backoff=Backoff(random=always(0.0)))
+    )
+    await device.start()
+    try:
+        await device.wait_connected(TIMEOUT)
+        device.drop()
+        # One loop turn: the transport has seen the loss, the read loop not yet; a send now
+        # fails at once (without yielding), which once made the outbox spin.
+        await asyncio.sleep(0)
+        await asyncio.wait_for(device.send({"n": 1}), TIMEOUT)
+        assert device.reconnects == 1
+        assert await stored(node, "d1") == [1]
+    finally:
+        await device.close()

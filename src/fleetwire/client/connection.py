@@ -157,6 +157,10 @@ class BaseClient:
         self._closing = False
         self._closed_event = asyncio.Event()
         self._connected_event = asyncio.Event()
+        # Set while no session is open: lets a loop that lost its session wait for the read
+        # loop to notice (a send on a dropped connection fails without yielding to it).
+        self.session_over = asyncio.Event()
+        self.session_over.set()
         self._wake = asyncio.Event()  # ends a backoff wait early (close())
         self._last_ping = 0.0
         self.reconnects = 0  # sessions opened after the first one
@@ -412,6 +416,7 @@ class BaseClient:
                         )
                     self.state = State.CONNECTED
                     log.debug("fleetwire session %s open", message.get("session_id"))
+                    self.session_over.clear()
                     self._connected_event.set()
                     self._emit(Connected(str(message.get("session_id")), message))
                     self._spawn(self._on_welcome(message))
@@ -430,6 +435,7 @@ class BaseClient:
                 watchdog.cancel()
             self._ws = None
             self._connected_event.clear()
+            self.session_over.set()
             for pending in list(self._pending.values()):
                 if not pending.future.done():
                     pending.future.set_exception(ConnectionLost("the session ended before the reply"))

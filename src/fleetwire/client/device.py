@@ -162,8 +162,13 @@ class DeviceClient(BaseClient):
             self._unanswered = (keys, sum(len(body) + 1 for _, body in batch))
             try:
                 ack = await self._request(message)
-            except (ConnectionLost, NotConnected, TimeoutError):
-                continue  # the records stay; the next session sends them again
+            except (ConnectionLost, NotConnected):
+                # The records stay; the next session sends them again. Wait for the read loop
+                # to end this session first, or this loop would spin without yielding to it.
+                await self.session_over.wait()
+                continue
+            except TimeoutError:
+                continue  # no ack in time: send again (at least once)
             except RequestError as exc:
                 self._unanswered = None
                 if exc.code in ("rate_limited", "unavailable", "internal"):
