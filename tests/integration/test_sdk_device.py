@@ -601,3 +601,29 @@ async def test_send_right_after_a_drop_waits_for_the_next_session(node: Node) ->
         assert await stored(node, "d1") == [1]
     finally:
         await device.close()
+
+
+async def test_a_failing_token_provider_backs_off_and_retries(node: Node) -> None:
+    """The provider raising is a failed attempt (reason names the exception), not a dead
+    client: after the backoff the provider is asked again and the client connects."""
+    await node.register("d1")
+    answers: list[str | Exception] = [OSError("vault unreachable"), node.token("d1", "device")]
+
+    async def provider() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    clock = FakeClientClock()
+    device = DeviceClient(node.ws_url, provider, clock=clock)
+    recorder = Recorder(device)
+    await device.start()
+    try:
+        failed = await recorder.next(Disconnected)
+        assert (failed.reason, failed.action) == ("token provider failed: OSError", Action.RECONNECT)
+        assert failed.delay_s is not None
+        clock.advance(failed.delay_s)
+        await recorder.next(Connected)
+    finally:
+        await device.close()

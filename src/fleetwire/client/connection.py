@@ -90,6 +90,10 @@ class Closed:
 ConnectionEvent = Connecting | Connected | Disconnected | Closed
 
 
+class _NoToken(Exception):
+    """The token provider failed; this attempt backs off like a failed connect."""
+
+
 class _WatchedConnection(ClientConnection):
     """A ClientConnection that notes when the server's pings arrive (the watchdog's input)."""
 
@@ -333,7 +337,16 @@ class BaseClient:
             retry_after: float | None = None
             try:
                 token = await self._token()
+            except Exception as exc:  # the application's callback: any failure means "retry"
+                token = None
+                reason = f"token provider failed: {type(exc).__name__}"
+                log.warning("fleetwire %s", reason)
+            try:
+                if token is None:
+                    raise _NoToken
                 ws = await asyncio.wait_for(self._open(token), self.options.open_timeout_s)
+            except _NoToken:
+                action = Action.RECONNECT
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 retry_after = parse_retry_after(exc.response.headers.get("Retry-After"))
