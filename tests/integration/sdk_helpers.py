@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TypeVar
 
-from fleetwire.client import ConnectionEvent
+from fleetwire.client import ConnectionEvent, FleetwireError
 from fleetwire.client.connection import BaseClient
+from tests.integration.harness import Node
 
 TIMEOUT = 5.0
 E = TypeVar("E")
+# A request that changes nothing, per endpoint (an error reply is a reply too).
+PROBE = {"/ws/device": {"type": "twin_get"}, "/ws/client": {"type": "unsubscribe", "subscription_id": "none"}}
 
 
 class Recorder:
@@ -39,3 +43,18 @@ class Recorder:
 
     def kinds(self) -> list[str]:
         return [type(event).__name__ for event in self.events]
+
+
+async def advance(node: Node, client: BaseClient, seconds: float, step: float = 10.0) -> None:
+    """Move the server's ManualClock in steps below heartbeat_s, with two round trips on the
+    client's session after each: the client has read (and answered) a ping before the first
+    reply, and the server has read that pong before the second. One big jump would fire two
+    heartbeats with no chance to answer the first, and drop the session as timed out."""
+    left = seconds
+    while left > 0:
+        moved = min(step, left)
+        node.advance(moved)
+        left -= moved
+        for _ in range(2):
+            with contextlib.suppress(FleetwireError):  # the jump may have ended the session
+                await client.request(PROBE[client._path])

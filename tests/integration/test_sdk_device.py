@@ -31,7 +31,7 @@ from fleetwire.client import (
 from tests.client_clock import FakeClientClock
 from tests.clock import ManualClock
 from tests.integration.harness import Node
-from tests.integration.sdk_helpers import TIMEOUT, Recorder
+from tests.integration.sdk_helpers import TIMEOUT, Recorder, advance
 from tests.services import free_port
 
 pytestmark = pytest.mark.anyio
@@ -422,13 +422,13 @@ async def test_in_band_refresh_on_token_expiring(make_node: Callable[..., Node])
     try:
         await device.wait_connected(TIMEOUT)
         first_expiry = device.token_expires_at
-        node.advance(61)  # the warning is 60 s before exp
+        await advance(node, device, 61)  # the warning is 60 s before exp
         async with asyncio.timeout(TIMEOUT):
             # The refresh has no event of its own: poll its result, bounded by the timeout.
             while device.token_expires_at == first_expiry:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         assert len(minted) == 2
-        node.advance(70)  # past the first token's exp
+        await advance(node, device, 70)  # past the first token's exp
         await asyncio.wait_for(device.send({"n": 1}), TIMEOUT)
         assert device.state is State.CONNECTED
         assert recorder.kinds() == ["Connecting", "Connected"]
@@ -467,7 +467,7 @@ async def test_expired_token_is_refreshed_then_reconnects(make_node: Callable[..
     fixed_recorder = Recorder(fixed)
     await fixed.start()
     await fixed.wait_connected(TIMEOUT)
-    node.advance(100)
+    await advance(node, fixed, 100)
     closed = await fixed_recorder.next(Closed)
     assert (closed.code, closed.reason) == (4001, "token_expired")
 
@@ -625,5 +625,40 @@ async def test_a_failing_token_provider_backs_off_and_retries(node: Node) -> Non
         assert failed.delay_s is not None
         clock.advance(failed.delay_s)
         await recorder.next(Connected)
+    finally:
+        await device.close()
+
+
+async def test_refused_refresh_ends_in_4001_then_a_fresh_token_reconnects(
+    make_node: Callable[..., Node],
+) -> None:
+    """Mid-session: the in-band refresh is refused (the provider's second token names another
+    device: forbidden, the old expiry stands), so at exp the server closes 4001; the client asks
+    the provider again and reconnects with its third token."""
+    node = make_node(clock=ManualClock())
+    await node.register("d1", "d2")
+    tokens = [node.token("d1", "device", ttl_s=100), node.token("d2", "device"), node.token("d1", "device")]
+
+    async def provider() -> str:
+        return tokens.pop(0)
+
+    clock = FakeClientClock()
+    device = DeviceClient(node.ws_url, provider, clock=clock)
+    recorder = Recorder(device)
+    await device.start()
+    try:
+        await recorder.next(Connected)
+        await advance(node, device, 41)  # token_expiring (60 s before exp): the refresh is refused
+        async with asyncio.timeout(TIMEOUT):
+            while len(tokens) == 2:  # noqa: ASYNC110  # the refresh has no event of its own
+                await asyncio.sleep(0.01)
+        await advance(node, device, 60)
+        expired = await recorder.next(Disconnected)
+        assert (expired.code, expired.reason, expired.action) == (4001, "token_expired", Action.REFRESH_TOKEN)
+        assert expired.delay_s is not None
+        clock.advance(expired.delay_s)
+        await recorder.next(Connected)
+        assert tokens == []
+        await asyncio.wait_for(device.send({"n": 1}), TIMEOUT)
     finally:
         await device.close()
