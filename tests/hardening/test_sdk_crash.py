@@ -16,6 +16,8 @@ from tests.hardening.helpers import ServeProcess, free_port, token
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 RECORDS = 2000
+# A server start takes 2-3 s on an idle machine; up to 30 s were seen on a shared, loaded one.
+START_TIMEOUT_S = 90
 STOP_AFTER_ACKED = 400
 
 
@@ -45,6 +47,8 @@ async def history(server: ServeProcess, device_id: str) -> list[tuple[int, int]]
             since = items[-1]["seq"]
 
 
+# Two `fleetwire serve` starts, each bounded by START_TIMEOUT_S: more than the suite's 60 s.
+@pytest.mark.timeout(2 * START_TIMEOUT_S + 60)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 async def test_stream_survives_a_server_stop(tmp_path: Path, signum: signal.Signals) -> None:
     """SIGTERM (1001, graceful) or SIGKILL (TCP drops, no goodbye) while the device SDK
@@ -52,7 +56,7 @@ async def test_stream_survives_a_server_stop(tmp_path: Path, signum: signal.Sign
     and database. Every send resolves; acked ⊆ stored; the app's events are the stored rows,
     each once, in seq order."""
     port = free_port()
-    first = await serve(tmp_path, "first", port).ready()
+    first = await serve(tmp_path, "first", port).ready(timeout=START_TIMEOUT_S)
     async with first.rest() as rest:
         assert (await rest.post("/devices", json={"id": "d0"})).status_code == 201
 
@@ -101,7 +105,7 @@ async def test_stream_survives_a_server_stop(tmp_path: Path, signum: signal.Sign
                 await asyncio.wait_for(enough.wait(), 30)
                 first.signal(signum)
                 await first.wait_exit()
-                second = await serve(tmp_path, "second", port).ready()
+                second = await serve(tmp_path, "second", port).ready(timeout=START_TIMEOUT_S)
         await asyncio.wait_for(asyncio.gather(*futures), 60)
         assert second is not None
         stored = await history(second, "d0")
