@@ -24,7 +24,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
@@ -223,7 +223,7 @@ class BaseClient:
     async def wait_closed(self, timeout: float) -> None:
         await asyncio.wait_for(self._closed_event.wait(), timeout)
 
-    async def __aenter__(self) -> BaseClient:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
