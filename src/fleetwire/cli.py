@@ -79,6 +79,34 @@ def _simulate(args: argparse.Namespace) -> int:
     return asyncio.run(run(args))
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number above 0")
+    return value
+
+
+def _batch(text: str) -> int:
+    value = _positive_int(text)
+    if value > 1000:
+        raise argparse.ArgumentTypeError("at most 1000 records per message (contract §2.2)")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
 def _benchmarks_checkout(cwd: Path, package_dir: Path) -> Path | None:
     """The source checkout holding the `benchmarks` package, or None.
 
@@ -141,11 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--token", help="an admin token (default: minted from the local secret)")
     device.set_defaults(run=_device)
 
-    simulate = sub.add_parser("simulate", help="connect simulated devices that send telemetry")
-    simulate.add_argument("--devices", type=int, default=10)
-    simulate.add_argument("--interval", type=float, default=1.0, help="seconds between records")
+    simulate = sub.add_parser(
+        "simulate",
+        help="a fleet of simulated devices (on the Python SDK) that send telemetry and answer commands",
+    )
+    simulate.add_argument("--devices", type=_positive_int, default=10)
+    simulate.add_argument("--rate", type=_positive_float, default=1.0, help="messages per second per device")
+    simulate.add_argument("--batch", type=_batch, default=1, help="records per message (1..1000)")
+    simulate.add_argument("--jitter", action="store_true", help="randomise each interval by ±50 %%")
+    simulate.add_argument(
+        "--flaky", type=_probability, default=0.0, help="chance per device per second of a dropped connection"
+    )
+    simulate.add_argument("--register", action="store_true", help="create the devices first (admin token)")
     simulate.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = until Ctrl-C")
     simulate.add_argument("--prefix", default="sim-")
+    simulate.add_argument("--buffer", type=_positive_int, default=10_000, help="offline records per device")
+    simulate.add_argument("--seed", type=int, default=None, help="random seed (repeatable telemetry)")
+    simulate.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line")
     simulate.add_argument("--url", help="server base URL (default http://FLEETWIRE_HOST:FLEETWIRE_PORT)")
     simulate.set_defaults(run=_simulate)
 
