@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     write_queue: int = Field(default=10_000, ge=1)
     write_batch: int = Field(default=500, ge=1)
     command_sweep_s: float = 1.0
+    # The dashboard's activity counts (GET /api/v1/overview): minutes kept, and how many
+    # disconnects within them make a device "flapping".
+    activity_window_minutes: int = Field(default=60, ge=1, le=1440)
+    flapping_disconnects: int = Field(default=3, ge=1)
     log_level: str = "info"
 
     @field_validator("rate_limit")
