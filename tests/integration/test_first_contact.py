@@ -161,3 +161,30 @@ async def test_overview_counts_what_the_fleet_did(node: Node) -> None:
     assert activity["disconnect_reasons"] == {"closed": 1}
     assert activity["nodes"] == [node.settings.node_id]
     assert activity["flapping"] == []
+
+
+async def test_fleetwire_open_prints_a_signed_in_url(
+    node: Node, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fleetwire open --no-browser` checks the server answers, then prints the dashboard URL
+    with a fresh token in the fragment (never sent to a server) that the API accepts, with
+    the role and lifetime asked for."""
+    from fleetwire.auth.jwt import build_verifier
+    from fleetwire.cli import main
+    from fleetwire.settings import Settings
+    from tests.integration.harness import SECRET
+
+    monkeypatch.setenv("FLEETWIRE_JWT_SECRET", SECRET)
+    loop = asyncio.get_running_loop()
+    argv = ["open", "--url", node.http_url, "--no-browser", "--role", "operator", "--ttl", "600"]
+    assert await asyncio.wait_for(loop.run_in_executor(None, main, argv), TIMEOUT) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "open this URL in a browser (it signs you in as dashboard, operator, for 600 s):"
+    prefix = f"{node.http_url}/#token="
+    assert lines[1].startswith(prefix)
+    token = lines[1][len(prefix) :]
+    principal = build_verifier(Settings(jwt_secret=SECRET)).verify(token)
+    assert (principal.sub, principal.role.value) == ("dashboard", "operator")
+    async with httpx.AsyncClient(base_url=node.http_url, timeout=TIMEOUT) as http:
+        response = await http.get("/api/v1/devices", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
