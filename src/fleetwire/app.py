@@ -16,12 +16,13 @@ if TYPE_CHECKING:
 
     from fleetwire.transport.server import FleetwireServer
 
-from fleetwire.api import commands, dashboard, devices, errors, health, overview, telemetry, tokens
+from fleetwire.api import commands, dashboard, devices, errors, health, overview, telemetry, tokens, twin
 from fleetwire.auth.principal import TokenVerifier
 from fleetwire.auth.secret import signing_secret
 from fleetwire.broker.base import Broker
 from fleetwire.domain.clock import Clock, SystemClock
 from fleetwire.domain.schemas import SchemaLimits
+from fleetwire.domain.twin import TwinLimits
 from fleetwire.events.hub import Hub
 from fleetwire.events.publisher import EventPublisher
 from fleetwire.events.writer import GroupWriter
@@ -41,6 +42,7 @@ from fleetwire.services.routing import NodeRouter
 from fleetwire.services.sessions import SessionService
 from fleetwire.services.subscriptions import SubscriptionService
 from fleetwire.services.tasks import Tasks
+from fleetwire.services.twin import TwinService
 from fleetwire.settings import Settings
 from fleetwire.store.base import Store
 
@@ -117,7 +119,7 @@ def create_app(
     app.state.metrics = health.metrics_registry(services)
     app.state.started_ms = clock.now_ms()  # again when the lifespan has started the services
     errors.install(app)
-    for module in (devices, telemetry, commands, tokens, overview):
+    for module in (devices, telemetry, commands, tokens, twin, overview):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(health.router)
     app.include_router(dashboard.router)
@@ -221,6 +223,13 @@ def build_services(
         max_pending=settings.max_pending_commands,
         max_issuing=settings.max_issuing_commands,
     )
+    twin = TwinService(
+        store=store,
+        writer=writer,
+        local=local,
+        clock=clock,
+        limits=TwinLimits(max_bytes=settings.max_twin_bytes, max_depth=settings.max_twin_depth),
+    )
     sessions = SessionService(
         node_id=node_id,
         heartbeat_s=settings.heartbeat_s,
@@ -234,6 +243,7 @@ def build_services(
         clock=clock,
         pending=pending,
         replace_wait_s=settings.replace_wait_s,
+        twin=twin,
     )
     registry = RegistryService(
         store=store,
@@ -248,6 +258,7 @@ def build_services(
     hub.listeners.append(cache.on_event)  # first: the others may read the cache
     hub.listeners.append(sessions.on_event)
     hub.listeners.append(commands.on_event)
+    hub.listeners.append(twin.on_event)
     activity = FleetActivity(
         clock,
         window_minutes=settings.activity_window_minutes,
@@ -281,6 +292,7 @@ def build_services(
         ),
         registry=registry,
         cache=cache,
+        twin=twin,
         periods=Periods(
             heartbeat_s=settings.heartbeat_s,
             command_sweep_s=settings.command_sweep_s,
@@ -333,6 +345,7 @@ def websocket_handshake(settings: Settings, services: Services) -> Handshake:
         ingest=services.ingest,
         commands=services.commands,
         subscriptions=services.subscriptions,
+        twin=services.twin,
     )
     limits = SessionLimits(
         rate=settings.rate_per_second,

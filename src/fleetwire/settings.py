@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     max_schema_bytes: int = Field(default=65_536, ge=2)
     max_schema_depth: int = Field(default=32, ge=1)
     max_schema_expansion: int = Field(default=4096, ge=1)
+    # Device twins (contract §6): each of desired and reported, as compact JSON; nesting.
+    max_twin_bytes: int = Field(default=16_384, ge=2)
+    max_twin_depth: int = Field(default=8, ge=1)
     max_header_bytes: int = 16_000
     event_history: int = Field(default=1000, ge=1)
     telemetry_retention_days: float = 30.0

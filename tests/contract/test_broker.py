@@ -112,7 +112,9 @@ def make_events(prefix: str, count: int, start: int = 0) -> list[Published]:
         Published(
             f"{prefix}-{i % 7}",
             i,
-            ("device.connected", "device.status", "device.telemetry", "command.updated", "device.updated")[i % 5],
+            ("device.connected", "device.status", "device.telemetry", "command.updated", "device.updated")[
+                i % 5
+            ],
             ("presence", "status", "telemetry", "command", "registry")[i % 5],
             orjson.dumps(
                 {"type": "event", "event": "device.status", "seq": i, "data": {"s": 'ü "q" \\n\x00'}}

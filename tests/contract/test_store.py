@@ -23,13 +23,16 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from fleetwire.domain.clock import format_ms
 from fleetwire.domain.commands import Command, CommandState
 from fleetwire.domain.devices import Device, DeviceFilter
+from fleetwire.domain.errors import ErrorCode
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Record
+from fleetwire.domain.twin import Section, Twin, TwinLimits
 from fleetwire.store.base import (
     CreateCommand,
     DeleteDevice,
     DuplicateError,
     EventWrite,
+    PatchTwin,
     RegisterDevice,
     StatusWrite,
     Store,
@@ -1170,3 +1173,201 @@ async def test_command_ops_store_the_command_and_its_event_in_one_group(store: S
             "command.updated",
             "command.updated",
         ]
+
+
+# -- twins (contract §6) --------------------------------------------------------------------
+
+
+async def test_a_twin_is_created_and_deleted_with_its_device(store: Store) -> None:
+    """RegisterDevice and create_device give the device its empty twin at version 1; a
+    device that does not exist has none; deleting the device deletes its twin, and a device
+    registered again under that id starts with an empty twin."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1")
+        await store.write([RegisterDevice(Device("d2"), 1000)])
+        assert await store.twin("d1") == Twin.empty("d1")
+        assert await store.twin("d2") == Twin.empty("d2")
+        assert await store.twin("nope") is None
+        await store.write([PatchTwin("d2", Section.DESIRED, {"a": 1}, 2000)])
+        await store.write([DeleteDevice("d2", 3000)])
+        assert await store.twin("d2") is None
+        await store.write([RegisterDevice(Device("d2"), 4000)])
+        assert await store.twin("d2") == Twin.empty("d2")
+        await store.write([PatchTwin("d1", Section.REPORTED, {"a": 1}, 2000)])
+        await store.delete_device("d1")
+        assert await store.twin("d1") is None
+
+
+async def test_patch_twin_merges_and_records_its_event_in_the_same_group(store: Store) -> None:
+    """A PatchTwin merges (RFC 7396: nested objects merge, null deletes, arrays replace),
+    bumps the version by one, stamps changed leaves in metadata, and records `twin.updated`
+    with the device's next seq among the other ops of its group; it reaches the history."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1")
+        first, status, second = await store.write(
+            [
+                PatchTwin("d1", Section.DESIRED, {"led": {"on": True, "rgb": [1, 2, 3]}, "fan": 2}, 1000),
+                StatusWrite("d1", "busy", "device", 1100),
+                PatchTwin("d1", Section.DESIRED, {"led": {"rgb": [9], "on": None}, "fan": None}, 1200),
+            ]
+        )
+        assert (first.changed, first.refused) == (True, None)
+        assert [(e.seq, e.name) for e in first.events + status.events + second.events] == [
+            (1, "twin.updated"),
+            (2, "device.status"),
+            (3, "twin.updated"),
+        ]
+        assert first.events[0].data == {
+            "version": 2,
+            "desired": {"led": {"on": True, "rgb": [1, 2, 3]}, "fan": 2},
+            "delta": {"led": {"on": True, "rgb": [1, 2, 3]}, "fan": 2},
+        }
+        assert second.events[0].data == {
+            "version": 3,
+            "desired": {"led": {"rgb": [9], "on": None}, "fan": None},
+            "delta": {"led": {"rgb": [9]}},
+        }
+        twin = await store.twin("d1")
+        assert twin is not None
+        assert twin == second.twin
+        assert (twin.version, twin.desired, twin.reported) == (3, {"led": {"rgb": [9]}}, {})
+        assert twin.metadata == {
+            "desired": {"led": {"rgb": {"updated_at": format_ms(1200)}}},
+            "reported": {},
+        }
+        (reported,) = await store.write(
+            [PatchTwin("d1", Section.REPORTED, {"led": {"rgb": [9]}, "x": 1}, 1300)]
+        )
+        assert reported.events[0].data == {
+            "version": 4,
+            "reported": {"led": {"rgb": [9]}, "x": 1},
+            "delta": {},
+        }
+        history = await store.events("d1", 0, 10)
+        assert [(e.seq, e.name, e.data["version"]) for e in history if e.name == "twin.updated"] == [
+            (1, "twin.updated", 2),
+            (3, "twin.updated", 3),
+            (4, "twin.updated", 4),
+        ]
+
+
+async def test_patch_twin_refusals_and_no_ops_change_nothing(store: Store) -> None:
+    """An if_version that is not the current version is a conflict; a result over the size
+    limit is too_large; a patch that changes nothing is no change: each leaves the twin,
+    its version and the device's seq as they were, and records no event. A missing device
+    is `missing`. The rest of the group still commits."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1")
+        (base,) = await store.write([PatchTwin("d1", Section.DESIRED, {"a": 1}, 1000)])
+        assert base.twin is not None
+        assert base.twin.version == 2
+        conflict, too_big, same, missing, ok = await store.write(
+            [
+                PatchTwin("d1", Section.DESIRED, {"a": 2}, 1100, if_version=1),
+                PatchTwin("d1", Section.DESIRED, {"b": "x" * 100}, 1100, limits=TwinLimits(max_bytes=64)),
+                PatchTwin("d1", Section.DESIRED, {"a": 1.0, "gone": None}, 1100, if_version=2),
+                PatchTwin("nope", Section.DESIRED, {"a": 1}, 1100),
+                PatchTwin("d1", Section.REPORTED, {"a": 1}, 1200, if_version=2),
+            ]
+        )
+        assert conflict.refused is not None
+        assert conflict.refused.code is ErrorCode.CONFLICT
+        assert too_big.refused is not None
+        assert too_big.refused.code is ErrorCode.TOO_LARGE
+        for refused in (conflict, too_big, same):
+            assert (refused.changed, refused.events, refused.twin) == (False, [], base.twin)
+        assert same.refused is None
+        assert (missing.missing, missing.events, missing.twin) == (True, [], None)
+        assert [(e.seq, e.data["version"]) for e in ok.events] == [(2, 3)]
+        twin = await store.twin("d1")
+        assert twin is not None
+        assert (twin.version, twin.desired, twin.reported, twin.delta) == (3, {"a": 1}, {"a": 1}, {})
+        device = await store.get_device("d1")
+        assert device is not None
+        assert device.seq == 2
+
+
+async def test_devices_with_delta_lists_twins_whose_delta_is_not_empty(store: Store) -> None:
+    """One query for the index a connect reads instead of the twin: a device with desired
+    leaves its reported lacks is listed; converged, empty or reported-only twins are not."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2", "d3", "d4")
+        await store.write(
+            [
+                PatchTwin("d1", Section.DESIRED, {"a": {"b": 1}}, 1000),
+                PatchTwin("d2", Section.DESIRED, {"a": 1}, 1000),
+                PatchTwin("d2", Section.REPORTED, {"a": 1.0, "x": 2}, 1000),
+                PatchTwin("d3", Section.REPORTED, {"a": 1}, 1000),
+            ]
+        )
+        assert await store.devices_with_delta() == {"d1"}
+
+
+async def test_concurrent_twin_writers_lose_no_update(backend: Backend) -> None:
+    """Two stores on one database (two nodes) each apply 15 patches to the same twin at
+    once: every patch lands, versions are 2..31 without a repeat, and the final document
+    holds every key (a read-modify-write race would lose some)."""
+    stores = [backend.make(), backend.make()]
+    with anyio.fail_after(LIMIT_S):
+        for s in stores:
+            await s.open()
+        try:
+            await _devices(stores[0], "d1")
+
+            async def writer(index: int, s: Store) -> list[int]:
+                versions = []
+                for n in range(15):
+                    (result,) = await s.write([PatchTwin("d1", Section.DESIRED, {f"k{index}_{n}": n}, 1000)])
+                    assert result.twin is not None
+                    assert result.changed
+                    versions.append(result.twin.version)
+                return versions
+
+            done = await asyncio.gather(*(writer(i, s) for i, s in enumerate(stores)))
+            assert sorted(done[0] + done[1]) == list(range(2, 32))
+            twin = await stores[0].twin("d1")
+            assert twin is not None
+            assert twin.version == 31
+            assert twin.desired == {f"k{i}_{n}": n for i in range(2) for n in range(15)}
+        finally:
+            for s in stores:
+                await s.close()
+
+
+async def test_migration_gives_every_existing_device_a_twin(url: str) -> None:
+    """Upgrading a database made at revision 0001 adds the twins table with an empty twin
+    (version 1) for every device that was there."""
+    from alembic import command
+    from alembic.config import Config
+
+    from fleetwire.store.sql.engine import MIGRATIONS_DIR
+
+    engine = create_async_engine(async_url(url))
+
+    def upgrade(connection: sa.Connection, revision: str) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+    with anyio.fail_after(LIMIT_S):
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(upgrade, "0001")
+                await conn.execute(
+                    sa.text(
+                        "INSERT INTO devices (id, tags, metadata, disabled, created_at, updated_at, seq)"
+                        " VALUES ('old1', '[]', '{}', false, 1, 1, 5), ('old2', '[]', '{}', false, 1, 1, 0)"
+                    )
+                )
+        finally:
+            await engine.dispose()
+        opened = SqlStore(url)
+        await opened.open()
+        try:
+            assert await opened.twin("old1") == Twin.empty("old1")
+            assert await opened.twin("old2") == Twin.empty("old2")
+            (result,) = await opened.write([PatchTwin("old1", Section.DESIRED, {"a": 1}, 1000)])
+            assert [(e.seq, e.data["version"]) for e in result.events] == [(6, 2)]
+        finally:
+            await opened.close()

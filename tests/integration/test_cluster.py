@@ -289,3 +289,31 @@ async def test_simultaneous_connects_to_two_nodes_keep_each_session_in_order(
     assert len(welcomed) >= 15
     assert order.keys() == welcomed
     assert all(names == ["device.connected", "device.disconnected"] for names in order.values()), order
+
+
+async def test_twin_desired_on_one_node_reaches_the_device_on_another(cluster: Callable[..., Any]) -> None:
+    """Issue 14: desired written on A (REST) reaches the device connected to B as
+    `twin_delta`; its report on B reaches a client on A as `twin.updated` and empties the
+    delta; both nodes serve the same twin with one version sequence."""
+    a, b = await cluster("a", "b")
+    async with a.rest() as rest:
+        assert (await rest.post("/devices", json={"id": "d1"})).status_code == 201
+    watcher = await a.client("viewer")
+    await watcher.request({"type": "subscribe", "devices": ["d1"], "events": ["twin"]})
+    device = await b.device("d1")
+    async with a.rest("operator") as rest:
+        response = await rest.patch("/devices/d1/twin", json={"desired": {"fw": "3.1", "led": {"on": True}}})
+        assert response.status_code == 200
+    delta = await device.next_of("twin_delta")
+    assert delta == {"type": "twin_delta", "version": 2, "delta": {"fw": "3.1", "led": {"on": True}}}
+    ack = await device.request({"type": "twin_report", "reported": {"fw": "3.1", "led": {"on": True}}})
+    assert ack["version"] == 3
+    assert (await device.next_of("twin_delta")) == {"type": "twin_delta", "version": 3, "delta": {}}
+    first = await watcher.event("twin.updated")
+    second = await watcher.event("twin.updated")
+    assert [first["data"]["version"], second["data"]["version"]] == [2, 3]
+    assert second["seq"] == first["seq"] + 1
+    assert second["data"]["delta"] == {}
+    async with b.rest("viewer") as rest:
+        twin = (await rest.get("/devices/d1/twin")).json()
+    assert (twin["version"], twin["delta"], twin["reported"]) == (3, {}, {"fw": "3.1", "led": {"on": True}})

@@ -71,3 +71,37 @@ class TokenCreate(BaseModel):
     role: str = Field(pattern="^(device|viewer|operator|admin)$")
     ttl_s: int = Field(ge=1, le=366 * 86400)
     devices: list[str] | None = Field(default=None, max_length=256)
+
+
+class DesiredPatch(BaseModel):
+    """`PATCH /devices/{id}/twin` (contract §6); the patch's content is checked by TwinService."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    desired: dict[str, Any]
+    if_version: int | None = Field(default=None, ge=0, le=2**63 - 1, strict=True)
+
+
+class ReportedPatch(BaseModel):
+    """`PATCH /devices/{id}/twin/reported` (contract §6)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reported: dict[str, Any]
+    if_version: int | None = Field(default=None, ge=0, le=2**63 - 1, strict=True)
+
+
+class TwinMetadata(BaseModel):
+    desired: dict[str, Any]
+    reported: dict[str, Any]
+
+
+class TwinPublic(BaseModel):
+    """A device twin (contract §6)."""
+
+    device_id: str
+    desired: dict[str, Any]
+    reported: dict[str, Any]
+    delta: dict[str, Any]
+    version: int
+    metadata: TwinMetadata

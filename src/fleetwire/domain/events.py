@@ -20,6 +20,7 @@ EVENT_CLASS: Final[dict[str, str]] = {
     "device.registered": "registry",
     "device.updated": "registry",
     "device.deleted": "registry",
+    "twin.updated": "twin",
 }
 EVENT_CLASSES: Final = frozenset(EVENT_CLASS.values())
 DISCONNECT_REASONS: Final = frozenset(

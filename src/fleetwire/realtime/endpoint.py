@@ -20,6 +20,7 @@ from fleetwire.domain.clock import Clock, Timer, format_ms
 from fleetwire.domain.close import Close
 from fleetwire.domain.devices import Device
 from fleetwire.domain.errors import ErrorCode, FleetwireError
+from fleetwire.domain.twin import TwinWrite
 from fleetwire.events.hub import Subscription
 from fleetwire.realtime import protocol
 from fleetwire.realtime.protocol import Request
@@ -39,6 +40,7 @@ from fleetwire.services.ingest import IngestService
 from fleetwire.services.sessions import SessionService
 from fleetwire.services.subscriptions import SubscriptionService
 from fleetwire.services.tasks import OUTAGES
+from fleetwire.services.twin import TwinService
 from fleetwire.store.base import WriteResult
 from fleetwire.transport.base import Socket
 
@@ -56,6 +58,7 @@ class EndpointServices:
     ingest: IngestService
     commands: CommandService
     subscriptions: SubscriptionService
+    twin: TwinService
 
 
 class Endpoint:
@@ -246,6 +249,8 @@ class DeviceEndpoint(Endpoint):
     _HANDLERS: ClassVar[dict[str, str]] = {
         "status": "_status",
         "command_result": "_command_result",
+        "twin_report": "_twin_report",
+        "twin_get": "_twin_get",
         "auth": "_refresh",
     }
 
@@ -308,6 +313,15 @@ class DeviceEndpoint(Endpoint):
         await self.services.commands.result(self.device_id, command_id, ok, result, error)
         return protocol.ack(request.id)
 
+    async def _twin_report(self, request: Request) -> bytes:
+        write: TwinWrite = request.value
+        twin = await self.services.twin.report(self.principal, self.device_id, write.patch, write.if_version)
+        return protocol.ack(request.id, version=twin.version)
+
+    async def _twin_get(self, request: Request) -> bytes:
+        twin = await self.services.twin.get(self.principal, self.device_id)
+        return protocol.ack(request.id, twin=twin.public())
+
 
 class ClientEndpoint(Endpoint):
     __slots__ = ("_subscription_count", "subscriptions")
@@ -315,6 +329,7 @@ class ClientEndpoint(Endpoint):
         "subscribe": "_subscribe",
         "unsubscribe": "_unsubscribe",
         "command": "_command",
+        "twin_update": "_twin_update",
         "auth": "_refresh",
     }
 
@@ -352,6 +367,14 @@ class ClientEndpoint(Endpoint):
             issuer_session=self.session_id,
         )
         return protocol.ack(request.id, command_id=command.id, state=command.state.value)
+
+    async def _twin_update(self, request: Request) -> bytes:
+        write: TwinWrite = request.value
+        assert write.device_id is not None  # parsed with its device
+        twin = await self.services.twin.update_desired(
+            self.principal, write.device_id, write.patch, write.if_version
+        )
+        return protocol.ack(request.id, version=twin.version)
 
     # -- the hub's subscriber -------------------------------------------------------------
     def next_subscription_id(self) -> str:

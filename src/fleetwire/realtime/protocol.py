@@ -15,7 +15,7 @@ from typing import Any, Final
 import orjson
 
 from fleetwire.auth.principal import Principal
-from fleetwire.domain import commands, telemetry
+from fleetwire.domain import commands, telemetry, twin
 from fleetwire.domain.clock import format_ms
 from fleetwire.domain.close import Close
 from fleetwire.domain.devices import STATUS
@@ -24,8 +24,10 @@ from fleetwire.domain.events import EVENT_CLASSES
 from fleetwire.domain.subscriptions import Subscribe
 
 ENVELOPE: Final = frozenset({"type", "id"})
-DEVICE_TYPES: Final = frozenset({"telemetry", "telemetry_batch", "status", "command_result", "auth"})
-CLIENT_TYPES: Final = frozenset({"subscribe", "unsubscribe", "command", "auth"})
+DEVICE_TYPES: Final = frozenset(
+    {"telemetry", "telemetry_batch", "status", "command_result", "twin_report", "twin_get", "auth"}
+)
+CLIENT_TYPES: Final = frozenset({"subscribe", "unsubscribe", "command", "twin_update", "auth"})
 DEFAULT_EVENTS: Final = frozenset({"presence", "status"})
 MAX_SUBSCRIBE_DEVICES: Final = 1000
 MAX_SEQ: Final = 2**63 - 1  # seqs are BIGINT in the store
@@ -256,6 +258,13 @@ class SessionProtocol:
             return _string_field(message, "token", 16384)
         if kind == "subscribe":
             return _parse_subscribe(message)
+        if kind == "twin_report":
+            return twin.parse_write(message, twin.Section.REPORTED, ENVELOPE)
+        if kind == "twin_get":
+            _only_fields(message, frozenset())
+            return None
+        if kind == "twin_update":
+            return twin.parse_write(message, twin.Section.DESIRED, ENVELOPE, with_device=True)
         if kind == "unsubscribe":
             _only_fields(message, frozenset({"subscription_id"}))
             return _string_field(message, "subscription_id", 64)

@@ -29,6 +29,7 @@ from fleetwire.services.routing import NodeRouter
 from fleetwire.services.sessions import SessionService
 from fleetwire.services.subscriptions import SubscriptionService
 from fleetwire.services.tasks import Tasks
+from fleetwire.services.twin import TwinService
 from fleetwire.store.base import Store
 
 
@@ -61,6 +62,7 @@ class Services:
     subscriptions: SubscriptionService
     registry: RegistryService
     cache: DeviceCache
+    twin: TwinService
     periods: Periods
     activity: FleetActivity
 

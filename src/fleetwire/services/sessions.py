@@ -28,6 +28,7 @@ from fleetwire.services.commands import CommandService
 from fleetwire.services.local import LocalDeviceSession, LocalSession, LocalSessions
 from fleetwire.services.routing import NodeRouter
 from fleetwire.services.tasks import Tasks, settle
+from fleetwire.services.twin import TwinService
 from fleetwire.store.base import EventWrite, Store, StoreUnavailableError
 
 _PAGE = 500
@@ -58,7 +59,9 @@ class SessionService:
         clock: Clock,
         pending: PendingIndex | None = None,
         replace_wait_s: float = 2.0,
+        twin: TwinService | None = None,
     ) -> None:
+        self._twin = twin
         self._pending = pending or PendingIndex()
         self.node_id = node_id
         self._heartbeat_s = heartbeat_s
@@ -132,6 +135,8 @@ class SessionService:
             await self._replaced(previous)
         await self._announce(session)
         await self._commands.deliver_queued(session.device_id, session.send)
+        if self._twin is not None:  # contract §6: the delta after welcome and queued commands
+            await self._twin.sync(session)
 
     async def _replaced(self, previous: SessionInfo) -> None:
         """The claim said this session replaces `previous`: end it, and record its
@@ -172,6 +177,8 @@ class SessionService:
     def device_closed(self, session: LocalDeviceSession, reason: str) -> None:
         """The session ended; `reason` is the `device.disconnected` reason (contract §2.3)."""
         self.local.by_id.pop(session.session_id, None)
+        if self._twin is not None:
+            self._twin.session_closed(session.session_id)
         suppressed = session.session_id in self.local.suppressed
         self.local.suppressed.discard(session.session_id)
         online = self._online.pop(session.session_id, None)
@@ -296,7 +303,11 @@ class SessionService:
         """After a broker/presence outage: put back local sessions that Presence lost, close
         the ones another node took over meanwhile, announce any never announced."""
         self._pending.forget()  # `command.updated` events may have been missed meanwhile
+        if self._twin is not None:
+            self._twin.index_stale()  # and `twin.updated` ones
         await self._pending.fill(self._store, self._clock.now_ms())
+        if self._twin is not None:
+            await self._twin.fill()
         await self._presence.heartbeat(self.node_id, 2 * self._heartbeat_s)
         for device_id, session in list(self.local.devices.items()):
             current = await self._presence.get(device_id)
@@ -309,6 +320,8 @@ class SessionService:
                 # announce it again so subscribers see it live.
                 await self._announce(session)
                 await self._commands.deliver_queued(device_id, session.send)
+                if self._twin is not None:
+                    await self._twin.sync(session)
             elif current.session_id != session.session_id:
                 # The newer session's node reported the replacement.
                 self.local.close(session.session_id, Close.REPLACED, suppress=True)

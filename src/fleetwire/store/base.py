@@ -19,6 +19,12 @@ Contract of every implementation:
   every other event is kept in the event history, at most `history` per device (`purge`).
 - `transition_command` is a compare-and-set: it succeeds only from the states that
   domain.commands.ALLOWED_FROM permits, so exactly one of several racing nodes wins.
+- PatchTwin is the only way a twin changes: the merge (domain.twin.apply) runs on the
+  stored twin inside the transaction, under the device's row lock, and its `twin.updated`
+  commits with it. An `if_version` mismatch or a result over the limits changes nothing
+  (WriteResult.refused); a patch that changes nothing writes nothing and records no event.
+  RegisterDevice (and create_device) create the device's empty twin (version 1); deleting
+  the device deletes it.
 - Errors reaching the database raise StoreUnavailableError (retryable) and change nothing.
 """
 
@@ -30,8 +36,10 @@ from typing import Any, Protocol
 
 from fleetwire.domain.commands import Command, CommandState
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
+from fleetwire.domain.errors import FleetwireError
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Record, Value
+from fleetwire.domain.twin import DEFAULT_LIMITS, Section, Twin, TwinLimits
 
 
 class StoreUnavailableError(Exception):
@@ -132,6 +140,22 @@ class TransitionCommand:
     error: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PatchTwin:
+    """Merge `patch` (RFC 7396, checked by domain.twin.check_patch) into one section of the
+    device's twin and record `twin.updated` in the same transaction (module docstring).
+
+    WriteResult.twin is the twin after the op (as stored when nothing changed or it was
+    refused), `changed` whether the version moved, `refused` the conflict / limit error."""
+
+    device_id: str
+    section: Section
+    patch: dict[str, Any]
+    at_ms: int
+    if_version: int | None = None
+    limits: TwinLimits = DEFAULT_LIMITS
+
+
 WriteOp = (
     EventWrite
     | TelemetryWrite
@@ -141,6 +165,7 @@ WriteOp = (
     | DeleteDevice
     | CreateCommand
     | TransitionCommand
+    | PatchTwin
 )
 RegistryOp = RegisterDevice | UpdateDevice | DeleteDevice
 CommandOp = CreateCommand | TransitionCommand
@@ -154,6 +179,8 @@ class WriteResult:
     duplicate: bool = False  # RegisterDevice: the id exists already; nothing was written
     device: Device | None = None  # registry ops: the device as stored (DeleteDevice: as it was)
     command: Command | None = None  # command ops: the command as stored after the op
+    twin: Twin | None = None  # PatchTwin: the twin after the op
+    refused: FleetwireError | None = None  # PatchTwin: conflict or over a limit; nothing changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +227,13 @@ class Store(Protocol):
     async def purge(self, telemetry_before_ms: int, history: int) -> None:
         """Telemetry with ts before the cutoff, events beyond `history` per device, and final
         commands completed before the cutoff (pending and sent ones stay)."""
+
+    # -- twin ----------------------------------------------------------------------------
+    async def twin(self, device_id: str) -> Twin | None:
+        """The device's twin; None if the device does not exist. Changed only by PatchTwin."""
+
+    async def devices_with_delta(self) -> set[str]:
+        """Ids of the devices whose twin has a non-empty delta (one query at start)."""
 
     # -- telemetry -----------------------------------------------------------------------
     async def telemetry(

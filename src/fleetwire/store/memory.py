@@ -29,11 +29,14 @@ from fleetwire.domain.commands import ALLOWED_FROM, Command, CommandState
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Value
+from fleetwire.domain.twin import Twin
+from fleetwire.domain.twin import apply as apply_patch
 from fleetwire.store.base import (
     CreateCommand,
     DeleteDevice,
     DuplicateError,
     EventWrite,
+    PatchTwin,
     RegisterDevice,
     StatusWrite,
     Store,
@@ -95,10 +98,12 @@ class MemoryDatabase:
     history: dict[str, list[Event]] = field(default_factory=dict)  # non-telemetry, ascending seq
     telemetry: dict[str, list[_Record]] = field(default_factory=dict)  # in seq order
     commands: dict[str, Command] = field(default_factory=dict)
+    twins: dict[str, Twin] = field(default_factory=dict)
 
     def drop(self, device_id: str) -> Device | None:
         device = self.devices.pop(device_id, None)
         if device is not None:
+            self.twins.pop(device_id, None)
             self.history.pop(device_id, None)
             self.telemetry.pop(device_id, None)
             for command_id in [c.id for c in self.commands.values() if c.device_id == device_id]:
@@ -161,6 +166,7 @@ class MemoryStore:
         if stored.id in db.devices:
             raise DuplicateError(f"device {device.id!r} exists already")
         db.devices[stored.id] = kept
+        db.twins[stored.id] = Twin.empty(stored.id)
         return stored
 
     async def get_device(self, device_id: str) -> Device | None:
@@ -243,6 +249,16 @@ class MemoryStore:
         for command in list(db.commands.values()):  # final commands live as long as telemetry
             if command.completed_at_ms is not None and command.completed_at_ms < telemetry_before_ms:
                 del db.commands[command.id]
+
+    # -- twin ----------------------------------------------------------------------------
+
+    async def twin(self, device_id: str) -> Twin | None:
+        twin = (await self._turn()).twins.get(device_id)
+        return None if twin is None else _fresh_twin(twin)
+
+    async def devices_with_delta(self) -> set[str]:
+        db = await self._turn()
+        return {device_id for device_id, twin in db.twins.items() if twin.delta}
 
     # -- telemetry -----------------------------------------------------------------------
 
@@ -362,6 +378,12 @@ class MemoryStore:
         return [_fresh_command(c) for c in found[: max(limit, 0)]]
 
 
+def _fresh_twin(twin: Twin) -> Twin:
+    return replace(
+        twin, desired=_json(twin.desired), reported=_json(twin.reported), metadata=_json(twin.metadata)
+    )
+
+
 def _points(records: Iterable[_Record]) -> Iterable[TelemetryPoint]:
     for record in records:
         for key, value in record.values.items():
@@ -425,6 +447,8 @@ def _prepare(op: WriteOp) -> _Prepared:
             for k, v in op.changes.items()
         }
         return op, encoded
+    if type(op) is PatchTwin:
+        return op, _json(op.patch)
     return op, None
 
 
@@ -449,6 +473,8 @@ class _Group:
                 self._registry(op, data, result)
             elif type(op) is CreateCommand or type(op) is TransitionCommand:
                 self._command(op, result)
+            elif type(op) is PatchTwin:
+                self._twin(op, data, result)
             else:
                 self._log(op, data, result)
             results.append(result)
@@ -527,6 +553,22 @@ class _Group:
         data = command.event_data()
         result.events.append(self._event(command.device_id, "command.updated", at_ms, data, _json(data)))
 
+    def _twin(self, op: PatchTwin, patch: dict[str, Any], result: WriteResult) -> None:
+        db = self._db
+        twin = db.twins.get(op.device_id)
+        if twin is None:
+            result.missing = True
+            return
+        outcome = apply_patch(twin, op.section, patch, op.at_ms, if_version=op.if_version, limits=op.limits)
+        result.twin = _fresh_twin(outcome.twin)
+        result.refused = outcome.refused
+        if not outcome.changed:
+            return
+        db.twins[op.device_id] = _fresh_twin(outcome.twin)  # shares nothing with the event
+        result.changed = True
+        data = outcome.event_data(op.section, patch)
+        result.events.append(self._event(op.device_id, "twin.updated", op.at_ms, data, _json(data)))
+
     def _registry(self, op: WriteOp, data: Any, result: WriteResult) -> None:
         db = self._db
         if type(op) is RegisterDevice:
@@ -535,6 +577,7 @@ class _Group:
                 return
             stored = to_store(data, op.at_ms)
             db.devices[stored.id] = stored
+            db.twins[stored.id] = Twin.empty(stored.id)
             public = stored.public()
             result.events.append(self._event(stored.id, "device.registered", op.at_ms, public, _json(public)))
             result.device = _fresh_device(db.devices[stored.id])

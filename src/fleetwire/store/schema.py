@@ -106,3 +106,15 @@ commands: Final = sa.Table(
     sa.Index("ix_commands_due", "state", "expires_at"),
     sa.Index("ix_commands_idempotency", "issuer", "idempotency_key", "issued_at"),
 )
+
+# One twin per device (contract §6), created with the device and deleted with it; changed
+# only by the PatchTwin write op (store/sql/twin.py).
+twins: Final = sa.Table(
+    "twins",
+    metadata,
+    sa.Column("device_id", ID, sa.ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("desired", JSON, nullable=False),
+    sa.Column("reported", JSON, nullable=False),
+    sa.Column("metadata", JSON, nullable=False),
+)

@@ -28,6 +28,7 @@ from fleetwire.store.base import (
     CreateCommand,
     DeleteDevice,
     EventWrite,
+    PatchTwin,
     RegisterDevice,
     RegistryOp,
     StatusWrite,
@@ -40,7 +41,7 @@ from fleetwire.store.base import (
 from fleetwire.store.rules import to_store
 from fleetwire.store.schema import commands, devices, events, telemetry
 from fleetwire.store.sql import commands as cmd
-from fleetwire.store.sql import registry
+from fleetwire.store.sql import registry, twin
 from fleetwire.store.sql import telemetry as tm
 from fleetwire.store.sql.dialect import Dialect
 from fleetwire.store.sql.engine import dumps
@@ -76,6 +77,8 @@ async def write(
             run_ops, run_results = [], []
         if type(op) is CreateCommand or type(op) is TransitionCommand:
             follow = await _write_command(conn, op, result)
+        elif type(op) is PatchTwin:
+            follow = await twin.patch(conn, op, result)
         else:
             follow = await _write_registry(conn, dialect, cast("RegistryOp", op), result)
         if follow is not None:  # its event: numbered by the next run like any other

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
 from fleetwire.store.rules import check_changes
 from fleetwire.store.schema import commands, devices, events, telemetry
-from fleetwire.store.sql import rows
+from fleetwire.store.sql import rows, twin
 from fleetwire.store.sql.dialect import Dialect
 from fleetwire.store.sql.globs import has_wildcard
 
@@ -22,7 +22,10 @@ async def insert(conn: AsyncConnection, dialect: Dialect, device: Device) -> boo
     statement aborts the whole transaction, and the rest of a write group must commit.
     """
     statement = dialect.insert_new(devices).values(rows.device_values(device)).returning(devices.c.id)
-    return (await conn.execute(statement)).first() is not None
+    if (await conn.execute(statement)).first() is None:
+        return False
+    await twin.insert(conn, device.id)  # created with the device (contract §6)
+    return True
 
 
 async def get(conn: AsyncConnection, device_id: str) -> Device | None:
@@ -100,4 +103,5 @@ async def delete(conn: AsyncConnection, device_id: str) -> Device | None:
     await conn.execute(telemetry.delete().where(telemetry.c.device_id == device_id))
     await conn.execute(events.delete().where(events.c.device_id == device_id))
     await conn.execute(commands.delete().where(commands.c.device_id == device_id))
+    await twin.delete(conn, device_id)
     return rows.device(row)

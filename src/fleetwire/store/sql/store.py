@@ -19,6 +19,7 @@ from fleetwire.domain.clock import now_ms
 from fleetwire.domain.commands import Command, CommandState
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
 from fleetwire.domain.events import Event
+from fleetwire.domain.twin import Twin
 from fleetwire.store.base import (
     DuplicateError,
     Store,
@@ -28,7 +29,7 @@ from fleetwire.store.base import (
     WriteResult,
 )
 from fleetwire.store.rules import to_store
-from fleetwire.store.sql import commands, events, registry, rows, telemetry
+from fleetwire.store.sql import commands, events, registry, rows, telemetry, twin
 from fleetwire.store.sql.dialect import for_url
 from fleetwire.store.sql.engine import (
     async_url,
@@ -184,6 +185,16 @@ class SqlStore:
                 after = await events.purge_chunk(
                     conn, self._dialect, after, _PURGE_CHUNK, telemetry_before_ms, history
                 )
+
+    # -- twin ----------------------------------------------------------------------------
+
+    async def twin(self, device_id: str) -> Twin | None:
+        async with self._read() as conn:
+            return await twin.get(conn, device_id)
+
+    async def devices_with_delta(self) -> set[str]:
+        async with self._read() as conn:
+            return await twin.devices_with_delta(conn)
 
     # -- telemetry -----------------------------------------------------------------------
 
