@@ -33,6 +33,8 @@ async def test_a_device_changes_and_its_row_follows_without_reload(
     board = await dashboard(node, node.token("alice", "viewer"))
     page = board.page
     await page.evaluate("window.__notReloaded = true")
+    assert await page.is_hidden("#drawer")  # until a row is clicked
+    assert await page.is_hidden("#signin")
     await board.wait_cell("d1", CONNECTION, "never seen")
     assert await page.inner_text("#t-registered") == "2"
     device = await node.device("d1")
