@@ -69,14 +69,16 @@ async def _talk(ws: ClientConnection, device_id: str, stop: asyncio.Event, phase
         if n % 7 == 0:
             status = random.choice(["ok", "ok", "warm"])
             await ws.send(json.dumps({"type": "status", "id": f"s{n}", "status": status}))
-        try:
-            message = json.loads(await asyncio.wait_for(ws.recv(), 0.5))
-        except TimeoutError:
-            message = {}
-        if message.get("type") == "command":
-            result = {"uptime_s": int(time.monotonic() - started)}
-            answer = {"type": "command_result", "command_id": message["command_id"], "ok": True}
-            await ws.send(json.dumps({**answer, "result": result}))
+        deadline = time.monotonic() + 0.5
+        while (left := deadline - time.monotonic()) > 0:  # read everything that came meanwhile
+            try:
+                message = json.loads(await asyncio.wait_for(ws.recv(), left))
+            except TimeoutError:
+                break
+            if message.get("type") == "command":
+                result = {"uptime_s": int(time.monotonic() - started)}
+                answer = {"type": "command_result", "command_id": message["command_id"], "ok": True}
+                await ws.send(json.dumps({**answer, "result": result}))
         if flaps and time.monotonic() - started > 1.5:
             return  # close: the server records a disconnect
 
@@ -129,7 +131,7 @@ async def _shoot(base_http: str, base_ws: str) -> int:
         await page.fill("#c-name", "read")
         await page.fill("#c-params", '{"keys": ["temp"]}')
         await page.click("#d-command button[type=submit]")
-        await page.wait_for_selector("#d-commands .state.succeeded", timeout=10_000)
+        await page.wait_for_selector("#d-commands .state.succeeded", timeout=30_000)
         await asyncio.sleep(2)
         await page.screenshot(path=str(OUT / "drawer.png"))
         print("drawer.png", flush=True)
