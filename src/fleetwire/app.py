@@ -12,9 +12,22 @@ from fastapi import FastAPI
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
     from fleetwire.transport.server import FleetwireServer
 
-from fleetwire.api import commands, devices, errors, health, jobs, telemetry, tokens, twin
+from fleetwire.api import (
+    commands,
+    dashboard,
+    devices,
+    errors,
+    health,
+    jobs,
+    overview,
+    telemetry,
+    tokens,
+    twin,
+)
 from fleetwire.auth.principal import TokenVerifier
 from fleetwire.auth.secret import signing_secret
 from fleetwire.broker.base import Broker
@@ -30,6 +43,7 @@ from fleetwire.realtime.handshake import Handshake
 from fleetwire.realtime.mqtt.endpoint import MqttGate, MqttServices, PersistentSessions
 from fleetwire.realtime.mqtt.session import MqttLimits
 from fleetwire.realtime.session import SessionLimits
+from fleetwire.services.activity import FleetActivity
 from fleetwire.services.auth import Authenticator
 from fleetwire.services.cache import DeviceCache, PendingIndex
 from fleetwire.services.commands import CommandService
@@ -100,6 +114,7 @@ def create_app(
         await opened_store.open()
         try:
             await services.start()
+            app.state.started_ms = clock.now_ms()
             log.info("fleetwire node %s ready", settings.node_id)
             yield
             await services.stop()
@@ -116,11 +131,73 @@ def create_app(
     app.state.services = services
     app.state.signing_secret = secret
     app.state.metrics = health.metrics_registry(services)
+    app.state.started_ms = clock.now_ms()  # again when the lifespan has started the services
     errors.install(app)
-    for module in (devices, telemetry, commands, tokens, twin, jobs):
+    for module in (devices, telemetry, commands, tokens, twin, jobs, overview):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(health.router)
+    app.include_router(dashboard.router)
+    app.mount("/web", dashboard.static_files(), name="web")
+    if settings.origins:
+        app.add_middleware(ApiCors, origins=settings.origins)
     return app
+
+
+class ApiCors:
+    """CORS for the REST API only (`/api/v1`), for the browser origins the WebSocket allows
+    (`FLEETWIRE_ALLOWED_ORIGINS`; `*` = any): preflights answered, `Authorization` allowed,
+    no cookies (tokens travel in the header). Other origins get no CORS headers, so their
+    browsers keep the answers from them; other paths are left as they are."""
+
+    def __init__(self, app: ASGIApp, origins: frozenset[str]) -> None:
+        from starlette.middleware.cors import CORSMiddleware
+
+        self._app = app
+        self._cors = CORSMiddleware(
+            app,
+            allow_origins=["*"] if "*" in origins else sorted(origins),
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After", "WWW-Authenticate"],
+            max_age=600,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/api/v1/"):
+            await self._cors(scope, receive, send)
+        else:
+            await self._app(scope, receive, send)
+
+
+def startup_lines(settings: Settings, port: int, secret_source: str) -> list[str]:
+    """What `fleetwire serve` tells its user once it listens, one fact a line."""
+    from sqlalchemy.engine import make_url
+
+    host = settings.host
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
+    base = f"http://{shown}:{port}"
+    database = make_url(settings.effective_database_url).render_as_string(hide_password=True)
+    return [
+        f"fleetwire {_version()}, node {settings.node_id}",
+        f"dashboard: {base}/  (sign in: `fleetwire open`)",
+        f"API docs:  {base}/docs",
+        f"database:  {database}",
+        f"broker:    {settings.broker_url}",
+        f"secret:    {secret_source}",
+    ]
+
+
+def secret_source(settings: Settings) -> str:
+    """Where the token-signing or -verifying key comes from (never the key itself)."""
+    from fleetwire.auth.secret import SECRET_FILE
+
+    if any(a.startswith("HS") for a in settings.algorithms):
+        if settings.jwt_secret:
+            return "FLEETWIRE_JWT_SECRET (HMAC)"
+        return f"{(settings.data_dir / SECRET_FILE).resolve()} (HMAC, mode 0600)"
+    if settings.jwt_jwks_url:
+        return f"JWKS {settings.jwt_jwks_url} (verify only)"
+    return "FLEETWIRE_JWT_PUBLIC_KEY (verify only)"
 
 
 def build_services(
@@ -211,6 +288,12 @@ def build_services(
     )
     hub.listeners.append(jobs.on_event)
     hub.listeners.append(twin.on_event)
+    activity = FleetActivity(
+        clock,
+        window_minutes=settings.activity_window_minutes,
+        flapping_disconnects=settings.flapping_disconnects,
+    )
+    hub.listeners.append(activity.on_event)
     return Services(
         node_id=node_id,
         clock=clock,
@@ -248,6 +331,7 @@ def build_services(
             event_history=settings.event_history,
             job_lease_s=settings.job_lease_s,
         ),
+        activity=activity,
     )
 
 

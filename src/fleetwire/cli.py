@@ -1,4 +1,4 @@
-"""The `fleetwire` command: serve, token, device, job, simulate, bench."""
+"""The `fleetwire` command: serve, token, open, device, job, simulate, bench."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import fleetwire
 from fleetwire.local import local_token, server_url
@@ -19,7 +19,7 @@ from fleetwire.settings import Settings
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from fleetwire.app import build_node_server, create_app
+    from fleetwire.app import build_node_server, create_app, secret_source, startup_lines
 
     overrides: dict[str, Any] = {}
     if args.host is not None:
@@ -30,8 +30,16 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Alembic's INFO lines (plugins, "Context impl") are not news to someone starting a server.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # SECURITY.md: private
-    server = build_node_server(create_app(settings))
+    log = logging.getLogger("fleetwire")
+
+    def started(port: int) -> None:
+        for line in startup_lines(settings, port, secret_source(settings)):
+            log.info("%s", line)
+
+    server = build_node_server(create_app(settings), on_started=started)
     server.run()
     return 0
 
@@ -40,6 +48,37 @@ def _token(args: argparse.Namespace) -> int:
     devices = [d for d in args.devices.split(",") if d] if args.devices else None
     print(local_token(Settings(), args.sub, args.role, args.ttl, devices))
     return 0
+
+
+def _open(args: argparse.Namespace) -> int:
+    """The dashboard signed in: a fresh token in the URL's fragment, which a browser never
+    sends to a server (so it reaches no access log); the URL is printed when no browser opens."""
+    import httpx
+
+    settings = Settings()
+    url = server_url(settings, args.url)
+    httpx.get(f"{url}/healthz", timeout=5).raise_for_status()  # no server: one clear line (main)
+    token = local_token(settings, args.sub, args.role, args.ttl)
+    page = f"{url}/#token={token}"
+    if not args.no_browser and _has_display():
+        import webbrowser
+
+        if webbrowser.open(page):
+            print(f"opened the dashboard at {url}/ as {args.sub} ({args.role}, {args.ttl:g} s)")
+            return 0
+    print(f"open this URL in a browser (it signs you in as {args.sub}, {args.role}, for {args.ttl:g} s):")
+    print(page)
+    return 0
+
+
+def _has_display() -> bool:
+    """A graphical session: without one, `webbrowser` would start a text browser in this
+    terminal (lynx, w3m) instead of returning."""
+    import os
+
+    if sys.platform != "linux":
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 def _device(args: argparse.Namespace) -> int:
@@ -127,6 +166,34 @@ def _simulate(args: argparse.Namespace) -> int:
     return asyncio.run(run(args))
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number above 0")
+    return value
+
+
+def _batch(text: str) -> int:
+    value = _positive_int(text)
+    if value > 1000:
+        raise argparse.ArgumentTypeError("at most 1000 records per message (contract §2.2)")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
 def _benchmarks_checkout(cwd: Path, package_dir: Path) -> Path | None:
     """The source checkout holding the `benchmarks` package, or None.
 
@@ -162,9 +229,26 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(["--help", *args.rest] if args.bench_help else args.rest)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line (what is wrong, where to look), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 1 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1 second")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fleetwire", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fleetwire", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="run the server (configuration from FLEETWIRE_* variables)")
     serve.add_argument("--host", default=None)
@@ -174,9 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="mint a token with the local secret")
     token.add_argument("--sub", required=True)
     token.add_argument("--role", required=True, choices=["device", "viewer", "operator", "admin"])
-    token.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    token.add_argument("--ttl", type=_positive_seconds, default=3600.0, help="seconds (default 3600)")
     token.add_argument("--devices", default=None, help="comma-separated device id globs")
     token.set_defaults(run=_token)
+
+    open_ = sub.add_parser("open", help="open the dashboard of a running server, signed in")
+    open_.add_argument("--sub", default="dashboard", help="the token's subject (default dashboard)")
+    open_.add_argument("--role", default="admin", choices=["viewer", "operator", "admin"])
+    open_.add_argument(
+        "--ttl", type=_positive_seconds, default=3600.0, help="seconds (default 3600; keep it short)"
+    )
+    open_.add_argument("--url", help="server base URL (default http://FLEETWIRE_HOST:FLEETWIRE_PORT)")
+    open_.add_argument("--no-browser", action="store_true", help="print the URL instead of opening it")
+    open_.set_defaults(run=_open)
 
     device = sub.add_parser("device", help="manage the registry of a running server")
     device.add_argument("action", choices=["add", "list", "show", "rm"])
@@ -208,11 +302,23 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--token", help="an operator token (default: minted from the local secret)")
     job.set_defaults(run=_job)
 
-    simulate = sub.add_parser("simulate", help="connect simulated devices that send telemetry")
-    simulate.add_argument("--devices", type=int, default=10)
-    simulate.add_argument("--interval", type=float, default=1.0, help="seconds between records")
+    simulate = sub.add_parser(
+        "simulate",
+        help="a fleet of simulated devices (on the Python SDK) that send telemetry and answer commands",
+    )
+    simulate.add_argument("--devices", type=_positive_int, default=10)
+    simulate.add_argument("--rate", type=_positive_float, default=1.0, help="messages per second per device")
+    simulate.add_argument("--batch", type=_batch, default=1, help="records per message (1..1000)")
+    simulate.add_argument("--jitter", action="store_true", help="randomise each interval by ±50 %%")
+    simulate.add_argument(
+        "--flaky", type=_probability, default=0.0, help="chance per device per second of a dropped connection"
+    )
+    simulate.add_argument("--register", action="store_true", help="create the devices first (admin token)")
     simulate.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = until Ctrl-C")
     simulate.add_argument("--prefix", default="sim-")
+    simulate.add_argument("--buffer", type=_positive_int, default=10_000, help="offline records per device")
+    simulate.add_argument("--seed", type=int, default=None, help="random seed (repeatable telemetry)")
+    simulate.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line")
     simulate.add_argument("--url", help="server base URL (default http://FLEETWIRE_HOST:FLEETWIRE_PORT)")
     simulate.set_defaults(run=_simulate)
 
@@ -229,17 +335,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "device" and args.action != "list" and not args.id:
-        print("fleetwire device: an id is required", file=sys.stderr)
+    """Runs one command; an ordinary mistake is one line on stderr saying what is wrong and
+    what to do (exit 2 for usage and configuration, 1 for a server that is not there)."""
+    import httpx
+    import pydantic
+
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "device" and args.action != "list" and not args.id:
+            print("fleetwire device: an id is required (fleetwire device show ID)", file=sys.stderr)
+            return 2
+        if args.command == "job" and args.action in ("show", "cancel") and not args.id:
+            print("fleetwire job: a job id is required (fleetwire job show ID)", file=sys.stderr)
+            return 2
+        if args.command == "job" and args.action == "create" and not args.name:
+            print("fleetwire job create: --name is required", file=sys.stderr)
+            return 2
+        result: int = args.run(args)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"FLEETWIRE_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        print(f"fleetwire: bad configuration: {problems}", file=sys.stderr)
         return 2
-    if args.command == "job" and args.action in ("show", "cancel") and not args.id:
-        print("fleetwire job: a job id is required", file=sys.stderr)
+    except (httpx.ConnectError, httpx.TimeoutException) as exc:
+        where = exc.request.url.copy_with(path="/", query=None) if exc.request else "the server"
+        print(
+            f"fleetwire: no fleetwire server answers at {where} ({type(exc).__name__}); start one with "
+            "`uv run --no-dev fleetwire serve`, or pass --url",
+            file=sys.stderr,
+        )
+        return 1
+    except httpx.HTTPStatusError as exc:
+        print(f"fleetwire: {exc.request.url} answered {exc.response.status_code}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # e.g. a bad --devices glob or --sub for a token
+        print(f"fleetwire: {exc}", file=sys.stderr)
         return 2
-    if args.command == "job" and args.action == "create" and not args.name:
-        print("fleetwire job create: --name is required", file=sys.stderr)
-        return 2
-    result: int = args.run(args)
     return result
 
 

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     mqtt_max_keep_alive_s: int = Field(default=1200, ge=1, le=65535)
     mqtt_session_expiry_s: int = Field(default=86_400, ge=0)  # longest a persistent session is kept
     mqtt_max_sessions: int = Field(default=100_000, ge=1)  # persistent sessions kept per node
+    # The dashboard's activity counts (GET /api/v1/overview): minutes kept, and how many
+    # disconnects within them make a device "flapping".
+    activity_window_minutes: int = Field(default=60, ge=1, le=1440)
+    flapping_disconnects: int = Field(default=3, ge=1)
     log_level: str = "info"
 
     @field_validator("rate_limit")

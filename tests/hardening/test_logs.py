@@ -70,3 +70,28 @@ async def test_no_token_in_the_logs(tmp_path: Path) -> None:
     assert 'GET /ws/client?access_token=[REDACTED] HTTP/1.1" 401' in logs
     assert 'GET /api/v1/devices?access_token=[REDACTED] HTTP/1.1" 401' in logs
     assert 'GET /api/v1/devices?x=1&access_token=[REDACTED]&y=2 HTTP/1.1" 401' in logs
+
+
+async def test_startup_says_what_a_user_needs_and_no_alembic_chatter(tmp_path: Path) -> None:
+    """At INFO, `fleetwire serve` prints one line each for version and node, the dashboard
+    URL, the API docs URL, the database, the broker and where the secret lives; Alembic's
+    plugin and context lines are gone; the secret itself is not printed."""
+    server = ServeProcess(tmp_path, "start", FLEETWIRE_LOG_LEVEL="info", FLEETWIRE_JWT_SECRET="")
+    await server.ready()
+    server.signal(signal.SIGTERM)
+    assert await server.wait_exit() in (0, -signal.SIGTERM)
+    logs = server.logs()
+    base = f"http://127.0.0.1:{server.port}"
+    data = (tmp_path / "start").resolve()
+    for line in (
+        "fleetwire: fleetwire 0.1.0, node start",
+        f"fleetwire: dashboard: {base}/  (sign in: `fleetwire open`)",
+        f"fleetwire: API docs:  {base}/docs",
+        f"fleetwire: database:  sqlite:///{data}/fleetwire.db",
+        "fleetwire: broker:    memory://",
+        f"fleetwire: secret:    {data}/jwt_secret (HMAC, mode 0600)",
+    ):
+        assert sum(1 for entry in logs.splitlines() if entry.endswith(line)) == 1, (line, logs)
+    assert "alembic" not in logs
+    secret = (data / "jwt_secret").read_text().strip()
+    assert secret not in logs

@@ -8,7 +8,7 @@ import pytest
 
 from fleetwire.auth.jwt import build_verifier
 from fleetwire.auth.principal import Role
-from fleetwire.cli import _benchmarks_checkout
+from fleetwire.cli import _benchmarks_checkout, main
 from fleetwire.local import local_token, server_url
 from fleetwire.settings import Settings
 from tests.unit.auth.helpers import SECRET
@@ -62,3 +62,65 @@ def test_local_token_and_server_url(tmp_path: Path) -> None:
     assert (principal.sub, principal.role, principal.device_patterns) == ("a", Role.VIEWER, ("d*",))
     assert server_url(settings) == "http://127.0.0.9:9001"
     assert server_url(settings, "http://other:1") == "http://other:1"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port  # nothing listens on it once the probe is closed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["token", "--sub", "a", "--role", "admin", "--ttl", "-60"], "argument --ttl: -60 must be at least 1 second"),
+        (["token", "--sub", "a", "--role", "admin", "--ttl", "soon"], "argument --ttl: 'soon' is not a number"),
+        (["token", "--sub", "a", "--role", "root"], "argument --role: invalid choice: 'root'"),
+        (["open", "--ttl", "0"], "argument --ttl: 0 must be at least 1 second"),
+        (["bogus"], "invalid choice: 'bogus'"),
+    ],
+)
+def test_usage_mistakes_are_one_line_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse's errors, and a bad --ttl (a ValueError before), are one line: what is wrong
+    and where to read more; exit code 2; nothing on stdout."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert message in err
+    assert err.rstrip().endswith("--help`)")
+
+
+def test_no_server_on_the_port_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`device add` and `open` with nothing listening: one line naming the URL and how to
+    start a server, exit 1, no traceback."""
+    url = f"http://127.0.0.1:{_free_port()}"
+    for argv in (["device", "add", "x", "--url", url, "--token", "t"], ["open", "--url", url, "--no-browser"]):
+        assert main(argv) == 1
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err == (
+            f"fleetwire: no fleetwire server answers at {url}/ (ConnectError); start one with "
+            "`uv run --no-dev fleetwire serve`, or pass --url\n"
+        )
+
+
+def test_bad_configuration_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A malformed FLEETWIRE_* variable names the variable and the problem; exit 2."""
+    monkeypatch.setenv("FLEETWIRE_PORT", "eighty")
+    assert main(["token", "--sub", "a", "--role", "viewer"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fleetwire: bad configuration: FLEETWIRE_PORT: Input should be a valid integer")
+    assert err.count("\n") == 1
+
+
+def test_device_without_an_id_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["device", "show"]) == 2
+    assert capsys.readouterr().err == "fleetwire device: an id is required (fleetwire device show ID)\n"

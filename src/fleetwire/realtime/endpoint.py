@@ -112,7 +112,19 @@ class Endpoint:
             self._timer.cancel()
         for task in self._calls or ():
             task.cancel()
-        self._ended(self.core.disconnect_reason(code))
+        core = self.core
+        reason = core.disconnect_reason(code)
+        # Issue 17: a closed session can be debugged from the server's log (never a token).
+        principal = core.principal
+        log.info(
+            "session %s closed: %s %s, code %s, reason %s",
+            self.session_id,
+            "device" if core.is_device else principal.role.value,
+            principal.sub,
+            int(core.close_code) if core.close_code is not None else code,
+            reason,
+        )
+        self._ended(reason)
 
     # -- what services call ---------------------------------------------------------------
     def send(self, payload: bytes) -> None:

@@ -6,6 +6,9 @@ Each refusal is an HTTP answer with a JSON body: 404 unknown path, 403 Origin or
 
 from __future__ import annotations
 
+import logging
+from urllib.parse import urlsplit
+
 from fleetwire.auth.principal import AuthError, Role
 from fleetwire.domain.devices import DEVICE_ID
 from fleetwire.realtime.endpoint import ClientEndpoint, DeviceEndpoint, EndpointServices, new_session_id
@@ -18,6 +21,8 @@ from fleetwire.transport.base import Handler, Refusal, UpgradeRequest
 DEVICE_PATH = "/ws/device"
 CLIENT_PATH = "/ws/client"
 MQTT_PATH = "/mqtt"  # contract §8: MQTT over WebSocket, subprotocol `mqtt`
+
+log = logging.getLogger(__name__)
 
 
 class Handshake:
@@ -39,6 +44,30 @@ class Handshake:
         self._max_connections = max_connections
 
     async def __call__(self, request: UpgradeRequest) -> Handler | Refusal:
+        answer = await self._decide(request)
+        if isinstance(answer, Refusal):
+            # Issue 17: why a browser saw a 403 (path without its query: no token in the log).
+            log.info(
+                "handshake refused: %s %s from %s: %d %s",
+                request.path,
+                request.headers.get("origin") or "(no Origin)",
+                request.peer or "?",
+                answer.status,
+                answer.message,
+            )
+        return answer
+
+    def _origin_allowed(self, origin: str, host: str | None) -> bool:
+        """Listed, `*`, or the server's own origin (the page it served: the dashboard).
+
+        Same-origin is judged by the Host the browser sent; a page on another origin cannot
+        forge either header (contract §2: the list guards against cross-site hijacking)."""
+        if "*" in self._origins or origin in self._origins:
+            return True
+        parts = urlsplit(origin)
+        return host is not None and parts.scheme in ("http", "https") and parts.netloc == host.lower()
+
+    async def _decide(self, request: UpgradeRequest) -> Handler | Refusal:
         is_device = request.path == DEVICE_PATH
         is_mqtt = request.path == MQTT_PATH and self._mqtt is not None
         if not is_device and not is_mqtt and request.path != CLIENT_PATH:
@@ -52,7 +81,7 @@ class Handshake:
                 return Refusal(400, "bad_request", "MQTT over WebSocket needs subprotocol `mqtt`")
             return self._mqtt.websocket()
         origin = request.headers.get("origin")
-        if origin is not None and "*" not in self._origins and origin not in self._origins:
+        if origin is not None and not self._origin_allowed(origin, request.headers.get("host")):
             return Refusal(403, "forbidden", "Origin not allowed")
         services = self._services
         if len(services.sessions.local) >= self._max_connections:

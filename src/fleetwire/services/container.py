@@ -19,6 +19,7 @@ from fleetwire.events.hub import Hub
 from fleetwire.events.publisher import EventPublisher
 from fleetwire.events.writer import GroupWriter
 from fleetwire.presence.base import Presence
+from fleetwire.services.activity import FleetActivity
 from fleetwire.services.auth import Authenticator
 from fleetwire.services.cache import DeviceCache
 from fleetwire.services.commands import CommandService
@@ -66,6 +67,7 @@ class Services:
     jobs: JobService
     twin: TwinService
     periods: Periods
+    activity: FleetActivity
 
     async def start(self) -> None:
         await self.presence.start()
