@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser(
         "simulate",
         help="a fleet of simulated devices (on the Python SDK) that send telemetry and answer commands",
+        description="Simulated devices on the Python SDK, in turn a thermostat, a power meter, a tracker and "
+        "a door; the door also reports its contact as its status (`open`/`closed`) whenever it changes. "
+        "Commands answered: ping, reboot, set_rate, read; twin deltas are adopted and reported.",
     )
     simulate.add_argument("--devices", type=_positive_int, default=10)
     simulate.add_argument("--rate", type=_positive_float, default=1.0, help="messages per second per device")

@@ -1,9 +1,10 @@
 """`fleetwire simulate`: a fleet of simulated devices built on the SDK (`fleetwire.client`).
 
 Each device runs a `DeviceClient`: it sends realistic telemetry from one of a few sensor
-shapes, answers commands, optionally drops its connection at random (`--flaky`), and
-reconnects by the SDK's policy. A progress line shows connected devices, records/s, acks,
-errors and reconnects; a summary follows at the end.
+shapes, reports a status where the shape has one (a door: `open`/`closed`, sent when it
+changes, as a contact sensor raises an alarm state), answers commands, optionally drops its
+connection at random (`--flaky`), and reconnects by the SDK's policy. A progress line shows
+connected devices, records/s, acks, errors and reconnects; a summary follows at the end.
 
 The progress line is a plain carriage-return line on stderr (a full line every few seconds
 when stderr is not a terminal), not `rich`: five numbers do not justify a new runtime
@@ -34,8 +35,10 @@ from fleetwire.client import (
     Command,
     CommandError,
     ConnectionEvent,
+    ConnectionLost,
     DeviceClient,
     MemoryBuffer,
+    NotConnected,
     RequestError,
     State,
 )
@@ -60,6 +63,11 @@ class Sensor:
 
     def read(self, t: float) -> dict[str, Any]:
         raise NotImplementedError
+
+    def status(self) -> str | None:
+        """The device's status string (contract §2.2 `status`) after the last reading, or
+        None for a shape without one; the fleet reports it whenever it changes."""
+        return None
 
 
 class Thermostat(Sensor):
@@ -139,6 +147,9 @@ class DoorSensor(Sensor):
         self.battery = max(0.0, self.battery - 0.0005)
         return {"open": self.open, "battery_pct": round(self.battery, 2), "firmware": "1.4.2"}
 
+    def status(self) -> str:
+        return "open" if self.open else "closed"
+
 
 SENSORS: list[Callable[[random.Random], Sensor]] = [Thermostat, PowerMeter, Tracker, DoorSensor]
 
@@ -162,6 +173,7 @@ class SimDevice:
     sensor: Sensor
     rate: float  # messages per second
     stopped_by_server: str | None = None
+    reported_status: str | None = None  # what the server last acked (kept across reconnects)
 
 
 class Fleet:
@@ -261,6 +273,22 @@ class Fleet:
                     return
                 self.totals.sent += 1
                 future.add_done_callback(self._record_done)
+            await self._report_status(sim)
+
+    async def _report_status(self, sim: SimDevice) -> None:
+        """Send the sensor's status when it differs from the last one the server acked; while
+        offline it is left for the next reading (the server keeps the status over reconnects)."""
+        status = sim.sensor.status()
+        if status is None or status == sim.reported_status:
+            return
+        try:
+            await sim.client.set_status(status)
+        except RequestError:
+            self.totals.errors += 1
+            return
+        except (NotConnected, ConnectionLost, ClientClosed, TimeoutError):
+            return  # not acked: the next reading tries again
+        sim.reported_status = status
 
     def _record_done(self, future: asyncio.Future[None]) -> None:
         if future.cancelled():

@@ -4,13 +4,14 @@ download) against a real node: the dashboard as a user's browser runs it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page, WebSocket, async_playwright
 
 from tests.conftest import REQUIRE_SERVICES
 from tests.integration.conftest import make_node as make_node  # the same node factory
@@ -46,9 +47,15 @@ class Dashboard:
         self.page = page
         self.node = node
         self.errors: list[str] = []
+        self.received: list[dict[str, Any]] = []  # every frame the page's /ws/client socket got
+        page.on("websocket", self._watch)
         page.on("pageerror", lambda error: self.errors.append(f"pageerror: {error}"))
         page.on("console", lambda m: self.errors.append(f"console: {m.text}") if m.type == "error" else None)
         page.set_default_timeout(WAIT_MS)
+
+    def _watch(self, socket: WebSocket) -> None:
+        if "/ws/client" in socket.url:
+            socket.on("framereceived", lambda payload: self.received.append(json.loads(payload)))
 
     async def open(self, token: str) -> Dashboard:
         await self.page.goto(f"{self.node.http_url}/#token={token}")

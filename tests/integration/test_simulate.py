@@ -74,6 +74,9 @@ async def test_register_send_and_summary(node: Node, tmp_path: Path) -> None:
         types = sorted(d["type"] for d in devices_body["items"])
         latest = (await rest.get("/devices/sim-0/telemetry/latest")).json()["values"]
     assert types == ["door", "meter", "thermostat", "tracker"]
+    statuses = {d["id"]: d["status"] for d in devices_body["items"]}
+    assert statuses["sim-3"] in ("open", "closed")  # the door reports its contact as its status
+    assert statuses["sim-0"] is None  # a thermostat has none
     assert set(latest) == {"temp_c", "humidity_pct"}  # sim-0 is a thermostat
     assert 12 <= latest["temp_c"]["value"] <= 30
 

@@ -179,7 +179,7 @@ function onMessage(message) {
     }
     case "event": state.queue.push(message); schedule(); break;
     case "command_result": commandState(message.command_id, message.device_id, null, message.state, message); break;
-    case "job": state.jobs.set(message.job_id, { ...(state.jobs.get(message.job_id) || {}), ...message }); renderJobs(); break;
+    case "job": jobSeen(message); break;
     case "token_expiring": setToken(message.expires_at, "warn"); break;
   }
 }
@@ -416,7 +416,7 @@ async function poll() {
   if (state.features.jobs) {
     try {
       const page = await api("/jobs?limit=20");
-      for (const job of page.items) state.jobs.set(job.job_id, job);
+      for (const job of page.items) mergeJob(job);
       renderJobs();
     } catch (e) { /* shown next time */ }
   }
@@ -488,6 +488,35 @@ function renderActivity(activity) {
   }
 }
 
+// A job's snapshots arrive from two places: `job` frames on the socket (state and counts only)
+// and the REST poll (the whole job). A REST reply can be older than a frame that overtook it,
+// so a snapshot replaces the one shown only if it is not behind it: a job's executions only
+// move forward (pending → sent → final), so 2·final + sent never decreases, and a finished
+// state is never followed by a running one.
+const JOB_FINAL_STATES = new Set(["succeeded", "completed", "aborted", "canceled"]);
+const JOB_FINAL_COUNTS = ["succeeded", "failed", "timed_out", "expired", "skipped", "canceled"];
+function jobProgress(job) {
+  const c = job.counts || {};
+  return [JOB_FINAL_STATES.has(job.state) ? 1 : 0, 2 * JOB_FINAL_COUNTS.reduce((n, k) => n + (c[k] || 0), 0) + (c.sent || 0)];
+}
+function mergeJob(snapshot) {
+  const known = state.jobs.get(snapshot.job_id);
+  if (known) {
+    const [knownFinal, knownMoved] = jobProgress(known), [final, moved] = jobProgress(snapshot);
+    const behind = final < knownFinal || (final === knownFinal && moved < knownMoved);
+    // A stale snapshot still brings what the frames lack (the command, created_at).
+    state.jobs.set(snapshot.job_id, behind ? { ...snapshot, ...known } : { ...known, ...snapshot });
+  } else state.jobs.set(snapshot.job_id, snapshot);
+}
+function jobSeen(frame) {
+  const { type, at, ...snapshot } = frame;
+  const unknown = !state.jobs.has(frame.job_id);
+  mergeJob(snapshot);
+  renderJobs();
+  // A job created after the last poll: fetch it once for its command and creation time.
+  if (unknown) api(`/jobs/${encodeURIComponent(frame.job_id)}`).then((job) => { mergeJob(job); renderJobs(); }, () => {});
+}
+
 function renderJobs() {
   const list = $("job-list"); list.replaceChildren();
   const jobs = [...state.jobs.values()].sort((a, b) => (b.created_at || "").localeCompare(a.created_at || "")).slice(0, 20);
@@ -495,15 +524,18 @@ function renderJobs() {
   for (const job of jobs) {
     const c = job.counts || {};
     const total = Math.max(1, c.total || 0);
-    const li = el("li"); li.dataset.job = job.job_id;
-    li.appendChild(el("span", null, `${(job.command && job.command.name) || job.job_id}`));
+    const li = el("li"); li.dataset.job = job.job_id; li.title = job.job_id;
+    li.appendChild(el("span", "name", `${(job.command && job.command.name) || job.job_id}`));
     const bar = el("div", "progress");
     for (const [cls, n] of [["s", c.succeeded || 0], ["f", (c.failed || 0) + (c.timed_out || 0)],
-      ["o", (c.expired || 0) + (c.skipped || 0) + (c.canceled || 0)]]) {
+      ["o", (c.expired || 0) + (c.skipped || 0) + (c.canceled || 0)], ["p", c.sent || 0]]) {
       const part = el("i", cls); part.style.width = `${(n / total) * 100}%`; bar.appendChild(part);
     }
     li.appendChild(bar);
     li.appendChild(el("span", `state ${job.state}`, `${job.state} ${(c.succeeded || 0)}/${c.total || 0}`));
+    const parts = [["succeeded", c.succeeded], ["sent", c.sent], ["failed", c.failed], ["timed out", c.timed_out],
+      ["expired", c.expired], ["skipped", c.skipped], ["canceled", c.canceled]].filter(([, n]) => n > 0);
+    li.appendChild(el("span", "counts legend", parts.map(([label, n]) => `${n} ${label}`).join(" · ")));
     list.appendChild(li);
   }
 }
