@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from fleetwire.domain import telemetry
 from fleetwire.domain.errors import ErrorCode, FleetwireError
 from fleetwire.domain.telemetry import SchemaCache, check_schema, parse_batch, parse_single
 
@@ -138,3 +139,18 @@ def test_invalid_schema_is_refused() -> None:
         check_schema({"type": 12})
     with pytest.raises(FleetwireError):
         check_schema([1])
+
+
+def test_key_rule_holds_past_the_remembered_keys_bound() -> None:
+    """The set of keys already judged valid is bounded (emptied when full); a bad key is
+    refused before, while and after it refills, and a good key stays accepted."""
+    remembered = telemetry._VALID_KEYS
+    for i in range(telemetry.MAX_REMEMBERED_KEYS + 10):
+        record = parse_single({"data": {f"k{i}": 1}}, 0, 10**12, frozenset())[0]
+        assert record.values == {f"k{i}": 1}
+        assert len(remembered) <= telemetry.MAX_REMEMBERED_KEYS
+    for _ in range(2):
+        with pytest.raises(FleetwireError):
+            parse_single({"data": {"bad key": 1}}, 0, 10**12, frozenset())
+    assert "bad key" not in remembered
+    assert parse_single({"data": {"k0": 2}}, 0, 10**12, frozenset())[0].values == {"k0": 2}
