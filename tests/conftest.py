@@ -30,10 +30,15 @@ def _reachable(host: str, port: int) -> bool:
 def need_service(name: str, host: str, port: int) -> None:
     if _reachable(host, port):
         return
-    message = f"{name} is not reachable on {host}:{port}"
+    missing(f"{name} is not reachable on {host}:{port}", "start it to run this test")
+
+
+def missing(what: str, remedy: str) -> None:
+    """Skip for a missing service or program, naming it; fail instead under CI
+    (FLEETWIRE_REQUIRE_SERVICES=1), so a skip never hides a test CI must run."""
     if REQUIRE_SERVICES:
-        pytest.fail(f"{message} and FLEETWIRE_REQUIRE_SERVICES=1")
-    pytest.skip(f"{message}; start it to run this test")
+        pytest.fail(f"{what} and FLEETWIRE_REQUIRE_SERVICES=1")
+    pytest.skip(f"{what}; {remedy}")
 
 
 @pytest.fixture

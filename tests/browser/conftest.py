@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page, WebSocket, async_playwright
 
-from tests.conftest import REQUIRE_SERVICES
+from tests.conftest import missing
 from tests.integration.conftest import make_node as make_node  # the same node factory
 from tests.integration.harness import Node
 
@@ -25,10 +25,7 @@ WAIT_MS = 10_000  # every wait in a page is bounded
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
     if not HAVE_CHROMIUM:
-        message = f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
-        if REQUIRE_SERVICES:
-            pytest.fail(f"{message} and FLEETWIRE_REQUIRE_SERVICES=1")
-        pytest.skip(message)
+        missing(f"Chromium not found at {CHROMIUM}", "apt-get install chromium")
     async with async_playwright() as playwright:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
         browser = await asyncio.wait_for(

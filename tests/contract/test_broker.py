@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import shutil
 import signal
 import socket
@@ -28,6 +27,7 @@ from fleetwire.broker import make_broker
 from fleetwire.broker.base import Broker, BrokerUnavailableError, Published
 from fleetwire.broker.memory import MemoryBroker
 from fleetwire.broker.redis import RedisBroker, decode_batch, encode_batch
+from tests.conftest import missing
 
 BOUND = 10.0  # seconds any single wait in this module may take
 
@@ -401,10 +401,7 @@ class RedisServer:
 
     def __init__(self) -> None:
         if shutil.which("redis-server") is None:
-            message = "redis-server is not installed (the outage test starts its own)"
-            if os.environ.get("FLEETWIRE_REQUIRE_SERVICES") == "1":
-                pytest.fail(message)
-            pytest.skip(message)
+            missing("redis-server is not installed", "the outage test starts its own")
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: asyncio.subprocess.Process | None = None
