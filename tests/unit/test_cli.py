@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fleetwire.auth.jwt import build_verifier
 from fleetwire.auth.principal import Role
-from fleetwire.cli import _benchmarks_checkout, main
+from fleetwire.cli import _benchmarks_checkout, main, settle_garbage_collector
 from fleetwire.local import local_token, server_url
 from fleetwire.settings import Settings
 from tests.unit.auth.helpers import SECRET
@@ -124,3 +126,27 @@ def test_bad_configuration_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: 
 def test_device_without_an_id_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["device", "show"]) == 2
     assert capsys.readouterr().err == "fleetwire device: an id is required (fleetwire device show ID)\n"
+
+
+@pytest.fixture
+def restored_gc() -> Iterator[None]:
+    before = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*before)
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_serving_process_freezes_startup_objects_and_sets_the_young_threshold() -> None:
+    gc.set_threshold(700, 10, 10)
+    settle_garbage_collector(12_345)
+    assert gc.get_threshold() == (12_345, 10, 10)
+    assert gc.get_freeze_count() > 0
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_threshold_zero_keeps_pythons_own() -> None:
+    gc.set_threshold(700, 10, 10)
+    settle_garbage_collector(0)
+    assert gc.get_threshold() == (700, 10, 10)
+    assert gc.get_freeze_count() > 0
