@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     infra.add_argument("--profile-seconds", type=float, default=10.0)
     infra.add_argument("--keep", action="store_true", help="keep the temp dir (server logs, specs)")
+    infra.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="FLEETWIRE_X=VALUE",
+        help="a setting for every fleetwire server of the run (repeatable), after the bench's own",
+    )
     return parser
 
 
@@ -252,6 +259,17 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+def server_env(pairs: list[str]) -> dict[str, str]:
+    """`--server-env` values: FLEETWIRE_ settings only (anything else is a typo)."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.startswith("FLEETWIRE_"):
+            raise SystemExit(f"--server-env wants FLEETWIRE_NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
+
+
 def start_bare(opts: Options, mode: str) -> ServerProcess:
     port = free_port()
     argv = pinned(
@@ -305,6 +323,7 @@ def start_fleetwire(
     if node_id:
         env["FLEETWIRE_NODE_ID"] = node_id
     env.update(extra_env or {})
+    env.update(server_env(opts.args.server_env))
     argv = pinned(opts.args.server_cpu, sys.executable, "-m", "fleetwire", "serve")
     server = ServerProcess(name, argv, env, port, opts.workdir / f"{name}.log", http=True)
     server.wait_ready()

@@ -269,9 +269,9 @@ def build_services(
         cache=cache,
         schema_limits=schema_limits,
     )
-    hub.listeners.append(cache.on_event)  # first: the others may read the cache
-    hub.listeners.append(sessions.on_event)
-    hub.listeners.append(commands.on_event)
+    hub.listen(cache.on_event)  # first: the others may read the cache
+    hub.listen(sessions.on_event)
+    hub.listen(commands.on_event)
     jobs = JobService(
         node_id=node_id,
         store=store,
@@ -286,14 +286,14 @@ def build_services(
         lease_s=settings.job_lease_s,
         progress_s=settings.job_progress_s,
     )
-    hub.listeners.append(jobs.on_event)
-    hub.listeners.append(twin.on_event)
+    hub.listen(jobs.on_event)
+    hub.listen(twin.on_event)
     activity = FleetActivity(
         clock,
         window_minutes=settings.activity_window_minutes,
         flapping_disconnects=settings.flapping_disconnects,
     )
-    hub.listeners.append(activity.on_event)
+    hub.listen(activity.on_event, telemetry=True)  # counts records per minute
     return Services(
         node_id=node_id,
         clock=clock,

@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 from fleetwire.broker import make_broker
-from fleetwire.broker.base import Broker, BrokerUnavailableError, Published
+from fleetwire.broker.base import Broker, BrokerUnavailableError, EncodedEvent, Published
 from fleetwire.broker.memory import MemoryBroker
 from fleetwire.broker.redis import RedisBroker, decode_batch, encode_batch
 from tests.conftest import missing
@@ -109,7 +109,7 @@ async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
 def make_events(prefix: str, count: int, start: int = 0) -> list[Published]:
     """Distinct events whose payloads are real event frames with awkward characters."""
     return [
-        Published(
+        EncodedEvent(
             f"{prefix}-{i % 7}",
             i,
             ("device.connected", "device.status", "device.telemetry", "command.updated", "device.updated")[
@@ -137,7 +137,7 @@ async def test_publish_reaches_every_node_exactly_once(cluster: Cluster) -> None
     a, rec_a = await cluster.node("a")
     _, rec_b = await cluster.node("b")
     batch = make_events(unique("d"), 3)
-    marker = Published(unique("marker"), 0, "device.status", "status", b"{}")
+    marker = EncodedEvent(unique("marker"), 0, "device.status", "status", b"{}")
     with anyio.fail_after(BOUND):
         await a.publish(batch)
         await a.publish([marker])
@@ -260,7 +260,7 @@ async def test_close_stops_delivery(cluster: Cluster) -> None:
     with anyio.fail_after(BOUND):
         await b.close()
         await b.close()  # idempotent
-    marker = Published(unique("marker"), 0, "device.status", "status", b"{}")
+    marker = EncodedEvent(unique("marker"), 0, "device.status", "status", b"{}")
     if cluster.kind == "memory":
         # One shared object: closing it detaches every node.
         with anyio.fail_after(BOUND):
@@ -317,8 +317,8 @@ def test_wire_format_round_trip_keeps_payload_bytes() -> None:
     """encode_batch/decode_batch round-trip exactly, payload bytes verbatim, even empty ones."""
     batch = [
         *make_events("d", 3),
-        Published("e", 9, "device.registered", "registry", b""),
-        Published("f", 1, "x", "x", b"\xff"),
+        EncodedEvent("e", 9, "device.registered", "registry", b""),
+        EncodedEvent("f", 1, "x", "x", b"\xff"),
     ]
     data = encode_batch(batch)
     assert decode_batch(data) == batch
@@ -349,9 +349,9 @@ async def test_redis_databases_are_isolated(redis_url: str) -> None:
         b, rec_b = await there.node("n1")  # same node id, other cluster
         mine, theirs = unique("mine"), unique("theirs")
         with anyio.fail_after(BOUND):
-            await a.publish([Published(mine, 1, "device.status", "status", b"{}")])
+            await a.publish([EncodedEvent(mine, 1, "device.status", "status", b"{}")])
             await a.send("n1", {"marker": mine})
-            await b.publish([Published(theirs, 1, "device.status", "status", b"{}")])
+            await b.publish([EncodedEvent(theirs, 1, "device.status", "status", b"{}")])
             await b.send("n1", {"marker": theirs})
         await rec_a.wait_until(lambda: rec_a.has_event(mine) and rec_a.has_message(mine))
         await rec_b.wait_until(lambda: rec_b.has_event(theirs) and rec_b.has_message(theirs))

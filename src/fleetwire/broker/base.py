@@ -24,15 +24,39 @@ class BrokerUnavailableError(Exception):
     """The broker backend cannot be reached."""
 
 
+class Published(Protocol):
+    """One committed event as the broker and the hub see it: routing fields plus the frame
+    payload. A node's own events are `domain.events.Event`s, which encode their payload only
+    when it is first read; events from another node arrive as `EncodedEvent`s."""
+
+    @property
+    def device_id(self) -> str: ...
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def name(self) -> str:
+        """The event's name, e.g. "device.deleted": nothing reads the payload to learn it."""
+
+    @property
+    def event_class(self) -> str:
+        """presence, status, telemetry, command, registry, twin."""
+
+    @property
+    def payload(self) -> bytes:
+        """The `{"type": "event", ...}` JSON, encoded once at the source."""
+
+
 @dataclass(frozen=True, slots=True)
-class Published:
-    """One event as it travels between nodes: routing fields plus the encoded frame payload."""
+class EncodedEvent:
+    """A Published event as bytes from the wire (another node's, through the Redis broker)."""
 
     device_id: str
     seq: int
-    name: str  # the event's name, e.g. "device.deleted": nothing reads the payload to learn it
-    event_class: str  # presence, status, telemetry, command, registry
-    payload: bytes  # the `{"type": "event", ...}` JSON, encoded once at the source
+    name: str
+    event_class: str
+    payload: bytes
 
 
 EventsHandler = Callable[[Sequence[Published]], None]

@@ -54,7 +54,13 @@ from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from fleetwire.broker.base import BrokerUnavailableError, EventsHandler, MessageHandler, Published
+from fleetwire.broker.base import (
+    BrokerUnavailableError,
+    EncodedEvent,
+    EventsHandler,
+    MessageHandler,
+    Published,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +97,7 @@ def decode_batch(data: bytes) -> list[Published]:
     for device_id, seq, name, event_class, size in header:
         if not (isinstance(size, int) and 0 <= size <= len(data) - offset):
             raise ValueError("payload length out of range")
-        batch.append(Published(device_id, seq, name, event_class, data[offset : offset + size]))
+        batch.append(EncodedEvent(device_id, seq, name, event_class, data[offset : offset + size]))
         offset += size
     if offset != len(data):
         raise ValueError("trailing bytes after the last payload")

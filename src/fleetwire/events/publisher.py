@@ -1,4 +1,5 @@
-"""EventPublisher: committed events, encoded once, handed to the Broker in commit order."""
+"""EventPublisher: committed events handed to the Broker in commit order (each encoded once,
+when first read)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,6 @@ from fleetwire.broker.base import Broker, BrokerUnavailableError, Published
 from fleetwire.domain.events import Event
 
 log = logging.getLogger(__name__)
-
-
-def published(event: Event) -> Published:
-    return Published(event.device_id, event.seq, event.name, event.event_class, event.wire())
 
 
 class EventPublisher:
@@ -41,8 +38,7 @@ class EventPublisher:
 
     def submit(self, events: Iterable[Event]) -> None:
         outbox = self._outbox
-        for event in events:
-            outbox.append(published(event))
+        outbox.extend(events)  # Events are Published: their payload is encoded if read
         overflow = len(outbox) - self._max_pending
         if overflow > 0:
             for _ in range(overflow):

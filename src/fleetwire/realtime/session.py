@@ -273,7 +273,7 @@ class Session:
             replayed_to = 0
             for event in plan.replays.get(device_id, ()):
                 if event.event_class in plan.events:
-                    out.append(Send(event.wire()))
+                    out.append(Send(event.payload))
                 replayed_to = event.seq
             self.release(device_id, max(replayed_to, plan.resume.get(device_id, 0)))
         self._finished(now_ms)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import orjson
 
 from fleetwire.auth.principal import Principal, Role
-from fleetwire.broker.base import Published
+from fleetwire.broker.base import EncodedEvent, Published
+from fleetwire.domain.events import Event
 from fleetwire.events.hub import Hub, Subscription
 from fleetwire.transport.base import text_frame
 from tests.clock import ManualClock
@@ -40,7 +41,7 @@ class Recorder:
 
 def published(seq: int, name: str, cls: str, data: dict[str, object]) -> Published:
     payload = orjson.dumps({"type": "event", "event": name, "device_id": "d1", "seq": seq, "data": data})
-    return Published("d1", seq, name, cls, payload)
+    return EncodedEvent("d1", seq, name, cls, payload)
 
 
 def subscribed_hub() -> tuple[Hub, Recorder]:
@@ -102,3 +103,39 @@ def test_a_subscriber_gets_its_frames_of_one_batch_in_one_call() -> None:
     hub.on_events([published(5, "device.status", "status", {})])
     assert (recorder.seqs, recorder.writes) == ([1, 2, 3, 4, 5], [4, 1])
     assert (other.seqs, other.writes) == ([1, 2, 3, 5], [3, 1])
+
+
+def _record_event(seq: int) -> Event:
+    return Event("d1", seq, "device.telemetry", 1_700_000_000_000, {"ts": "x", "values": {"t": seq}})
+
+
+def test_listeners_get_telemetry_only_when_they_ask() -> None:
+    """Record events reach only a listener registered with telemetry=True; every other event
+    reaches every listener, in seq order."""
+    hub = Hub(ManualClock(0))
+    plain: list[tuple[str, int]] = []
+    counting: list[tuple[str, int]] = []
+    hub.listen(lambda e: plain.append((e.name, e.seq)))
+    hub.listen(lambda e: counting.append((e.name, e.seq)), telemetry=True)
+    hub.on_events([published(1, "device.status", "status", {}), _record_event(2), _record_event(3)])
+    hub.on_events([published(4, "device.updated", "registry", {})])
+    assert plain == [("device.status", 1), ("device.updated", 4)]
+    assert counting == [
+        ("device.status", 1),
+        ("device.telemetry", 2),
+        ("device.telemetry", 3),
+        ("device.updated", 4),
+    ]
+
+
+def test_an_event_nobody_subscribes_to_is_never_encoded() -> None:
+    """A node's own events travel as Events and encode their payload on first read only."""
+    hub = Hub(ManualClock(0))
+    recorder = Recorder()
+    hub.add(recorder, Subscription("sub-1", frozenset({"d1"}), (), frozenset({"status"})))
+    unread, read = _record_event(1), Event("d1", 2, "device.status", 1_700_000_000_000, {"status": "ok"})
+    hub.on_events([unread, read])
+    assert unread._payload is None
+    assert recorder.frames == [text_frame(read.payload)]
+    assert read.payload is read.payload  # encoded once, then shared
+    assert orjson.loads(read.payload) == read.public()

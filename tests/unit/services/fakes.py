@@ -319,7 +319,7 @@ def make_node(
     values: dict[str, Any] = {"node_id": node_id, "jwt_secret": "x" * 32, "heartbeat_s": 20.0, **settings}
     services = build_services(Settings(**values), store, broker, presence, verifier, clock)
     node = Node(services, clock, store, broker, presence, verifier)
-    services.hub.listeners.append(node.log)
+    services.hub.listen(node.log, telemetry=True)
     return node
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from fleetwire.broker.base import Published
+from fleetwire.broker.base import EncodedEvent, Published
 from fleetwire.domain.clock import format_ms
 from fleetwire.domain.events import EVENT_CLASS
 from fleetwire.services.activity import FleetActivity
@@ -19,7 +19,7 @@ START = 1_800_000_000_000  # a whole minute (divisible by 60,000)
 
 def event(name: str, device_id: str = "d1", **data: Any) -> Published:
     payload = orjson.dumps({"type": "event", "event": name, "device_id": device_id, "data": data})
-    return Published(device_id, 1, name, EVENT_CLASS[name], payload)
+    return EncodedEvent(device_id, 1, name, EVENT_CLASS[name], payload)
 
 
 def test_counts_per_minute_with_quiet_minutes_as_zero_rows() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from fleetwire.broker.base import Published
+from fleetwire.broker.base import EncodedEvent, Published
 from fleetwire.domain.devices import Device
 from fleetwire.services.cache import DeviceCache, PendingIndex
 from fleetwire.store.base import RegisterDevice
@@ -16,12 +16,12 @@ pytestmark = pytest.mark.anyio
 
 def registry_event(name: str, device: Device, seq: int) -> Published:
     payload = orjson.dumps({"type": "event", "event": name, "seq": seq, "data": device.public()})
-    return Published(device.id, seq, name, "registry", payload)
+    return EncodedEvent(device.id, seq, name, "registry", payload)
 
 
 def command_event(device_id: str, seq: int, state: str) -> Published:
     payload = orjson.dumps({"type": "event", "data": {"command_id": "c", "state": state}})
-    return Published(device_id, seq, "command.updated", "command", payload)
+    return EncodedEvent(device_id, seq, "command.updated", "command", payload)
 
 
 async def test_fill_pages_through_every_device_and_events_keep_it_current() -> None:

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from fleetwire.auth.principal import Principal, Role
-from fleetwire.broker.base import Published
+from fleetwire.broker.base import EncodedEvent
 from fleetwire.domain.clock import format_ms
 from fleetwire.domain.commands import Command, CommandRequest, CommandState
 from fleetwire.domain.errors import ErrorCode, FleetwireError
@@ -413,13 +413,13 @@ async def test_on_event_ignores_other_events(node: Node) -> None:
     await node.connect("d1")
     command = await issue(node, request())
     commands = node.services.commands
-    commands.on_event(Published("d1", 90, "command.updated", "command", b"{}"))  # nobody waits yet
+    commands.on_event(EncodedEvent("d1", 90, "command.updated", "command", b"{}"))  # nobody waits yet
     waiting = asyncio.ensure_future(commands.wait(command.id, LIMIT_S))
     await until(lambda: command.id in commands._waiters)
     [future] = commands._waiters[command.id]
     other = orjson.dumps({"data": {"command_id": "other"}})
-    commands.on_event(Published("d1", 91, "device.status", "status", b"{}"))
-    commands.on_event(Published("d1", 92, "command.updated", "command", other))
+    commands.on_event(EncodedEvent("d1", 91, "device.status", "status", b"{}"))
+    commands.on_event(EncodedEvent("d1", 92, "command.updated", "command", other))
     assert not future.done()
     await commands.result("d1", command.id, True, None, None)
     ended = await asyncio.wait_for(waiting, LIMIT_S)

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from fleetwire.auth.principal import Principal, Role
-from fleetwire.broker.base import Published
+from fleetwire.broker.base import EncodedEvent, Published
 from fleetwire.domain.errors import ErrorCode, FleetwireError
 from fleetwire.domain.twin import Twin
 from fleetwire.store.memory import MemoryDatabase
@@ -47,7 +47,7 @@ def deltas(session: FakeDeviceSession) -> list[dict[str, Any]]:
 def twin_event(device_id: str, seq: int, version: int, delta: dict[str, Any]) -> Published:
     payload = {"type": "event", "event": "twin.updated", "device_id": device_id, "seq": seq,
                "at": "2026-12-01T00:00:00.000Z", "data": {"version": version, "delta": delta}}  # fmt: skip
-    return Published(device_id, seq, "twin.updated", "twin", orjson.dumps(payload))
+    return EncodedEvent(device_id, seq, "twin.updated", "twin", orjson.dumps(payload))
 
 
 class GatedStore(FlakyStore):
@@ -215,7 +215,7 @@ async def test_events_of_other_kinds_or_devices_are_ignored(node: Node) -> None:
     await node.register("d1")
     session = await node.connect("d1")
     await node.settle()
-    other = Published("d1", 99, "device.status", "status", b"{}")
+    other = EncodedEvent("d1", 99, "device.status", "status", b"{}")
     twin.on_event(other)
     twin.on_event(twin_event("elsewhere", 1, 2, {"a": 1}))
     assert deltas(session) == []
