@@ -70,6 +70,13 @@ class HeadTimeoutHttpProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         super().connection_lost(exc)
 
+    def handle_websocket_upgrade(self) -> None:
+        super().handle_websocket_upgrade()
+        # The connection is the WebSocket protocol's now and this object is garbage, but its
+        # parser holds its bound callbacks: a reference cycle per handshake (24 objects and
+        # the parser's buffers) that only the cycle collector would free, long after.
+        del self.parser
+
     def _arm_head_timer(self) -> None:
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
 
