@@ -233,6 +233,7 @@ def build_services(
         router=router,
         tasks=tasks,
         clock=clock,
+        devices=cache,
         pending=pending,
         max_pending=settings.max_pending_commands,
         max_issuing=settings.max_issuing_commands,

@@ -1306,6 +1306,23 @@ async def test_a_job_and_its_executions_are_created_in_one_op(store: Store) -> N
         assert [j.id for j in await store.list_jobs(1, before="j2")] == ["j1"]
 
 
+async def test_a_transition_moves_only_its_own_devices_command(store: Store) -> None:
+    """TransitionCommand names the device: another device's command is not moved (no event,
+    command None), so a device's result needs no read to prove the command is its own."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2")
+        await store.write([CreateCommand(_command("c1", state=CommandState.SENT))])
+        (foreign,) = await store.write([TransitionCommand("d2", "c1", CommandState.SUCCEEDED, 1300)])
+        assert (foreign.command, foreign.events) == (None, [])
+        stored = await store.get_command("c1")
+        assert stored is not None
+        assert stored.state is CommandState.SENT
+        (own,) = await store.write([TransitionCommand("d1", "c1", CommandState.SUCCEEDED, 1400)])
+        assert own.command is not None
+        assert own.command.state is CommandState.SUCCEEDED
+        assert [e.name for e in await store.events("d2", 0, 10)] == []
+
+
 async def test_dispatch_is_a_compare_and_set_with_its_command_and_event(store: Store) -> None:
     """DispatchExecution moves a pending execution once: with a command it inserts the
     command (job_id in its `command.updated`), without one it skips; a second dispatch of the

@@ -54,6 +54,15 @@ class DeviceCache:
     def get(self, device_id: str) -> Device | None:
         return self._devices.get(device_id)
 
+    async def find(self, device_id: str) -> Device | None:
+        """The registry record from memory; the store answers a miss (the cache is still
+        filling, or the device was registered on another node a moment ago and its event is
+        on its way), so a miss is never a wrong "no such device"."""
+        device = self._devices.get(device_id)
+        if device is None:
+            device = await self._store.get_device(device_id)
+        return device
+
     def put(self, device: Device, seq: int) -> None:
         """The record as of the registry event with this seq (ignored if older than ours)."""
         if seq >= self._seq.get(device.id, -1):

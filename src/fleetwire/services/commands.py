@@ -23,7 +23,7 @@ from fleetwire.domain.commands import Command, CommandIds, CommandRequest, Comma
 from fleetwire.domain.errors import ErrorCode, FleetwireError
 from fleetwire.events.writer import GroupWriter
 from fleetwire.presence.base import Presence
-from fleetwire.services.cache import PendingIndex
+from fleetwire.services.cache import DeviceCache, PendingIndex
 from fleetwire.services.routing import NodeRouter
 from fleetwire.services.tasks import Tasks, settle
 from fleetwire.store.base import CreateCommand, Store, TransitionCommand
@@ -41,6 +41,7 @@ class CommandService:
         router: NodeRouter,
         tasks: Tasks,
         clock: Clock,
+        devices: DeviceCache,
         pending: PendingIndex | None = None,
         max_pending: int = 100,
         max_issuing: int = 64,
@@ -50,6 +51,7 @@ class CommandService:
         self._pending = pending or PendingIndex()
         self._max_pending = max_pending
         self._store = store
+        self._devices = devices
         self._writer = writer
         self._presence = presence
         self._router = router
@@ -93,7 +95,9 @@ class CommandService:
             raise FleetwireError(ErrorCode.FORBIDDEN, "sending commands needs the operator role")
         if not principal.may_see(request.device_id):
             raise FleetwireError(ErrorCode.FORBIDDEN, "device outside your `devices` claim")
-        device = await self._store.get_device(request.device_id)
+        # Existence and `disabled` from the node's registry cache (the store's CreateCommand
+        # checks existence again in its transaction).
+        device = await self._devices.find(request.device_id)
         if device is None:
             raise FleetwireError(ErrorCode.NOT_FOUND, "no such device")
         now = self._clock.now_ms()
@@ -173,17 +177,18 @@ class CommandService:
         result: dict[str, Any] | None,
         error: dict[str, Any] | None,
     ) -> Command:
-        store = self._store
-        command = await store.get_command(command_id)
-        if command is None or command.device_id != device_id:
-            raise FleetwireError(ErrorCode.NOT_FOUND, "no such command for this device")
+        # No read first: the transition itself moves only this device's command, from a
+        # state that allows it; the read below only explains a refusal.
         state = CommandState.SUCCEEDED if ok else CommandState.FAILED
         moved = TransitionCommand(device_id, command_id, state, self._clock.now_ms(), result, error)
         done = (await self._writer.submit(moved)).command
         if done is None:
-            current = await store.get_command(command_id)
-            shown = current.state.value if current is not None else "gone"
-            raise FleetwireError(ErrorCode.CONFLICT, f"command is {shown}; the result was not applied")
+            current = await self._store.get_command(command_id)
+            if current is None or current.device_id != device_id:
+                raise FleetwireError(ErrorCode.NOT_FOUND, "no such command for this device")
+            raise FleetwireError(
+                ErrorCode.CONFLICT, f"command is {current.state.value}; the result was not applied"
+            )
         await self.finished(done)
         return done
 

@@ -122,9 +122,7 @@ class RegistryService:
         if not self._writer.healthy:
             await self._store.ping()
             self._writer.healthy = True
-        if self._cache.filled:
-            return self._cache.get(device_id)
-        return await self._store.get_device(device_id)
+        return await self._cache.find(device_id)
 
     async def require_active(self, device_id: str) -> None:
         """For a device's own token: its device must exist and be enabled (else forbidden)."""

@@ -131,7 +131,8 @@ class CreateCommand:
 class TransitionCommand:
     """Compare-and-set a command to `state` (as `Store.transition_command`) and record its
     `command.updated` in the same transaction; WriteResult.command is None (and no event)
-    when the current state does not allow the move."""
+    when the current state does not allow the move, or the command is not `device_id`'s (so a
+    device's result needs no read first to prove the command is its own)."""
 
     device_id: str
     command_id: str

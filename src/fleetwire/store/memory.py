@@ -693,7 +693,10 @@ class _Group:
             at_ms = command.issued_at_ms
         else:
             assert type(op) is TransitionCommand
-            moved = _moved(db.commands.get(op.command_id), op.state, op.at_ms, op.result, op.error)
+            current = db.commands.get(op.command_id)
+            if current is not None and current.device_id != op.device_id:
+                return  # another device's command: not moved (TransitionCommand)
+            moved = _moved(current, op.state, op.at_ms, op.result, op.error)
             if moved is None:
                 return
             db.commands[op.command_id] = command = moved

@@ -80,3 +80,23 @@ async def test_pending_index_knows_every_device_without_queued_commands_after_fi
     assert index.known_empty("d1")
     index.forget()
     assert not index.known_empty("d2")
+
+
+async def test_find_answers_from_memory_and_asks_the_store_on_a_miss() -> None:
+    """A cached device is answered without the store (a record changed in the store behind
+    the cache's back is not seen); a device the cache has not heard of yet (registered on
+    another node a moment ago) is read from the store; an unknown one is None."""
+    store = MemoryStore()
+    await store.open()
+    await store.write([RegisterDevice(Device("d1"), 1)])
+    cache = DeviceCache(store)
+    await cache.fill()
+    await store.write([RegisterDevice(Device("late"), 2)])  # no event reached this cache
+    found = await cache.find("late")
+    assert found is not None
+    assert found.id == "late"
+    await store.delete_device("d1")  # behind the cache's back: memory answers
+    cached = await cache.find("d1")
+    assert cached is not None
+    assert cached.id == "d1"
+    assert await cache.find("nope") is None

@@ -51,8 +51,10 @@ async def transition(
     at_ms: int,
     result: dict[str, Any] | None,
     error: dict[str, Any] | None,
+    device_id: str | None = None,
 ) -> Command | None:
-    """The compare-and-set UPDATE … RETURNING; None if the current state does not allow it."""
+    """The compare-and-set UPDATE … RETURNING; None if the current state does not allow it
+    (or, given `device_id`, the command is another device's)."""
     allowed = ALLOWED_FROM.get(state)
     if not allowed:
         return None  # nothing ever moves back to pending
@@ -71,12 +73,14 @@ async def transition(
         names.append("error")
         values.append(dumps(error))
     froms = sorted(s.value for s in allowed)
+    owner = "" if device_id is None else " AND device_id = ?"
     row = await tx.fetchrow(
         f"UPDATE commands SET {', '.join(f'{n} = ?' for n in names)}"
-        f" WHERE id = ? AND state IN ({','.join('?' * len(froms))}) RETURNING {_COLUMNS}",
+        f" WHERE id = ? AND state IN ({','.join('?' * len(froms))}){owner} RETURNING {_COLUMNS}",
         *values,
         command_id,
         *froms,
+        *(() if device_id is None else (device_id,)),
     )
     return None if row is None else rows.command(row)
 

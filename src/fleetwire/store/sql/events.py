@@ -122,7 +122,7 @@ async def _write_command(tx: Tx, op: CommandOp, result: WriteResult) -> EventWri
         result.command = command
         return EventWrite(command.device_id, "command.updated", command.issued_at_ms, command.event_data())
     assert type(op) is TransitionCommand
-    moved = await cmd.transition(tx, op.command_id, op.state, op.at_ms, op.result, op.error)
+    moved = await cmd.transition(tx, op.command_id, op.state, op.at_ms, op.result, op.error, op.device_id)
     if moved is None:
         return None
     result.command = moved
