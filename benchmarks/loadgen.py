@@ -838,6 +838,7 @@ class CommandState:
         self.send_ns: dict[int, int] = {}
         self.samples: list[int] = []
         self.ack_samples: list[int] = []
+        self.refused_samples: list[int] = []  # error replies in the window: how fast a refusal came
         self.measure_from = 1 << 62
         self.measure_to = 1 << 62
         self.acks = 0
@@ -892,7 +893,10 @@ class CommandClient(Client):
         elif kind == "error":
             st.errors += 1
             st.last_error = payload[:300]
-            st.send_ns.pop(message.get("id"), None)
+            request_id = message.get("id")
+            sent_at = st.send_ns.pop(request_id, None)
+            if sent_at is not None and st.measure_from <= request_id < st.measure_to:
+                st.refused_samples.append(now_ns() - sent_at)
 
 
 async def run_commands(spec: Spec, progress: Progress) -> Result:
@@ -957,7 +961,8 @@ async def run_commands(spec: Spec, progress: Progress) -> Result:
     completed_in_window = st.results - results0
     await profiler.wait()
     expected = st.measure_to - st.measure_from
-    await wait_until(lambda: len(st.samples) >= expected or st.errors > 0, 10)
+    # Every command of the window answered: a result, or a refusal (bounded: 10 s).
+    await wait_until(lambda: len(st.samples) + len(st.refused_samples) >= expected, 10)
     progress.end()
     result: Result = {
         "devices": len(devices),
@@ -966,7 +971,10 @@ async def run_commands(spec: Spec, progress: Progress) -> Result:
         "achieved_per_s": round(completed_in_window / cpu["wall_s"]),
         "round_trip_ms": latency_ms(st.samples),
         "ack_ms": latency_ms(st.ack_samples),
-        "missing_results": expected - len(st.samples),
+        "refused": len(st.refused_samples),
+        "refused_ms": latency_ms(st.refused_samples),
+        # Refused commands never get a result: not missing.
+        "missing_results": expected - len(st.samples) - len(st.refused_samples),
         "failed_results": st.failed,
         "errors": st.errors,
         "server_us_per_round_trip": server_cpu_per_op_us(cpu, expected),

@@ -165,7 +165,10 @@ def options(args: argparse.Namespace) -> Options:
             "concurrency": args.concurrency,
         }
     elif scenario == "commands":
-        params = {"devices": args.devices or 10, "clients": args.clients, "rate": args.rate or 1000.0}
+        # Issue 12: at the target rate, and at three times it (the excess must be refused at
+        # once, not queued until everything times out).
+        rates = [args.rate] if args.rate else [1000.0, 3000.0]
+        params = {"devices": args.devices or 10, "clients": args.clients, "rate": rates[0], "rates": rates}
     if scenario in ("fanout", "commands"):
         params["db"] = args.db
     return Options(scenario, duration, warmup, targets, params, args)
@@ -582,8 +585,14 @@ def scenario_connections(opts: Options) -> list[Run]:
 
 
 def scenario_commands(opts: Options) -> list[Run]:
+    """Every target at each offered rate, a fresh server per run; labels name the rate."""
     ids = [f"bench-cmd-{i}" for i in range(opts.params["devices"])]
-    return _target_runs(opts, "commands", ids, ["round trips"])
+    runs: list[Run] = []
+    for rate in opts.params["rates"]:
+        opts.params["rate"] = rate
+        for run in _target_runs(opts, "commands", ids, ["round trips"]):
+            runs.append(Run(f"{run.label} @{rate:.0f}/s", run.kind, run.result))
+    return runs
 
 
 def scenario_cluster(opts: Options) -> list[Run]:
@@ -876,6 +885,8 @@ def report_commands(opts: Options, runs: list[Run]) -> tuple[str, dict[str, Any]
                 _num(rt["p99"], 2),
                 _num(rt["max"], 1),
                 _num(r["ack_ms"]["p50"], 2),
+                _num(r.get("refused", 0)),
+                _num(r.get("refused_ms", {}).get("p99"), 2),
                 _num(r["missing_results"]),
                 _num(r["server_us_per_round_trip"], 1),
                 s_cpu,
@@ -883,18 +894,23 @@ def report_commands(opts: Options, runs: list[Run]) -> tuple[str, dict[str, Any]
                 cores,
             ]
         )
-    headers = ["target", "round trips/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "ack p50", "missing",
-               "srv µs/rt", "srv CPU", "gen CPU", "cores 0/1 %"]  # fmt: skip
+    headers = ["target", "round trips/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "ack p50", "refused",
+               "refused p99 ms", "missing", "srv µs/rt", "srv CPU", "gen CPU", "cores 0/1 %"]  # fmt: skip
+    offered = " and ".join(f"{rate:.0f}/s" for rate in opts.params["rates"])
     text = [
-        f"commands: client -> device -> result -> client at {opts.params['rate']:.0f}/s, "
-        f"{opts.params['clients']} clients, {opts.params['devices']} devices; {opts.duration:.0f} s measured",
+        f"commands: client -> device -> result -> client, offered at {offered}, "
+        f"{opts.params['clients']} clients, {opts.params['devices']} devices; {opts.duration:.0f} s measured;"
+        " refused: error replies (rate_limited) in the window, and how fast they came",
         _table(headers, rows),
     ]
     ratios: dict[str, Any] = {}
-    bare, others = _pair(runs)
-    for run in others:
+    for run in runs:
+        if run.kind == "bare":
+            continue
+        rate = run.label.rsplit("@", 1)[-1]
+        bare = next((r for r in runs if r.kind == "bare" and r.label.endswith(f"@{rate}")), None)
         if bare is None:
-            break
+            continue
         p50 = _ratio(run.result["round_trip_ms"]["p50"], bare.result["round_trip_ms"]["p50"])
         p99 = _ratio(run.result["round_trip_ms"]["p99"], bare.result["round_trip_ms"]["p99"])
         cpu = _ratio(run.result["server_us_per_round_trip"], bare.result["server_us_per_round_trip"])
