@@ -47,7 +47,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def settle_garbage_collector(threshold: int) -> None:
-    """The cycle collector's policy for a serving process (docs/protocol.md, "Garbage collection").
+    """The cycle collector's policy for a serving process (docs/architecture.md, "Garbage
+    collection in a serving process").
 
     Everything alive once the node is up (modules, routes, the registry cache) is frozen out of
     the collector's reach, and young collections run every `threshold` allocations instead of

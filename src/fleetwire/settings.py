@@ -89,8 +89,8 @@ class Settings(BaseSettings):
     # disconnects within them make a device "flapping".
     activity_window_minutes: int = Field(default=60, ge=1, le=1440)
     flapping_disconnects: int = Field(default=3, ge=1)
-    # `fleetwire serve` only (docs/protocol.md, "Garbage collection"): allocations between two
-    # young-generation collections of Python's cycle collector; 0 keeps Python's own (700).
+    # `fleetwire serve` only (docs/architecture.md, "Garbage collection in a serving process"):
+    # allocations between two young collections of Python's cycle collector; 0 keeps Python's.
     gc_threshold: int = Field(default=100_000, ge=0)
     log_level: str = "info"
 
