@@ -15,6 +15,7 @@ The rules that live here (and nowhere else):
 - At most `max_in_flight` requests run at once; at the cap the session pauses reading, so
   backpressure reaches the peer's TCP window instead of piling up tasks. Messages the
   transport had already read (the rest of one read buffer) wait, parsed, for a free slot.
+  (That rule is `realtime/admission.py`'s, shared with the MQTT core.)
 - A close decided by the server (rate flood 4029, token expiry 4001, shutdown 1001,
   replaced 4009 …) lets the replies of requests already accepted go out first, for at most
   `close_grace_s`, and reads nothing more meanwhile.
@@ -37,6 +38,7 @@ from fleetwire.domain.clock import format_ms
 from fleetwire.domain.close import Close, disconnect_reason
 from fleetwire.domain.errors import FleetwireError
 from fleetwire.realtime import protocol
+from fleetwire.realtime.admission import PAUSED, STARTED, Admission
 from fleetwire.realtime.protocol import CloseWith, Reply, Request, SessionProtocol
 from fleetwire.services.subscriptions import SubscriptionPlan
 
@@ -100,6 +102,7 @@ class SessionLimits:
 class Session:
     # Slots: one Session per connection, so every byte counts (issue 12: ≤ 12 KB per idle connection).
     __slots__ = (
+        "_admission",
         "_awaiting_pong",
         "_close_by_ms",
         "_closed",
@@ -108,10 +111,6 @@ class Session:
         "_held",
         "_limits",
         "_out",
-        "_paused",
-        "_queued",
-        "_ready",
-        "_running",
         "close_code",
         "connected_at_ms",
         "is_device",
@@ -143,10 +142,8 @@ class Session:
         self.connected_at_ms = now_ms
         self.last_seen_ms = now_ms
         self._limits = limits
-        self._ready = not is_device  # a device waits for `device.connected`
-        self._queued: deque[Request] | None = None  # accepted, not yet running (made on first use)
-        self._running = 0  # calls out, without their reply yet
-        self._paused = False
+        # In-flight bound and queue (issue 12); a device's requests wait for `device.connected`.
+        self._admission: Admission[Request] = Admission(limits.max_in_flight, ready=not is_device)
         self._awaiting_pong = False
         self._closing: Close | None = None  # a close waiting for in-flight replies
         self._close_by_ms: int | None = None
@@ -172,11 +169,11 @@ class Session:
     @property
     def in_flight(self) -> int:
         """Accepted requests without their reply yet (running or waiting to run)."""
-        return self._running + (len(self._queued) if self._queued else 0)
+        return self._admission.in_flight
 
     @property
     def running(self) -> int:
-        return self._running
+        return self._admission.running
 
     def actions(self) -> list[Action]:
         """What to do now, in order; each action is returned once."""
@@ -200,7 +197,7 @@ class Session:
 
     def connected(self) -> None:
         """`device.connected` is recorded: the requests that waited for it run now."""
-        self._ready = True
+        self._admission.ready = True
         self._dispatch()
 
     # -- input from the peer --------------------------------------------------------------
@@ -228,29 +225,17 @@ class Session:
         self.last_seen_ms = now_ms
 
     def _accept(self, request: Request) -> None:
-        cap = self._limits.max_in_flight
-        if self.in_flight + 1 >= cap and not self._paused:
-            self._paused = True
-            self._out.append(PAUSE)
-        # Queued requests run first; while there are any, every slot is taken (see _dispatch).
-        if self._ready and not self._closed and not self._queued and self._running < cap:
-            self._running += 1
+        admitted = self._admission.admit(request)  # runs now, or waits its turn (admission.py)
+        if admitted & PAUSED:
+            self._out.append(PAUSE)  # before the call: the transport stops reading first
+        if admitted & STARTED:
             self._out.append(Call(request))
-            return
-        if self._queued is None:
-            self._queued = deque()
-        self._queued.append(request)
 
     def _dispatch(self) -> None:
         """Start queued requests while there is a free slot (a closing session still
         answers what it accepted)."""
-        queued = self._queued
-        if not queued or not self._ready or self._closed:
-            return
-        cap = self._limits.max_in_flight
-        while queued and self._running < cap:
-            self._running += 1
-            self._out.append(Call(queued.popleft()))
+        while (request := self._admission.take()) is not None:
+            self._out.append(Call(request))
 
     # -- results of calls -----------------------------------------------------------------
     def completed(self, reply: bytes, now_ms: int) -> None:
@@ -279,14 +264,13 @@ class Session:
         self._finished(now_ms)
 
     def _finished(self, now_ms: int) -> None:
-        self._running -= 1
+        admission = self._admission
+        admission.finish()
         self._dispatch()
-        in_flight = self.in_flight
-        if self._closing is not None:
-            if in_flight == 0:
+        if self._closing is not None:  # closing: reading stays paused until the socket closes
+            if admission.in_flight == 0:
                 self._close_now(self._closing, self._closing.reason)
-        elif self._paused and not self._closed and in_flight < self._limits.max_in_flight:
-            self._paused = False
+        elif admission.resume():
             self._out.append(RESUME)
 
     # -- the server ends the session -----------------------------------------------------
@@ -298,14 +282,13 @@ class Session:
         if self.in_flight > 0:  # waiting for `device.connected`, a free slot or their service
             self._closing = code
             self._close_by_ms = now_ms + int(self._limits.close_grace_s * 1000)
-            if not self._paused:
-                self._paused = True
+            if self._admission.pause():  # read nothing more while the replies go out
                 self._out.append(PAUSE)
             return
         self._close_now(code, code.reason)
 
     def _close_now(self, code: Close, reason: str) -> None:
-        self._queued = None
+        self._admission.shut()  # what waits is dropped; nothing starts or resumes any more
         self._closing = None
         self._close_by_ms = None
         if not self._closed:

@@ -19,7 +19,8 @@ The rules that live here:
   reason (0x99 invalid, 0x87 not authorized, 0x97 rate limited, 0x80 otherwise).
 - QoS 2 is not offered (5.0 CONNACK Maximum QoS 1; a QoS 2 publish is a protocol error).
 - Requests wait for `device.connected` (so it takes a lower `seq`), at most `max_in_flight`
-  run at once and reading pauses at the cap (5.0 CONNACK Receive Maximum says so).
+  run at once and reading pauses at the cap (5.0 CONNACK Receive Maximum says so): the
+  admission rule of `realtime/admission.py`, shared with the WebSocket core.
 - Commands go out as QoS 1 PUBLISH on `devices/{id}/commands` once the device subscribed to
   it (held until then, bounded), at most the device's Receive Maximum unacknowledged; what is
   unacknowledged when the connection ends is kept by a persistent session and resent with DUP.
@@ -41,6 +42,7 @@ from fleetwire.domain.clock import parse_rfc3339
 from fleetwire.domain.close import Close, disconnect_reason
 from fleetwire.domain.errors import ErrorCode, FleetwireError, invalid
 from fleetwire.realtime import protocol
+from fleetwire.realtime.admission import PAUSED, STARTED, Admission
 from fleetwire.realtime.protocol import SessionProtocol
 from fleetwire.realtime.session import PAUSE, RESUME, CloseSocket, PauseReading, ResumeReading
 from fleetwire.transport.mqtt import codec
@@ -218,6 +220,7 @@ def matches(topic_filter: str, topic: str) -> bool:
 
 class MqttSession:
     __slots__ = (
+        "_admission",
         "_close_by_ms",
         "_closed",
         "_closing",
@@ -227,11 +230,7 @@ class MqttSession:
         "_order",
         "_out",
         "_outbox",
-        "_paused",
-        "_queued",
-        "_ready",
         "_receive_maximum",
-        "_running",
         "_session_expiry_s",
         "close_code",
         "connected_at_ms",
@@ -280,11 +279,9 @@ class MqttSession:
         receive_maximum = connect.properties.get(codec.RECEIVE_MAXIMUM, 65535)
         self._receive_maximum = int(receive_maximum) if isinstance(receive_maximum, int) else 65535
         self._session_expiry_s = self._expiry_of(connect)
-        self._ready = False  # requests wait for `device.connected`
-        self._queued: deque[Inbound] = deque()  # accepted, not yet running
+        # In-flight bound and queue (issue 12); requests wait for `device.connected`.
+        self._admission: Admission[Inbound] = Admission(limits.max_in_flight, ready=False)
         self._order: deque[Inbound] = deque()  # QoS 1 publishes in arrival order, for PUBACK
-        self._running = 0
-        self._paused = False
         self._closing: Close | None = None
         self._close_by_ms: int | None = None
         self._closed = False
@@ -321,7 +318,7 @@ class MqttSession:
 
     @property
     def in_flight(self) -> int:
-        return self._running + len(self._queued)
+        return self._admission.in_flight
 
     def actions(self) -> list[Action]:
         out = self._out
@@ -361,7 +358,7 @@ class MqttSession:
 
     def connected(self) -> None:
         """`device.connected` is recorded: the requests that waited for it run now."""
-        self._ready = True
+        self._admission.ready = True
         self._dispatch()
 
     @property
@@ -492,24 +489,15 @@ class MqttSession:
     def _accept(self, request: Inbound) -> None:
         if request.packet_id is not None:
             self._order.append(request)
-        cap = self._limits.max_in_flight
-        if self.in_flight + 1 >= cap and not self._paused:
-            self._paused = True
-            self._out.append(PAUSE)
-        if self._ready and not self._closed and not self._queued and self._running < cap:
-            self._running += 1
+        admitted = self._admission.admit(request)  # runs now, or waits its turn (admission.py)
+        if admitted & PAUSED:
+            self._out.append(PAUSE)  # before the run: the transport stops reading first
+        if admitted & STARTED:
             self._out.append(Run(request))
-        else:
-            self._queued.append(request)
 
     def _dispatch(self) -> None:
-        queued = self._queued
-        if not queued or not self._ready or self._closed:
-            return
-        cap = self._limits.max_in_flight
-        while queued and self._running < cap:
-            self._running += 1
-            self._out.append(Run(queued.popleft()))
+        while (request := self._admission.take()) is not None:
+            self._out.append(Run(request))
 
     def _subscribe(self, packet: Subscribe, now_ms: int) -> None:
         if 0x0B in packet.properties:  # CONNACK said Subscription Identifier Available 0
@@ -590,13 +578,13 @@ class MqttSession:
             self._send(Publish(topic, protocol.error(entry.packet_id, entry.error)))
 
     def _finished(self, now_ms: int) -> None:
-        self._running -= 1
+        admission = self._admission
+        admission.finish()
         self._dispatch()
-        if self._closing is not None:
-            if self.in_flight == 0:
+        if self._closing is not None:  # closing: reading stays paused until the socket closes
+            if admission.in_flight == 0:
                 self._close_now(self._closing)
-        elif self._paused and not self._closed and self.in_flight < self._limits.max_in_flight:
-            self._paused = False
+        elif admission.resume():
             self._out.append(RESUME)
 
     # -- commands to the device -----------------------------------------------------------
@@ -680,8 +668,7 @@ class MqttSession:
         if self.in_flight > 0 and code is not Close.PROTOCOL_ERROR:
             self._closing = code
             self._close_by_ms = now_ms + int(self._limits.close_grace_s * 1000)
-            if not self._paused:
-                self._paused = True
+            if self._admission.pause():  # read nothing more while the PUBACKs go out
                 self._out.append(PAUSE)
             return
         self._close_now(code, reason_code)
@@ -693,7 +680,7 @@ class MqttSession:
         self._close_now(code, reason_code)
 
     def _close_now(self, code: Close, reason_code: int | None = None) -> None:
-        self._queued.clear()
+        self._admission.shut()  # what waits is dropped; nothing starts or resumes any more
         self._closing = None
         self._close_by_ms = None
         if self._closed:
