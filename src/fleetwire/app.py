@@ -213,7 +213,11 @@ def build_services(
     hub = Hub(clock)
     publisher = EventPublisher(broker)
     writer = GroupWriter(
-        store, publisher.submit, max_queue=settings.write_queue, max_batch=settings.write_batch
+        store,
+        publisher.submit,
+        max_queue=settings.write_queue,
+        max_batch=settings.write_batch,
+        max_pipeline=settings.write_pipeline,
     )
     tasks = Tasks(clock)
     local = LocalSessions()

@@ -9,31 +9,79 @@ Contract:
   are written again one at a time, each in its own transaction, in order. Only the op that
   fails alone gets the exception; the others commit and are acked. An outage met during
   those retries fails that op and every op after it, as it would have failed the group.
-- One writer task takes everything queued (up to `max_batch` ops and about `max_records`
+- The writer takes everything queued (up to `max_batch` ops and about `max_records`
   telemetry records) and writes it as ONE `store.write` call, so a burst of concurrent
   submitters costs one transaction, one fsync.
-- `on_committed(events)` is called with all events of a batch, in order, synchronously,
-  after the commit and BEFORE any future of the batch resolves: events are published in
+- `on_committed(events)` is called with all events of a group, in order, synchronously,
+  after the commit and BEFORE any future of the group resolves: events are published in
   commit order, and an acknowledgement never overtakes its event.
 - The queue is bounded (`max_queue` ops). Overflow policy: `submit` waits for space
   (backpressure towards the connections), it never drops and never grows without bound.
-- `stop()` refuses new submissions, writes everything already queued, then ends the task.
+- `stop()` refuses new submissions, writes everything already queued, waits for every
+  group in flight, then ends the task.
+
+Pipelining (`max_pipeline` > 1; 1 is one group at a time, the writer awaiting each write):
+- Up to `max_pipeline` groups may be in `store.write` at once, each its own transaction
+  (PostgreSQL: its own pool connection), so the server goes on parsing while the database
+  commits. A group holds its slot from its start until it is delivered (below).
+- Only hot-path groups overlap: a group of `TelemetryWrite`, `StatusWrite` and `EventWrite`
+  ops only. A group holding any other op (registry, commands, twin, jobs: never tested with
+  concurrent transactions) starts only when nothing is in flight, and nothing starts while
+  it runs. When groups are in flight, the next group takes log ops up to the first other op
+  in the queue (that op and everything behind it wait their turn, in order).
+- No device is in two groups in flight: an op of a device whose group is in flight stays
+  queued (with every later op of that device; ops of other devices behind it may go
+  first). Concurrent transactions commit in whatever order the database lets them, so this
+  is what keeps each device's seq, status and latest values in submission order; events of
+  different devices were never ordered among themselves.
+- A group starts beside others only when it is full (`max_batch` ops or `max_records`
+  records), or when `max_batch` ops of busy devices stand in front: overlapping pays only
+  under a backlog, and a small group would hold a slot that a full one could use.
+- Delivery (`on_committed`, then the futures) is in the order the groups started: a group
+  that commits first waits for those before it. Each group is its own transaction and its
+  own outcome stands: when an earlier group fails (an outage, a poisoned op), a later one
+  that committed is still delivered and acked, after the earlier one's failures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Final
 
 from fleetwire.domain.events import Event
-from fleetwire.store.base import Store, StoreUnavailableError, TelemetryWrite, WriteOp, WriteResult
+from fleetwire.store.base import (
+    EventWrite,
+    StatusWrite,
+    Store,
+    StoreUnavailableError,
+    TelemetryWrite,
+    WriteOp,
+    WriteResult,
+)
 
 log = logging.getLogger(__name__)
 
 _Item = tuple[WriteOp, "asyncio.Future[WriteResult]"]
-_WAKE: Final = None  # put by stop() into an empty queue to wake the waiting writer
+# What one store.write of some items of a group came to: its results, or why it failed.
+_Outcome = list[WriteResult] | BaseException
+_NEVER: Final = 1 << 62  # a queue length the writer waits for: never (only deliveries help)
+
+
+class _Group:
+    """One transaction's ops, from its start until it is delivered."""
+
+    __slots__ = ("devices", "exclusive", "finished", "items", "parts")
+
+    def __init__(self, items: list[_Item], devices: set[str], exclusive: bool) -> None:
+        self.items = items
+        self.devices = devices  # the devices of a log group beside others (empty otherwise)
+        self.exclusive = exclusive  # holds an op that is no log op: runs alone
+        self.finished = False  # its store.write calls are over; its outcome is known
+        # Outcomes waiting for the groups started before this one to be delivered.
+        self.parts: list[tuple[list[_Item], _Outcome]] = []
 
 
 class GroupWriter:
@@ -45,14 +93,25 @@ class GroupWriter:
         max_queue: int = 10_000,
         max_batch: int = 500,
         max_records: int = 10_000,
+        max_pipeline: int = 1,
     ) -> None:
-        if max_queue < 1 or max_batch < 1 or max_records < 1:
-            raise ValueError("max_queue, max_batch and max_records must be at least 1")
+        if max_queue < 1 or max_batch < 1 or max_records < 1 or max_pipeline < 1:
+            raise ValueError("max_queue, max_batch, max_records and max_pipeline must be at least 1")
         self._store = store
         self._on_committed = on_committed
-        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue(max_queue)
+        self._items: deque[_Item] = deque()
+        self._max_queue = max_queue
         self._max_batch = max_batch
         self._max_records = max_records
+        self._max_pipeline = max_pipeline
+        self._inflight: deque[_Group] = deque()  # started, not yet delivered; in start order
+        self._busy: set[str] = set()  # devices of the log groups in flight beside others
+        self._tasks: set[asyncio.Task[None]] = set()  # group tasks (strong references)
+        # The writer waits on `_wake`: a submit sets it once the queue holds `_wake_at` ops,
+        # a delivery and stop() always. A comparison per submit, not a scan of the queue.
+        self._wake: asyncio.Future[None] | None = None
+        self._wake_at = 1
+        self._putters: deque[asyncio.Future[None]] = deque()  # submits waiting for room
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._stopped = False
@@ -62,35 +121,37 @@ class GroupWriter:
 
     @property
     def queued(self) -> int:
-        """Ops waiting for a transaction (not counting the batch being written)."""
-        return self._queue.qsize()
+        """Ops waiting for a transaction (not counting the groups being written)."""
+        return len(self._items)
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="fleetwire-group-writer")
 
     async def stop(self) -> None:
-        """Write what is queued, then end; later submits raise StoreUnavailableError."""
+        """Write what is queued, wait for what is in flight, then end; later submits raise
+        StoreUnavailableError."""
         self._closing = True
         task = self._task
         if task is not None and not task.done():
-            if self._queue.empty():
-                self._queue.put_nowait(_WAKE)
+            self._wake_writer()
             await task
         self._stopped = True
-        # Items that got in after the writer ended (they waited for space meanwhile).
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is not None and not item[1].done():
-                item[1].set_exception(StoreUnavailableError("the writer has stopped"))
+        # Items that got in after the writer ended (they waited for room meanwhile).
+        items = self._items
+        while items:
+            _, future = items.popleft()
+            if not future.done():
+                future.set_exception(StoreUnavailableError("the writer has stopped"))
+        while self._putters:  # each sees `_stopped` and raises
+            putter = self._putters.popleft()
+            if not putter.done():
+                putter.set_result(None)
 
     async def submit(self, op: WriteOp) -> WriteResult:
         future = self.submit_nowait(op)
         if future is None:  # the queue is full: wait for room (backpressure)
-            future = asyncio.get_running_loop().create_future()
-            await self._queue.put((op, future))
-            if self._stopped and not future.done():
-                raise StoreUnavailableError("the writer has stopped")
+            future = await self._put_when_room(op)
         return await future
 
     def submit_nowait(self, op: WriteOp) -> asyncio.Future[WriteResult] | None:
@@ -98,63 +159,240 @@ class GroupWriter:
         future of the op's result, or None when the queue is full (then `await submit`)."""
         if self._closing:
             raise StoreUnavailableError("the writer is stopping")
-        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait((op, future))
-        except asyncio.QueueFull:
+        items = self._items
+        if len(items) >= self._max_queue:
             return None
+        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        items.append((op, future))
+        if len(items) >= self._wake_at:
+            self._wake_writer()
         return future
 
-    async def _run(self) -> None:
-        queue = self._queue
-        max_batch, max_records = self._max_batch, self._max_records
-        while not (self._closing and queue.empty()):
-            first = await queue.get()
-            if first is None:
-                continue
-            batch = [first]
-            records = _weight(first[0])
-            while len(batch) < max_batch and records < max_records and not queue.empty():
-                item = queue.get_nowait()
-                if item is not None:
-                    batch.append(item)
-                    records += _weight(item[0])
-            await self._write(batch)
+    async def _put_when_room(self, op: WriteOp) -> asyncio.Future[WriteResult]:
+        loop = asyncio.get_running_loop()
+        while len(self._items) >= self._max_queue and not self._stopped:
+            putter: asyncio.Future[None] = loop.create_future()
+            self._putters.append(putter)
+            try:
+                await putter
+            except BaseException:
+                if not putter.done():  # cancelled while waiting: leave the line
+                    self._putters.remove(putter)
+                else:  # cancelled after being let in: hand the room on
+                    self._room_made()
+                raise
+        if self._stopped:
+            raise StoreUnavailableError("the writer has stopped")
+        future: asyncio.Future[WriteResult] = loop.create_future()
+        self._items.append((op, future))
+        if len(self._items) >= self._wake_at:
+            self._wake_writer()
+        return future
 
-    async def _write(self, batch: list[_Item]) -> None:
+    def _wake_writer(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            if not wake.done():
+                wake.set_result(None)
+
+    def _room_made(self) -> None:
+        """Let as many waiting submits in as there is room now."""
+        room = self._max_queue - len(self._items)
+        putters = self._putters
+        while room > 0 and putters:
+            putter = putters.popleft()
+            if not putter.done():
+                putter.set_result(None)
+                room -= 1
+
+    async def _run(self) -> None:
+        items, inflight = self._items, self._inflight
+        loop = asyncio.get_running_loop()
+        while True:
+            if items:
+                group = self._take()
+                if group is not None:
+                    self._wake_at = _NEVER  # busy now; every wait below sets its own
+                    self._room_made()
+                    if self._max_pipeline == 1 or group.exclusive:
+                        inflight.append(group)  # alone: written right here, as before
+                        await self._commit(group)
+                    else:
+                        self._busy.update(group.devices)
+                        inflight.append(group)
+                        task = loop.create_task(self._commit(group), name="fleetwire-group-write")
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                    continue
+                # `_take` set `_wake_at`: the queue must grow, or a group must be delivered.
+            elif self._closing:
+                if not inflight:
+                    return
+                self._wake_at = _NEVER
+            else:
+                self._wake_at = 1
+            self._wake = wake = loop.create_future()
+            await wake
+
+    def _take(self) -> _Group | None:
+        """The next group to start, or None (then `_wake_at` says when to try again)."""
+        inflight = self._inflight
+        if not inflight:
+            return self._take_any()
+        if len(inflight) >= self._max_pipeline or inflight[0].exclusive:
+            self._wake_at = _NEVER
+            return None
+        return self._take_beside()
+
+    def _take_any(self) -> _Group:
+        """Nothing in flight: everything queued, in order, up to the caps (as ever)."""
+        items = self._items
+        max_batch, max_records = self._max_batch, self._max_records
+        first = items.popleft()
+        batch = [first]
+        op = first[0]
+        kind = type(op)
+        track = self._max_pipeline > 1  # the devices matter only if others may start beside
+        devices: set[str] = set()
+        exclusive = False
+        records = len(op.records) if kind is TelemetryWrite else 1  # type: ignore[union-attr]  # kind is checked
+        if track:
+            if kind is TelemetryWrite or kind is StatusWrite or kind is EventWrite:
+                devices.add(op.device_id)  # type: ignore[union-attr]  # every log op has one
+            else:
+                exclusive = True
+        while len(batch) < max_batch and records < max_records and items:
+            item = items.popleft()
+            batch.append(item)
+            op = item[0]
+            kind = type(op)
+            if kind is TelemetryWrite:
+                records += len(op.records)  # type: ignore[union-attr]  # kind is checked
+            else:
+                records += 1
+            if track:
+                if kind is TelemetryWrite or kind is StatusWrite or kind is EventWrite:
+                    devices.add(op.device_id)  # type: ignore[union-attr]  # every log op has one
+                else:
+                    exclusive = True
+        if exclusive:
+            devices.clear()  # runs alone: no device to keep others from
+        return _Group(batch, devices, exclusive)
+
+    def _take_beside(self) -> _Group | None:
+        """Log groups are in flight: a full group of log ops of other devices, or None."""
+        items, busy = self._items, self._busy
+        max_batch, max_records = self._max_batch, self._max_records
+        batch: list[_Item] = []
+        devices: set[str] = set()
+        skipped: list[_Item] = []
+        records = 0
+        barrier = False
+        while len(batch) < max_batch and records < max_records and len(skipped) < max_batch:
+            if not items:
+                break
+            op = items[0][0]
+            kind = type(op)
+            if kind is not TelemetryWrite and kind is not StatusWrite and kind is not EventWrite:
+                barrier = True  # it and all behind it wait until nothing is in flight
+                break
+            item = items.popleft()
+            device: str = op.device_id  # type: ignore[union-attr]  # kind is checked
+            if device in busy:  # stays queued, and so does every later op of its device
+                skipped.append(item)
+                continue
+            batch.append(item)
+            devices.add(device)
+            records += len(op.records) if kind is TelemetryWrite else 1  # type: ignore[union-attr]  # kind is checked
+        full = len(batch) >= max_batch or records >= max_records or len(skipped) >= max_batch
+        if skipped:
+            items.extendleft(reversed(skipped))
+        if batch and full:
+            return _Group(batch, devices, False)
+        items.extendleft(reversed(batch))
+        # Try again once the queue has grown by a quarter (so a scan costs O(1) per submit),
+        # or at the next delivery; a barrier or a full backlog of busy devices waits for that.
+        waiting = len(items)
+        self._wake_at = _NEVER if barrier or len(skipped) >= max_batch else waiting + max(1, waiting // 4)
+        return None
+
+    async def _commit(self, group: _Group) -> None:
+        """Write one group; its outcome is delivered in start order (`_settle`, `_advance`)."""
+        try:
+            await self._write(group)
+        except asyncio.CancelledError:  # the loop is shutting down: acknowledge nothing more
+            self._settle(group, group.items, StoreUnavailableError("the write was cancelled"))
+            raise
+        finally:
+            group.finished = True
+            self._advance()
+
+    async def _write(self, group: _Group) -> None:
+        batch = group.items
         try:
             results = await self._store.write([op for op, _ in batch])
-        except StoreUnavailableError as exc:  # nothing of the batch committed: nothing is acked
-            self.healthy = False
-            _fail(batch, exc)
+        except StoreUnavailableError as exc:  # nothing of the group committed: nothing is acked
+            self._settle(group, batch, exc)
             return
         except Exception as exc:
             if len(batch) == 1:
                 log.exception("store.write failed on one op")
-                _fail(batch, exc)
+                self._settle(group, batch, exc)
             else:
                 log.warning(
                     "store.write failed on a batch of %d ops (%r); writing them one at a time",
                     len(batch),
                     exc,
                 )
-                await self._write_each(batch)
+                await self._write_each(group)
             return
-        self._deliver(batch, results)
+        self._settle(group, batch, results)
 
-    async def _write_each(self, batch: list[_Item]) -> None:
-        """The ops of a failed batch, one transaction each, so only the bad op fails."""
+    async def _write_each(self, group: _Group) -> None:
+        """The ops of a failed group, one transaction each, so only the bad op fails."""
+        batch = group.items
         for index, item in enumerate(batch):
             try:
                 results = await self._store.write([item[0]])
             except StoreUnavailableError as exc:  # an outage: the rest would fail alike
-                _fail(batch[index:], exc)
+                self._settle(group, batch[index:], exc)
                 return
             except Exception as exc:
                 log.exception("store.write failed on one op: %s", type(item[0]).__name__)
-                _fail([item], exc)
+                self._settle(group, [item], exc)
                 continue
-            self._deliver([item], results)
+            self._settle(group, [item], results)
+
+    def _settle(self, group: _Group, items: list[_Item], outcome: _Outcome) -> None:
+        """Deliver now if every group started before this one is delivered, else keep it."""
+        if self._inflight[0] is group:
+            self._apply(items, outcome)
+        else:
+            group.parts.append((items, outcome))
+
+    def _advance(self) -> None:
+        """Retire the finished groups at the head, delivering what the next one has kept."""
+        inflight = self._inflight
+        retired = False
+        while inflight and inflight[0].finished:
+            self._busy.difference_update(inflight.popleft().devices)
+            retired = True
+            if inflight:
+                head = inflight[0]
+                parts, head.parts = head.parts, []
+                for items, outcome in parts:
+                    self._apply(items, outcome)
+        if retired:
+            self._wake_writer()
+
+    def _apply(self, items: list[_Item], outcome: _Outcome) -> None:
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, StoreUnavailableError):
+                self.healthy = False
+            _fail(items, outcome)
+        else:
+            self._deliver(items, outcome)
 
     def _deliver(self, batch: list[_Item], results: list[WriteResult]) -> None:
         """Publish the committed events, then resolve the futures (in that order)."""
@@ -177,7 +415,3 @@ def _fail(batch: list[_Item], exc: BaseException) -> None:
     for _, future in batch:
         if not future.done():  # a submitter may have been cancelled meanwhile
             future.set_exception(exc)
-
-
-def _weight(op: WriteOp) -> int:
-    return len(op.records) if type(op) is TelemetryWrite else 1

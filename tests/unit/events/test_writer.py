@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import anyio
 import pytest
@@ -18,6 +19,7 @@ from fleetwire.store.base import (
     DeleteDevice,
     EventWrite,
     RegisterDevice,
+    Store,
     StoreUnavailableError,
     TelemetryWrite,
     WriteOp,
@@ -381,6 +383,317 @@ async def test_registry_ops_are_published_in_commit_order(store: GatedStore) -> 
 def test_limits_must_be_positive(tmp_path: Path) -> None:
     """A queue or batch of zero would deadlock or never write: refused at construction."""
     store = SqlStore(f"sqlite:///{tmp_path / 'x.db'}")
-    for kwargs in ({"max_queue": 0}, {"max_batch": 0}, {"max_records": 0}):
+    for kwargs in ({"max_queue": 0}, {"max_batch": 0}, {"max_records": 0}, {"max_pipeline": 0}):
         with pytest.raises(ValueError, match="at least 1"):
             GroupWriter(store, lambda events: None, **kwargs)
+
+
+# -- pipelining (max_pipeline > 1) ------------------------------------------------------------
+# A Store whose write() calls each wait until the test commits or fails them: which groups
+# are in flight at once, and in which order they finish, is the test's choice, not timing's.
+
+
+class _Call:
+    """One store.write call, held until the test settles it."""
+
+    def __init__(self, ops: list[WriteOp]) -> None:
+        self.ops = ops
+        self.outcome: asyncio.Future[list[WriteResult]] = asyncio.get_running_loop().create_future()
+
+    def commit(self) -> None:
+        self.outcome.set_result([WriteResult(events=[_committed(op)]) for op in self.ops])
+
+    def fail(self, exc: BaseException) -> None:
+        self.outcome.set_exception(exc)
+
+
+def _committed(op: WriteOp) -> Event:
+    """The event a committed op reports (identified by its data; seqs are not this store's job)."""
+    if isinstance(op, EventWrite):
+        return Event(op.device_id, 0, op.name, op.at_ms, op.data)
+    assert isinstance(op, RegisterDevice)
+    return Event(op.device.id, 0, "device.registered", op.at_ms, {"i": op.device.id})
+
+
+class HeldStore:
+    """The one Store method GroupWriter calls; every call is kept in `calls` and held."""
+
+    def __init__(self) -> None:
+        self.calls: list[_Call] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
+        call = _Call(list(ops))
+        self.calls.append(call)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await call.outcome
+        finally:
+            self.in_flight -= 1
+
+    def ids(self, index: int) -> list[object]:
+        """The `i` of each op of call `index` (device ids for RegisterDevice)."""
+        return [_committed(op).data["i"] for op in self.calls[index].ops]
+
+
+def _held_writer(store: HeldStore, on_committed: Callable[[list[Event]], None], **kwargs: int) -> GroupWriter:
+    writer = GroupWriter(cast("Store", store), on_committed, **kwargs)  # HeldStore has only write()
+    writer.start()
+    return writer
+
+
+def _own(i: int) -> EventWrite:
+    """An event of a device of its own (devices never conflict)."""
+    return _event(i, f"dev-{i}")
+
+
+def _ids(events: list[Event]) -> list[object]:
+    return [e.data["i"] for e in events]
+
+
+async def _settled(futures: list[asyncio.Future[WriteResult]]) -> list[object]:
+    """Each future's `i`, or its exception's type."""
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    return [type(o) if isinstance(o, BaseException) else o.events[0].data["i"] for o in outcomes]
+
+
+def _submit_all(writer: GroupWriter, ops: list[WriteOp]) -> list[asyncio.Future[WriteResult]]:
+    futures = [writer.submit_nowait(op) for op in ops]
+    assert all(f is not None for f in futures)
+    return cast("list[asyncio.Future[WriteResult]]", futures)
+
+
+async def test_log_groups_overlap_up_to_max_pipeline() -> None:
+    """With max_pipeline=2 two full log groups are in store.write at once, a third waits for
+    a slot; when the first is delivered the third starts."""
+    store, published = HeldStore(), []
+    writer = _held_writer(store, published.extend, max_pipeline=2, max_batch=2)
+    with anyio.fail_after(LIMIT_S):
+        futures = _submit_all(writer, [_own(i) for i in range(6)])
+        await _until(lambda: len(store.calls) == 2)
+        assert store.in_flight == 2
+        assert [store.ids(0), store.ids(1)] == [[0, 1], [2, 3]]
+        assert writer.queued == 2
+        for _ in range(50):  # the third group does not start while two are in flight
+            await asyncio.sleep(0)
+        assert len(store.calls) == 2
+        store.calls[0].commit()
+        await _until(lambda: len(store.calls) == 3)
+        assert store.ids(2) == [4, 5]
+        store.calls[1].commit()
+        store.calls[2].commit()
+        assert await _settled(futures) == [0, 1, 2, 3, 4, 5]
+        await writer.stop()
+    assert store.most_in_flight == 2
+    assert _ids(published) == [0, 1, 2, 3, 4, 5]
+
+
+async def test_a_group_that_commits_first_is_delivered_after_the_groups_started_before_it() -> None:
+    """The second group commits first: nothing of it is published or acked until the first
+    group is; on_committed runs in start order, each group's acks right after its events."""
+    store = HeldStore()
+    log: list[str] = []
+    futures: list[asyncio.Future[WriteResult]] = []
+
+    def on_committed(events: list[Event]) -> None:
+        acked = [i for i, f in enumerate(futures) if f.done()]
+        log.append(f"published {_ids(events)} with {acked} acked")
+
+    writer = _held_writer(store, on_committed, max_pipeline=2, max_batch=2)
+    with anyio.fail_after(LIMIT_S):
+        futures.extend(_submit_all(writer, [_own(i) for i in range(4)]))
+        await _until(lambda: len(store.calls) == 2)
+        store.calls[1].commit()
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert log == []
+        assert not any(f.done() for f in futures)
+        store.calls[0].commit()
+        assert await _settled(futures) == [0, 1, 2, 3]
+        await writer.stop()
+    assert log == ["published [0, 1] with [] acked", "published [2, 3] with [0, 1] acked"]
+
+
+async def test_a_device_is_never_in_two_groups_in_flight() -> None:
+    """An op of a device whose group is in flight stays queued (other devices' ops go ahead),
+    so concurrent transactions can never reorder one device's seqs."""
+    store, published = HeldStore(), []
+    writer = _held_writer(store, published.extend, max_pipeline=3, max_batch=2)
+    ops: list[WriteOp] = [_event(0, "a"), _event(1, "b"), _event(2, "a"), _event(3, "c"), _event(4, "d")]
+    with anyio.fail_after(LIMIT_S):
+        futures = _submit_all(writer, ops)
+        await _until(lambda: len(store.calls) == 2)
+        assert [store.ids(0), store.ids(1)] == [[0, 1], [3, 4]]  # op 2 (device a) waits
+        assert writer.queued == 1
+        store.calls[0].commit()
+        for _ in range(50):  # a is free now, but a group of one is not full: it waits
+            await asyncio.sleep(0)
+        assert len(store.calls) == 2
+        store.calls[1].commit()
+        await _until(lambda: len(store.calls) == 3)
+        assert store.ids(2) == [2]
+        store.calls[2].commit()
+        assert await _settled(futures) == [0, 1, 2, 3, 4]
+        await writer.stop()
+    assert _ids(published) == [0, 1, 3, 4, 2]
+    assert [e.data["i"] for e in published if e.device_id == "a"] == [0, 2]
+
+
+async def test_a_group_with_a_non_log_op_never_overlaps_another() -> None:
+    """A RegisterDevice waits until nothing is in flight (log ops before it may still go),
+    and while its group runs nothing else starts, however many slots are free."""
+    store, published = HeldStore(), []
+    writer = _held_writer(store, published.extend, max_pipeline=3, max_batch=2)
+    ops: list[WriteOp] = [_own(0), _own(1), RegisterDevice(Device("reg"), 100), _own(3), _own(4), _own(5)]
+    with anyio.fail_after(LIMIT_S):
+        futures = _submit_all(writer, ops)
+        await _until(lambda: len(store.calls) == 1)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert len(store.calls) == 1  # the registry op is at the head: nothing beside
+        store.calls[0].commit()
+        await _until(lambda: len(store.calls) == 2)
+        assert store.ids(1) == ["reg", 3]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert len(store.calls) == 2  # ops 4, 5 make a full log group, yet it waits
+        assert writer.queued == 2
+        store.calls[1].commit()
+        await _until(lambda: len(store.calls) == 3)
+        store.calls[2].commit()
+        assert await _settled(futures) == [0, 1, "reg", 3, 4, 5]
+        await writer.stop()
+    assert store.most_in_flight == 1
+    assert _ids(published) == [0, 1, "reg", 3, 4, 5]
+
+
+async def test_a_log_group_waits_for_a_registry_group_in_flight() -> None:
+    """The registry op is first: its group runs alone; the full log group behind it starts
+    only once it is delivered."""
+    store, published = HeldStore(), []
+    writer = _held_writer(store, published.extend, max_pipeline=2, max_batch=1)
+    with anyio.fail_after(LIMIT_S):
+        futures = _submit_all(writer, [RegisterDevice(Device("reg"), 100), _own(1), _own(2)])
+        await _until(lambda: len(store.calls) == 1)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert len(store.calls) == 1
+        store.calls[0].commit()
+        await _until(lambda: len(store.calls) == 3)
+        assert store.in_flight == 2  # the two log groups overlap again
+        store.calls[2].commit()
+        store.calls[1].commit()
+        assert await _settled(futures) == ["reg", 1, 2]
+        await writer.stop()
+    assert _ids(published) == ["reg", 1, 2]
+
+
+async def test_an_outage_of_an_earlier_group_keeps_a_later_groups_acks_in_order() -> None:
+    """Each group is its own transaction: the first fails (StoreUnavailableError) after the
+    second committed; the first's ops fail, then the second is published and acked."""
+    store = HeldStore()
+    log: list[tuple[list[object], list[str]]] = []
+    futures: list[asyncio.Future[WriteResult]] = []
+
+    def on_committed(events: list[Event]) -> None:
+        states = ["open" if not f.done() else "failed" if f.exception() else "acked" for f in futures]
+        log.append((_ids(events), states))
+
+    writer = _held_writer(store, on_committed, max_pipeline=2, max_batch=2)
+    with anyio.fail_after(LIMIT_S):
+        futures.extend(_submit_all(writer, [_own(i) for i in range(4)]))
+        await _until(lambda: len(store.calls) == 2)
+        store.calls[1].commit()
+        store.calls[0].fail(StoreUnavailableError("connection refused"))
+        outcomes = await _settled(futures)
+        await writer.stop()
+    assert outcomes == [StoreUnavailableError, StoreUnavailableError, 2, 3]
+    # Published once the first group's ops had failed, before its own acks.
+    assert log == [([2, 3], ["failed", "failed", "open", "open"])]
+    assert len(store.calls) == 2  # an outage is not retried op by op
+    assert writer.healthy
+
+
+async def test_a_poisoned_earlier_group_is_retried_and_delivered_before_a_later_one() -> None:
+    """The first group fails with TypeError after the second committed: its ops are written
+    one at a time (the bad one fails alone), and only then is the second group delivered."""
+    store, published = HeldStore(), []
+    writer = _held_writer(store, published.extend, max_pipeline=2, max_batch=2)
+    with anyio.fail_after(LIMIT_S):
+        futures = _submit_all(writer, [_own(i) for i in range(4)])
+        await _until(lambda: len(store.calls) == 2)
+        store.calls[1].commit()
+        store.calls[0].fail(TypeError("a dict is no telemetry value"))
+        await _until(lambda: len(store.calls) == 3)
+        assert store.ids(2) == [0]
+        store.calls[2].commit()
+        await _until(lambda: len(store.calls) == 4)
+        assert store.ids(3) == [1]
+        assert _ids(published) == [0]  # the first group is at the head: delivered as it goes
+        assert not futures[2].done()
+        store.calls[3].fail(TypeError("a dict is no telemetry value"))
+        outcomes = await _settled(futures)
+        await writer.stop()
+    assert outcomes == [0, TypeError, 2, 3]
+    assert _ids(published) == [0, 2, 3]
+
+
+async def test_stop_waits_for_every_group_in_flight() -> None:
+    """stop() writes what is queued and returns only when every group is delivered."""
+    store, published = HeldStore(), []
+    writer = _held_writer(store, published.extend, max_pipeline=2, max_batch=2)
+    with anyio.fail_after(LIMIT_S):
+        futures = _submit_all(writer, [_own(i) for i in range(6)])
+        await _until(lambda: len(store.calls) == 2)
+        stopping = asyncio.create_task(writer.stop())
+        await asyncio.sleep(0)
+        with pytest.raises(StoreUnavailableError):
+            await writer.submit(_own(99))
+        store.calls[1].commit()
+        store.calls[0].commit()
+        await _until(lambda: len(store.calls) == 3)  # the queued ops are still written
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert not stopping.done()
+        store.calls[2].commit()
+        await stopping
+        assert await _settled(futures) == [0, 1, 2, 3, 4, 5]
+    assert _ids(published) == [0, 1, 2, 3, 4, 5]
+
+
+async def test_one_group_at_a_time_by_default() -> None:
+    """max_pipeline=1 (the default): a full group waits for the one in flight, as before."""
+    store, published = HeldStore(), []
+    writer = _held_writer(store, published.extend, max_batch=2)
+    with anyio.fail_after(LIMIT_S):
+        futures = _submit_all(writer, [_own(i) for i in range(4)])
+        await _until(lambda: len(store.calls) == 1)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert len(store.calls) == 1
+        assert writer.queued == 2
+        store.calls[0].commit()
+        await _until(lambda: len(store.calls) == 2)
+        store.calls[1].commit()
+        assert await _settled(futures) == [0, 1, 2, 3]
+        await writer.stop()
+    assert store.most_in_flight == 1
+
+
+async def test_pipelined_groups_keep_each_devices_seqs_in_submission_order(store: GatedStore) -> None:
+    """On a real SqlStore, 200 events of two devices through three lanes of small groups:
+    every device's events are published and acked in submission order, seqs 1, 2, 3, …"""
+    published: list[Event] = []
+    writer = GroupWriter(store, published.extend, max_pipeline=3, max_batch=4)
+    writer.start()
+    with anyio.fail_after(LIMIT_S):
+        ops = [_event(i, "d1" if i % 3 else "d2") for i in range(200)]
+        results = await asyncio.gather(*(writer.submit(op) for op in ops))
+        await writer.stop()
+    for device_id in ("d1", "d2"):
+        mine = [e for e in published if e.device_id == device_id]
+        assert [e.seq for e in mine] == list(range(1, len(mine) + 1))
+        assert _ids(mine) == [op.data["i"] for op in ops if op.device_id == device_id]
+    assert [r.events[0].data["i"] for r in results] == list(range(200))
