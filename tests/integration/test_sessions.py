@@ -518,3 +518,19 @@ async def test_a_handshake_leaves_no_reference_cycle(node: Node) -> None:
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
+
+
+async def test_an_open_session_keeps_no_finished_task(node: Node) -> None:
+    """What a connection holds for its life is its idle memory (issue 12: ≤ 12 KB): the
+    handshake's task and the task that announced the device are dropped once done."""
+    await node.register(*(f"idle-{i}" for i in range(3)))
+    for i in range(3):
+        session = await node.device(f"idle-{i}")
+        assert (await session.request({"type": "status", "id": 1, "status": "ok"}))["type"] == "ack"
+    gc.collect()
+    kept = sorted(
+        task.get_coro().__qualname__
+        for task in gc.get_objects()
+        if isinstance(task, asyncio.Task) and task.done()
+    )
+    assert [name for name in kept if "handshake" in name or "online" in name] == []

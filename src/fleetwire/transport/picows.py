@@ -617,7 +617,8 @@ class _BridgeProtocol(_WSProtocol):  # type: ignore[misc]  # picows' WSProtocol 
         transport = self._uv_transport
         assert transport is not None
         transport.pause_reading()
-        if self._handshake is not None:  # uvicorn never does this; refuse rather than guess
+        if self._handshake is not None or isinstance(self.listener, _Connection):
+            # A second head (uvicorn never sends one): refuse rather than guess.
             transport.abort()
             return
         self._handshake = asyncio.get_running_loop().create_task(self._run_handshake(head))
@@ -682,6 +683,7 @@ class _BridgeProtocol(_WSProtocol):  # type: ignore[misc]  # picows' WSProtocol 
         if isinstance(decision, Refusal):
             self._refuse(decision, parsed.target, peer)
             return
+        self._handshake = None  # over: a finished task held for the connection's life was ~1 KB
         self._accept(decision, parsed, peer)
 
     def _accept(self, handler: Handler, parsed: ParsedHead, peer: str | None) -> None:
