@@ -503,7 +503,7 @@ def _server_garbage() -> list[str]:
 
 
 async def test_a_handshake_leaves_no_reference_cycle(node: Node) -> None:
-    """A serving process collects cycles rarely (cli.settle_garbage_collector), so the
+    """A serving process collects cycles rarely (cli.tune_serving_process), so the
     connection path must free what it drops by reference counting alone: the HTTP protocol
     object a WebSocket upgrade leaves behind is not kept alive by a cycle."""
     await node.register(*(f"gc-{i}" for i in range(5)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from fleetwire.auth.jwt import build_verifier
 from fleetwire.auth.principal import Role
-from fleetwire.cli import _benchmarks_checkout, main, settle_garbage_collector
+from fleetwire.cli import _benchmarks_checkout, main, tune_serving_process
 from fleetwire.local import local_token, server_url
 from fleetwire.settings import Settings
 from tests.unit.auth.helpers import SECRET
@@ -130,23 +131,25 @@ def test_device_without_an_id_is_a_usage_error(capsys: pytest.CaptureFixture[str
 
 @pytest.fixture
 def restored_gc() -> Iterator[None]:
-    before = gc.get_threshold()
+    before, interval = gc.get_threshold(), sys.getswitchinterval()
     yield
     gc.unfreeze()
     gc.set_threshold(*before)
+    sys.setswitchinterval(interval)
 
 
 @pytest.mark.usefixtures("restored_gc")
 def test_serving_process_freezes_startup_objects_and_sets_the_young_threshold() -> None:
     gc.set_threshold(700, 10, 10)
-    settle_garbage_collector(12_345)
+    tune_serving_process(12_345)
     assert gc.get_threshold() == (12_345, 10, 10)
+    assert sys.getswitchinterval() == pytest.approx(0.0005)
     assert gc.get_freeze_count() > 0
 
 
 @pytest.mark.usefixtures("restored_gc")
 def test_threshold_zero_keeps_pythons_own() -> None:
     gc.set_threshold(700, 10, 10)
-    settle_garbage_collector(0)
+    tune_serving_process(0)
     assert gc.get_threshold() == (700, 10, 10)
     assert gc.get_freeze_count() > 0
