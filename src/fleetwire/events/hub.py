@@ -141,12 +141,6 @@ class Hub:
     # -- delivery ----------------------------------------------------------------------------
     def on_events(self, batch: Sequence[Published]) -> None:
         """Deliver a batch; each subscriber gets its frames of the batch in one write."""
-        if len(batch) == 1:
-            # Nothing to join: each subscriber is written as its turn comes, so the first one
-            # does not wait while a write list is built for all (fan-out latency at 1,000
-            # subscribers: that wait was on every delivery).
-            self._on_events(batch)
-            return
         outgoing: dict[Subscriber, list[Delivery]] = {}
         self._outgoing = outgoing
         try:
@@ -196,7 +190,7 @@ class Hub:
                 if not count:
                     frame = text_frame(event.payload)
                 count += 1
-                if outgoing is None:  # a lone event, or one released by its timer: nothing to join
+                if outgoing is None:  # a held event released by its timer: no batch to join
                     subscriber.deliver(device_id, seq, frame)
                     continue
                 pending = outgoing.get(subscriber)

@@ -53,8 +53,7 @@ from typing import Final
 
 from fleetwire.domain.events import Event
 from fleetwire.store.base import (
-    EventWrite,
-    StatusWrite,
+    LOG_OPS,
     Store,
     StoreUnavailableError,
     TelemetryWrite,
@@ -251,34 +250,19 @@ class GroupWriter:
         max_batch, max_records = self._max_batch, self._max_records
         first = items.popleft()
         batch = [first]
-        op = first[0]
-        kind = type(op)
-        track = self._max_pipeline > 1  # the devices matter only if others may start beside
-        devices: set[str] = set()
-        exclusive = False
-        records = len(op.records) if kind is TelemetryWrite else 1  # type: ignore[union-attr]  # kind is checked
-        if track:
-            if kind is TelemetryWrite or kind is StatusWrite or kind is EventWrite:
-                devices.add(op.device_id)  # type: ignore[union-attr]  # every log op has one
-            else:
-                exclusive = True
+        records = _weight(first[0])
         while len(batch) < max_batch and records < max_records and items:
             item = items.popleft()
             batch.append(item)
-            op = item[0]
-            kind = type(op)
-            if kind is TelemetryWrite:
-                records += len(op.records)  # type: ignore[union-attr]  # kind is checked
-            else:
-                records += 1
-            if track:
-                if kind is TelemetryWrite or kind is StatusWrite or kind is EventWrite:
-                    devices.add(op.device_id)  # type: ignore[union-attr]  # every log op has one
-                else:
-                    exclusive = True
-        if exclusive:
-            devices.clear()  # runs alone: no device to keep others from
-        return _Group(batch, devices, exclusive)
+            records += _weight(item[0])
+        devices: set[str] = set()
+        if self._max_pipeline > 1:  # the devices matter only if others may start beside
+            for op, _ in batch:
+                device = _log_device(op)
+                if device is None:  # runs alone: no device to keep others from
+                    return _Group(batch, set(), True)
+                devices.add(device)
+        return _Group(batch, devices, False)
 
     def _take_beside(self) -> _Group | None:
         """Log groups are in flight: a full group of log ops of other devices, or None."""
@@ -289,22 +273,19 @@ class GroupWriter:
         skipped: list[_Item] = []
         records = 0
         barrier = False
-        while len(batch) < max_batch and records < max_records and len(skipped) < max_batch:
-            if not items:
-                break
+        while items and len(batch) < max_batch and records < max_records and len(skipped) < max_batch:
             op = items[0][0]
-            kind = type(op)
-            if kind is not TelemetryWrite and kind is not StatusWrite and kind is not EventWrite:
+            device = _log_device(op)
+            if device is None:
                 barrier = True  # it and all behind it wait until nothing is in flight
                 break
             item = items.popleft()
-            device: str = op.device_id  # type: ignore[union-attr]  # kind is checked
             if device in busy:  # stays queued, and so does every later op of its device
                 skipped.append(item)
                 continue
             batch.append(item)
             devices.add(device)
-            records += len(op.records) if kind is TelemetryWrite else 1  # type: ignore[union-attr]  # kind is checked
+            records += _weight(op)
         full = len(batch) >= max_batch or records >= max_records or len(skipped) >= max_batch
         if skipped:
             items.extendleft(reversed(skipped))
@@ -409,6 +390,16 @@ class GroupWriter:
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():  # a submitter may have been cancelled meanwhile
                 future.set_result(result)
+
+
+def _weight(op: WriteOp) -> int:
+    """What an op counts towards `max_records`."""
+    return len(op.records) if type(op) is TelemetryWrite else 1
+
+
+def _log_device(op: WriteOp) -> str | None:
+    """The device of a log op (the ops that may overlap other groups); None for any other."""
+    return op.device_id if isinstance(op, LOG_OPS) else None
 
 
 def _fail(batch: list[_Item], exc: BaseException) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from fleetwire.domain.commands import Command, CommandState
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
@@ -216,6 +216,10 @@ WriteOp = (
 )
 RegistryOp = RegisterDevice | UpdateDevice | DeleteDevice
 CommandOp = CreateCommand | TransitionCommand
+# The ops of the ingest hot path: each appends to one device's log and nothing else, so a
+# group of them needs no registry statement (store) and may overlap other groups (GroupWriter).
+LogOp = EventWrite | TelemetryWrite | StatusWrite
+LOG_OPS: Final = (EventWrite, TelemetryWrite, StatusWrite)
 
 
 @dataclass(slots=True)

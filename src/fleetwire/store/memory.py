@@ -42,6 +42,7 @@ from fleetwire.domain.telemetry import Value
 from fleetwire.domain.twin import Twin
 from fleetwire.domain.twin import apply as apply_patch
 from fleetwire.store.base import (
+    LOG_OPS,
     CreateCommand,
     CreateJob,
     DeleteDevice,
@@ -648,7 +649,7 @@ class _Group:
         return Event(device_id, seq, name, at_ms, data)
 
     def _log(self, op: WriteOp, data: Any, result: WriteResult) -> None:
-        assert type(op) is TelemetryWrite or type(op) is EventWrite or type(op) is StatusWrite
+        assert isinstance(op, LOG_OPS)
         db = self._db
         device = db.devices.get(op.device_id)
         if device is None:

@@ -24,6 +24,7 @@ from fleetwire.domain.clock import format_ms
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Value
 from fleetwire.store.base import (
+    LOG_OPS,
     CommandOp,
     CreateCommand,
     CreateJob,
@@ -31,6 +32,7 @@ from fleetwire.store.base import (
     DispatchExecution,
     EventWrite,
     JobOp,
+    LogOp,
     PatchTwin,
     RegisterDevice,
     RegistryOp,
@@ -51,14 +53,12 @@ from fleetwire.store.sql.driver import Tx
 from fleetwire.store.sql.engine import dumps
 
 COLUMNS: Final = ("device_id", "seq", "name", "at", "data")
-LogOp = EventWrite | TelemetryWrite | StatusWrite
-_LOG_OPS: Final = (EventWrite, TelemetryWrite, StatusWrite)
 
 
 async def write(tx: Tx, dialect: Dialect, ops: Sequence[WriteOp], history: int) -> list[WriteResult]:
     """Apply `ops` inside the caller's write transaction; one result per op, in order."""
     results = [WriteResult() for _ in ops]
-    if all(type(op) in _LOG_OPS for op in ops):  # the ingest hot path: one run
+    if all(type(op) in LOG_OPS for op in ops):  # the ingest hot path: one run
         await _write_log(tx, dialect, cast("Sequence[LogOp]", ops), results, history)
         return results
     if dialect.locks_every_device:
@@ -68,8 +68,8 @@ async def write(tx: Tx, dialect: Dialect, ops: Sequence[WriteOp], history: int) 
     run_ops: list[LogOp] = []
     run_results: list[WriteResult] = []
     for op, result in zip(ops, results, strict=True):
-        if type(op) is EventWrite or type(op) is TelemetryWrite or type(op) is StatusWrite:
-            run_ops.append(op)
+        if type(op) in LOG_OPS:
+            run_ops.append(cast("LogOp", op))
             run_results.append(result)
             continue
         job_op = type(op) is CreateJob or type(op) is DispatchExecution or type(op) is SetJobState
