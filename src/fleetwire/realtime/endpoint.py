@@ -327,7 +327,7 @@ class DeviceEndpoint(Endpoint):
 
 
 class ClientEndpoint(Endpoint):
-    __slots__ = ("_subscription_count", "subscriptions")
+    __slots__ = ("_subscription_count", "live", "subscriptions")
     _HANDLERS: ClassVar[dict[str, str]] = {
         "subscribe": "_subscribe",
         "unsubscribe": "_unsubscribe",
@@ -340,6 +340,7 @@ class ClientEndpoint(Endpoint):
         super().__init__(services, session)
         self.subscriptions: dict[str, Subscription] = {}
         self._subscription_count = 0
+        self.live: Socket | None = None  # the hub's Subscriber.live
 
     def _welcome(self, now_ms: int) -> None:
         self.core.welcome(now_ms)
@@ -347,7 +348,13 @@ class ClientEndpoint(Endpoint):
     def _opened(self) -> None:
         self.services.sessions.opened(self)
 
+    def _run(self) -> None:
+        super()._run()
+        # After the actions ran: a replay's frames are out before the hub writes directly.
+        self.live = self.socket if not self.core.holding else None
+
     def _ended(self, reason: str) -> None:
+        self.live = None
         self.services.subscriptions.drop(self)
         self.services.sessions.closed(self)
         if self.services.jobs is not None:
@@ -408,6 +415,7 @@ class ClientEndpoint(Endpoint):
 
     def hold(self, device_ids: list[str]) -> None:
         self.core.hold(device_ids)
+        self.live = None
 
     def release(self, device_id: str, replayed_to: int) -> None:
         self.core.release(device_id, replayed_to)

@@ -78,6 +78,12 @@ class Socket(Protocol):
     def send_frames(self, frames: list[bytes]) -> None:
         """Queue several framed messages in one write; the send queue counts each of them."""
 
+    @property
+    def write_frame(self) -> Callable[[bytes], None]:
+        """`send_frame` as cheap as it can be (the fan-out's hot path: one call per delivery):
+        an attribute the socket keeps current, the transport's own write while frames go
+        straight out. Read it for each frame, never keep it."""
+
     def ping(self) -> None: ...
 
     def close(self, code: int, reason: str) -> None:

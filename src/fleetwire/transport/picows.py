@@ -60,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final, cast
@@ -107,6 +108,10 @@ _CONTINUATION: Final = WSMsgType.CONTINUATION
 _PING: Final = WSMsgType.PING
 _PONG: Final = WSMsgType.PONG
 _CLOSE: Final = WSMsgType.CLOSE
+
+
+def _drop(frame: bytes) -> None:
+    """`write_frame` of a closing socket: nothing more goes out after our close frame."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,6 +255,7 @@ class _Connection(WSListener):
         "_paused",
         "_tr",
         "_ws",
+        "write_frame",
     )
 
     def __init__(self, handler: Handler, limits: TransportLimits, loop: asyncio.AbstractEventLoop) -> None:
@@ -266,6 +272,19 @@ class _Connection(WSListener):
         self._closing = False  # our close frame is out, or TCP is gone: no more sends, no input
         self._closed_reported = False
         self._close_timer: asyncio.TimerHandle | None = None
+        self.write_frame: Callable[[bytes], None] = _drop  # see Socket.write_frame
+
+    def _writable(self) -> None:
+        """Set `write_frame` after the socket's state changed: the transport's own write while
+        frames go straight out (not paused, not closing: then nothing is held), `send_frame`
+        while paused (it holds them), nothing once closing. (The bound `send_frame` is a
+        reference cycle: it lasts only while paused, so a closed socket is freed by refcount.)"""
+        if self._closing:
+            self.write_frame = _drop
+        elif self._paused:
+            self.write_frame = self.send_frame
+        else:
+            self.write_frame = self._tr.write
 
     # ---- Socket
 
@@ -355,6 +374,7 @@ class _Connection(WSListener):
 
     def pause_writing(self) -> None:
         self._paused = True
+        self._writable()
 
     def resume_writing(self) -> None:
         self._paused = False
@@ -363,12 +383,14 @@ class _Connection(WSListener):
             write = self._tr.write
             while held and not self._paused:
                 write(held.popleft())
+        self._writable()  # paused again by the flush: still held, in order
 
     # ---- picows callbacks
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._ws = transport
         self._tr = transport.underlying_transport
+        self._writable()
         try:
             self._handler.on_open(self)
         except Exception:
@@ -439,12 +461,14 @@ class _Connection(WSListener):
             self._ws.disconnect()
             return
         self._closing = True
+        self._writable()
         self._held = None
         self._ws.send_close(cast(WSCloseCode, answer), b"normal")
         self._ws.disconnect()  # §5.5.1: no frame follows the peer's close, nothing to drain
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self._closing = True
+        self._writable()
         self._held = None
         self._assembler.reset()
         if self._close_timer is not None:
@@ -483,6 +507,7 @@ class _Connection(WSListener):
     def _send_close(self, code: int, reason: bytes) -> None:
         """The one place the server starts a close: close frame, then drain (§7.1.1)."""
         self._closing = True
+        self._writable()
         self._assembler.reset()
         if not self._close.send(code):
             return

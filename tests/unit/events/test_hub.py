@@ -22,6 +22,7 @@ class Recorder:
         self.seqs: list[int] = []
         self.frames: list[bytes] = []
         self.writes: list[int] = []  # frames per call: 1 for deliver, n for deliver_many
+        self.live: Wire | None = None  # None: every delivery through `deliver`
 
     @property
     def principal(self) -> Principal:
@@ -103,6 +104,30 @@ def test_a_subscriber_gets_its_frames_of_one_batch_in_one_call() -> None:
     hub.on_events([published(5, "device.status", "status", {})])
     assert (recorder.seqs, recorder.writes) == ([1, 2, 3, 4, 5], [4, 1])
     assert (other.seqs, other.writes) == ([1, 2, 3, 5], [3, 1])
+
+
+class Wire:
+    """A live socket: what the hub wrote to it directly."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.write_frame = self.frames.append
+
+
+def test_a_lone_event_is_written_to_each_live_socket_and_held_ones_go_through_deliver() -> None:
+    """A batch of one event is written to a subscriber's live socket as the route is walked;
+    a subscriber without one (a replay holds its events) is handed it through `deliver`;
+    a batch of several is joined per subscriber as before."""
+    hub, recorder = subscribed_hub()
+    live, wire = Recorder(), Wire()
+    live.live = wire
+    hub.add(live, Subscription("sub-1", frozenset({"d1"}), (), frozenset({"status"})))
+    hub.on_events([published(1, "device.status", "status", {})])
+    frame = text_frame(published(1, "device.status", "status", {}).payload)
+    assert (wire.frames, live.seqs) == ([frame], [])
+    assert (recorder.seqs, recorder.frames) == ([1], [frame])
+    hub.on_events([published(2, "device.status", "status", {}), published(3, "device.status", "status", {})])
+    assert (live.seqs, live.writes, len(wire.frames)) == ([2, 3], [2], 1)
 
 
 def _record_event(seq: int) -> Event:

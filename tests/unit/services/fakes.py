@@ -205,6 +205,7 @@ class FakeSubscriber:
         self.held: list[list[str]] = []
         self.released: list[tuple[str, int]] = []
         self._count = 0
+        self.live = None  # every delivery through `deliver`
 
     @property
     def principal(self) -> Principal:

@@ -431,6 +431,33 @@ def test_paused_writes_are_held_and_flushed_in_order() -> None:
     assert tcp.written == [text_frame(b"b"), text_frame(b"c"), text_frame(b"d")]
 
 
+def test_write_frame_follows_the_socket_state() -> None:
+    """write_frame (the fan-out's hot path) writes straight to TCP while nothing is held,
+    holds behind earlier held frames while paused (order kept), counts towards send_queue,
+    and sends nothing once the socket is closing."""
+    conn, ws, _, _ = connected()
+    tcp = ws.underlying_transport
+    conn.write_frame(text_frame(b"1"))
+    assert tcp.written == [text_frame(b"1")]
+    conn.pause_writing()
+    conn.send(b"2")
+    conn.write_frame(text_frame(b"3"))
+    assert (conn.queued, len(tcp.written)) == (2, 1)
+    conn.resume_writing()
+    conn.write_frame(text_frame(b"4"))
+    assert tcp.written == [text_frame(m) for m in (b"1", b"2", b"3", b"4")]
+    conn.pause_writing()
+    for i in range(LIMITS.send_queue + 1):  # one past the queue: 4008, as through send_frame
+        conn.write_frame(text_frame(b"x%d" % i))
+    assert ws.closes == [(4008, b"slow_consumer")]
+    conn.resume_writing()
+    conn.write_frame(text_frame(b"after the close frame"))
+    assert tcp.written == [text_frame(m) for m in (b"1", b"2", b"3", b"4")]
+    disconnect(conn, ws)
+    conn.write_frame(text_frame(b"after the disconnect"))
+    assert len(tcp.written) == 4
+
+
 def test_slow_consumer_is_4008_and_bounded() -> None:
     """More than send_queue held messages: the queue never grows past it, close 4008 queued
     behind the unread data, then TCP closed after the flush (aborted after the grace period)."""
