@@ -26,6 +26,7 @@ import asyncio
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 from pathlib import Path
@@ -203,19 +204,35 @@ class SqliteDatabase:
     def __init__(self, path: str, *, synchronous: str, busy_timeout_ms: int) -> None:
         self._path = path
         self._pragmas = sqlite_pragmas(synchronous, busy_timeout_ms)
+        self._busy_timeout_s = busy_timeout_ms / 1000
         self._writer: _Worker | None = None
         self._reader: _Worker | None = None
 
     def _connect(self) -> sqlite3.Connection:
-        # isolation_level None: no implicit BEGIN; transactions are explicit below.
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
-        try:
-            for pragma in self._pragmas:
-                conn.execute(pragma)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        """A configured connection (in the worker's thread). Processes opening a new file at
+        once: `journal_mode=WAL` needs the file to itself, and when two connections both want
+        it SQLite answers SQLITE_BUSY at once, without the busy handler (waiting could
+        deadlock them). WAL mode is persistent, so a retry finds it set; retried for up to
+        busy_timeout, as any other lock wait."""
+        deadline = time.monotonic() + self._busy_timeout_s
+        delay = 0.002
+        while True:
+            # isolation_level None: no implicit BEGIN; transactions are explicit below.
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+            try:
+                for pragma in self._pragmas:
+                    conn.execute(pragma)
+            except sqlite3.OperationalError as exc:
+                conn.close()
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                    raise
+            except BaseException:
+                conn.close()
+                raise
+            else:
+                return conn
+            time.sleep(delay)  # this worker's own thread: nothing else waits on it yet
+            delay = min(delay * 2, 0.1)
 
     async def open(self) -> None:
         if self._writer is not None:
