@@ -1202,6 +1202,39 @@ async def test_purge_drops_final_commands_completed_before_the_cutoff(store: Sto
         assert sorted(c.id for c in kept) == ["new-done", "old-pending", "old-sent"]
 
 
+async def test_a_purged_command_leaves_its_job_execution_its_outcome(store: Store) -> None:
+    """Retention takes a job's final command (and its result); the execution keeps the
+    command's final state, error and time: it neither reads `canceled` nor counts as it. A
+    command still in flight, and an execution whose command is younger, are untouched."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2", "d3")
+        await store.write([CreateJob(_job(), [("d1", "c1"), ("d2", "c2"), ("d3", "c3")])])
+        sent = [_command(f"c{i}", f"d{i}", state=CommandState.SENT, sent_at_ms=100, job_id="j1") for i in (1, 2)]
+        await store.write(
+            [
+                DispatchExecution("j1", 0, 100, command=sent[0]),
+                DispatchExecution("j1", 1, 100, command=sent[1]),
+                DispatchExecution("j1", 2, 100, command=_command("c3", "d3", job_id="j1")),
+            ]
+        )
+        await store.write(
+            [
+                TransitionCommand("d1", "c1", CommandState.FAILED, 150, error={"code": "x"}),
+                TransitionCommand("d2", "c2", CommandState.SUCCEEDED, 300, result={"ok": True}),
+            ]
+        )
+        await store.purge(200, 10)
+        assert await store.get_command("c1") is None
+        executions = await store.job_executions("j1", None, 10)
+        assert [(e.state, e.error, e.result, e.updated_at_ms) for e in executions] == [
+            (ExecutionState.FAILED, {"code": "x"}, None, 150),
+            (ExecutionState.SUCCEEDED, None, {"ok": True}, 300),
+            (ExecutionState.PENDING, None, None, 100),
+        ]
+        assert await store.job_counts(["j1"]) == {"j1": {"failed": 1, "succeeded": 1, "queued": 1}}
+        assert await store.job_progress("j1") == (0, 1)
+
+
 async def test_devices_with_pending_lists_devices_with_unexpired_pending_commands(store: Store) -> None:
     """One query for the pending index: devices with a pending command not yet expired."""
     with anyio.fail_after(LIMIT_S):

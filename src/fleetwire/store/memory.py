@@ -275,9 +275,17 @@ class MemoryStore:
             db.telemetry[device_id] = [r for r in records if r.ts >= telemetry_before_ms]
         for device_id in list(db.history):
             db.trim(device_id, max(history, 0))
-        for command in list(db.commands.values()):  # final commands live as long as telemetry
-            if command.completed_at_ms is not None and command.completed_at_ms < telemetry_before_ms:
-                del db.commands[command.id]
+        purged = {  # final commands live as long as telemetry
+            command.id
+            for command in db.commands.values()
+            if command.completed_at_ms is not None and command.completed_at_ms < telemetry_before_ms
+        }
+        for rows in db.executions.values():  # an execution keeps its command's outcome (events.py)
+            for row in rows:
+                if row.state == STORED_DISPATCHED and row.command_id in purged:
+                    _keep_outcome(row, db.commands[row.command_id])
+        for command_id in purged:
+            del db.commands[command_id]
 
     # -- twin ----------------------------------------------------------------------------
 
@@ -484,6 +492,13 @@ class MemoryStore:
             if not db.jobs[job_id].state.final and db.leases.get(job_id, (None, 0))[1] <= now_ms
         ]
         return found[: max(limit, 0)]
+
+
+def _keep_outcome(row: _ExecutionRow, command: Command) -> None:
+    row.state = command.state.value
+    if row.error is None and command.error is not None:
+        row.error = _json(command.error)
+    row.updated_at_ms = command.completed_at_ms or row.updated_at_ms
 
 
 def _count_state(db: MemoryDatabase, row: _ExecutionRow) -> str:

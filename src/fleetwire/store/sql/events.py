@@ -53,6 +53,15 @@ from fleetwire.store.sql.driver import Tx
 from fleetwire.store.sql.engine import dumps
 
 COLUMNS: Final = ("device_id", "seq", "name", "at", "data")
+_OF_ITS_COMMAND: Final = "(SELECT c.{column} FROM commands c WHERE c.id = job_executions.command_id)"
+_KEEP_OUTCOME: Final = (
+    "UPDATE job_executions SET"
+    f" state = {_OF_ITS_COMMAND.format(column='state')},"
+    f" error = COALESCE(error, {_OF_ITS_COMMAND.format(column='error')}),"
+    f" updated_at = {_OF_ITS_COMMAND.format(column='completed_at')}"
+    " WHERE state = 'dispatched' AND command_id IN"
+    " (SELECT id FROM commands WHERE job_id IS NOT NULL AND {purged})"
+)
 
 
 async def write(tx: Tx, dialect: Dialect, ops: Sequence[WriteOp], history: int) -> list[WriteResult]:
@@ -305,10 +314,11 @@ async def purge_chunk(
         await tx.execute(f"DELETE FROM {table} WHERE {in_ids} AND ts < ?", param, telemetry_before_ms)
     await trim(tx, dialect, ids, max(history, 0))
     # Final commands live as long as telemetry (issue 13.17); non-final ones are never purged.
-    await tx.execute(
-        f"DELETE FROM commands WHERE {in_ids} AND completed_at IS NOT NULL AND completed_at < ?",
-        param,
-        telemetry_before_ms,
-    )
+    purged = f"{in_ids} AND completed_at IS NOT NULL AND completed_at < ?"
+    # A job execution reads its state from its command once dispatched (store/sql/jobs.py):
+    # it keeps the command's final state, time and error (not its result) from here on, or it
+    # would read `canceled` once the command is gone.
+    await tx.execute(_KEEP_OUTCOME.format(purged=purged), param, telemetry_before_ms)
+    await tx.execute(f"DELETE FROM commands WHERE {purged}", param, telemetry_before_ms)
     last: str = ids[-1]
     return last
