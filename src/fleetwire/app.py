@@ -91,7 +91,9 @@ def create_app(
     if store is None:
         from fleetwire.store.sql import SqlStore
 
-        store = SqlStore(settings.effective_database_url, history=settings.event_history)
+        store = SqlStore(
+            settings.effective_database_url, history=settings.event_history, pool_size=settings.db_pool_size
+        )
     if broker is None:
         from fleetwire.broker import make_broker
 

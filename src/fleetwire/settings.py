@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     # 2 measured 96,000-98,000 -> 99,900-116,000 points/s, 3 and 4 no better (the server is then CPU
     # bound), and each lane holds a pool connection. SQLite: the same within noise either way.
     write_pipeline: int = Field(default=2, ge=1)
+    # PostgreSQL connections per node (the asyncpg pool): reads, and the write pipeline's lanes.
+    db_pool_size: int = Field(default=10, ge=1)
     command_sweep_s: float = 1.0
     # Fleet jobs (contract §7; SECURITY.md limits).
     max_job_devices: int = Field(default=100_000, ge=1)  # executions of one job

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+from collections.abc import Awaitable, Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from fleetwire.domain.clock import format_ms
 from fleetwire.domain.telemetry import Record
 from fleetwire.store.base import DuplicateError, StoreUnavailableError
 from fleetwire.store.sql import SqlStore, async_url
-from fleetwire.store.sql.driver import drive, numbered
+from fleetwire.store.sql.driver import PostgresDatabase, Tx, drive, numbered
 from fleetwire.store.sql.errors import translate
 from fleetwire.store.sql.globs import glob_regex, glob_sqlite
 from fleetwire.store.sql.telemetry import Timestamps, decode, decode_value, encode, encode_value
@@ -223,3 +224,50 @@ async def test_a_new_sqlite_database_is_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(database.parent.stat().st_mode) == 0o700
     assert modes["fleetwire.db"] == 0o600
     assert all(mode == 0o600 for mode in modes.values()), modes
+
+
+def test_pool_size_must_be_positive() -> None:
+    """FLEETWIRE_DB_POOL_SIZE reaches SqlStore; a pool of no connection is refused."""
+    with pytest.raises(ValueError, match="pool_size"):
+        SqlStore("postgresql://fw@db/fleet", pool_size=0)
+
+
+@pytest.mark.anyio
+async def test_the_postgresql_pool_opens_at_most_pool_size_connections(postgres_url: str) -> None:
+    """With two connections both held, a third caller waits and gets the first one back when
+    it is let go (the same backend pid), instead of opening a third connection."""
+    database = PostgresDatabase(postgres_url, pool_size=2)
+    held = [asyncio.Event(), asyncio.Event()]
+    entered: list[asyncio.Event] = [asyncio.Event(), asyncio.Event()]
+    pids: list[int] = []
+
+    def holder(index: int) -> Callable[[Tx], Awaitable[int]]:
+        async def hold(tx: Tx) -> int:
+            row = await tx.fetchrow("SELECT pg_backend_pid()")
+            assert row is not None
+            entered[index].set()
+            await held[index].wait()
+            return int(row[0])
+
+        return hold
+
+    async def pid(tx: Tx) -> int:
+        row = await tx.fetchrow("SELECT pg_backend_pid()")
+        assert row is not None
+        return int(row[0])
+
+    with anyio.fail_after(10):
+        await database.open()
+        try:
+            first = asyncio.ensure_future(database.read(holder(0)))
+            second = asyncio.ensure_future(database.read(holder(1)))
+            await entered[0].wait()
+            await entered[1].wait()
+            third = asyncio.ensure_future(database.read(pid))
+            held[0].set()
+            pids = [await first, await third]
+            held[1].set()
+            await second
+        finally:
+            await database.close()
+    assert pids[0] == pids[1]

@@ -56,9 +56,12 @@ class SqlStore:
     (amortised O(1) per event), and `purge(…, history)` trims exactly.
     """
 
-    def __init__(self, url: str, *, history: int = 1000) -> None:
+    def __init__(self, url: str, *, history: int = 1000, pool_size: int = 10) -> None:
+        """`pool_size`: PostgreSQL connections (SQLite has one writer and one reader)."""
         if history < 1:
             raise ValueError("history must be at least 1")
+        if pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
         self._url = url
         async_url(url)  # refuse a bad URL now, not at open()
         self._database: Database
@@ -71,7 +74,7 @@ class SqlStore:
             )
         else:
             dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-            self._database = PostgresDatabase(dsn)
+            self._database = PostgresDatabase(dsn, pool_size=pool_size)
         self._dialect = for_url(url)
         self._history = history
         self._open = False
