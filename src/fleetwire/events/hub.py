@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from fleetwire.broker.base import Published
 from fleetwire.domain.clock import Clock
-from fleetwire.transport.base import text_frame
+from fleetwire.transport.base import Socket, text_frame
 
 if TYPE_CHECKING:
     from fleetwire.auth.principal import Principal
@@ -42,19 +42,13 @@ class Subscription:
 Delivery = tuple[str, int, bytes]  # device id, seq, the framed event
 
 
-class FrameWriter(Protocol):
-    @property
-    def write_frame(self) -> Callable[[bytes], None]:
-        """Write one framed event (transport.base.Socket.write_frame)."""
-
-
 class Subscriber(Protocol):
     """What the hub needs of a client connection."""
 
     subscriptions: dict[str, Subscription]
 
     @property
-    def live(self) -> FrameWriter | None:
+    def live(self) -> Socket | None:
         """The connection's socket while its events go straight out (no replay holds any),
         else None: then `deliver`, which may hold the event. A lone event is written to it."""
 

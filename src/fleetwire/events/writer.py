@@ -158,14 +158,9 @@ class GroupWriter:
         future of the op's result, or None when the queue is full (then `await submit`)."""
         if self._closing:
             raise StoreUnavailableError("the writer is stopping")
-        items = self._items
-        if len(items) >= self._max_queue:
+        if len(self._items) >= self._max_queue:
             return None
-        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        items.append((op, future))
-        if len(items) >= self._wake_at:
-            self._wake_writer()
-        return future
+        return self._enqueue(op)
 
     async def _put_when_room(self, op: WriteOp) -> asyncio.Future[WriteResult]:
         loop = asyncio.get_running_loop()
@@ -182,9 +177,14 @@ class GroupWriter:
                 raise
         if self._stopped:
             raise StoreUnavailableError("the writer has stopped")
-        future: asyncio.Future[WriteResult] = loop.create_future()
-        self._items.append((op, future))
-        if len(self._items) >= self._wake_at:
+        return self._enqueue(op)
+
+    def _enqueue(self, op: WriteOp) -> asyncio.Future[WriteResult]:
+        """Queue `op` (there is room) and wake the writer if the queue reached `_wake_at`."""
+        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        items = self._items
+        items.append((op, future))
+        if len(items) >= self._wake_at:
             self._wake_writer()
         return future
 

@@ -399,15 +399,17 @@ class ClientEndpoint(Endpoint):
         return f"sub-{self._subscription_count}"
 
     def deliver(self, device_id: str, seq: int, frame: bytes) -> None:
-        if not self.core.holding and self.socket is not None:
-            self.socket.send_frame(frame)  # the hot path: no action object, no allocation
+        live = self.live
+        if live is not None:  # nothing held: straight out, no action object, no allocation
+            live.write_frame(frame)
             return
         self.core.deliver(device_id, seq, frame)
         self._run()
 
     def deliver_many(self, deliveries: list[tuple[str, int, bytes]]) -> None:
-        if not self.core.holding and self.socket is not None:
-            self.socket.send_frames([frame for _, _, frame in deliveries])
+        live = self.live
+        if live is not None:
+            live.send_frames([frame for _, _, frame in deliveries])
             return
         for device_id, seq, frame in deliveries:
             self.core.deliver(device_id, seq, frame)

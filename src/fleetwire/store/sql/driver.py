@@ -356,11 +356,6 @@ class PostgresDatabase:
         self._timeout_s = timeout_s
         self._pool: Any = None
 
-    @property
-    def pool_size(self) -> int:
-        """Connections the pool opens at most."""
-        return self._pool_size
-
     async def open(self) -> None:
         if self._pool is not None:
             return
