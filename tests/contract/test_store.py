@@ -53,6 +53,7 @@ from fleetwire.store.base import (
     WriteResult,
 )
 from fleetwire.store.memory import MemoryDatabase, MemoryStore
+from fleetwire.store.rules import trim_step
 from fleetwire.store.sql import SqlStore, async_url, create_engine
 from fleetwire.store.sql.engine import MIGRATIONS_DIR
 
@@ -893,15 +894,21 @@ async def test_purge_drops_old_telemetry_and_keeps_recent_history(store: Store) 
 
 
 async def test_write_keeps_history_bounded_between_purges(backend: Backend) -> None:
-    """With history=5, write trims a device's events whenever its seq crosses a multiple of 5."""
+    """With history=16, write trims a device's events back to the newest 16 whenever its seq
+    crosses a multiple of trim_step(16) = 2, so between trims a device holds at most 17."""
     with anyio.fail_after(LIMIT_S):
-        small = backend.make(history=5)
+        assert trim_step(16) == 2
+        small = backend.make(history=16)
         await small.open()
         try:
             await _devices(small, "d1")
-            for i in range(12):
+            for i in range(41):
                 await small.write([EventWrite("d1", "e", i, {"i": i})])
-            assert [e.seq for e in await small.events("d1", 0, 100)] == [6, 7, 8, 9, 10, 11, 12]
+            # Trimmed at seq 40, then one more: 17 events.
+            assert [e.seq for e in await small.events("d1", 0, 100)] == list(range(25, 42))
+            # One group crossing 42, 44 and 46: trimmed once, at its end.
+            await small.write([EventWrite("d1", "e", i, {"i": i}) for i in range(5)])
+            assert [e.seq for e in await small.events("d1", 0, 100)] == list(range(31, 47))
         finally:
             await small.close()
 

@@ -62,7 +62,7 @@ from fleetwire.store.base import (
     WriteOp,
     WriteResult,
 )
-from fleetwire.store.rules import check_changes, scalar, to_store
+from fleetwire.store.rules import check_changes, scalar, to_store, trim_step
 
 _SCALARS: Final = (float, int, bool, str)
 _NOT_FINAL: Final = frozenset({CommandState.PENDING, CommandState.SENT})
@@ -152,7 +152,8 @@ class MemoryStore:
     """The Store in memory (see the module docstring and store.base for the contract).
 
     `history` bounds the event history per device as SqlStore does: a device's events are
-    trimmed to the newest `history` whenever its seq crosses a multiple of `history`.
+    trimmed to the newest `history` whenever its seq crosses a multiple of
+    `rules.trim_step(history)`.
     """
 
     def __init__(self, database: MemoryDatabase | None = None, *, history: int = 1000) -> None:
@@ -619,7 +620,7 @@ class _Group:
     """One write group applied to the database, op by op, with the SQL store's numbering.
 
     Like events.write in store/sql: registry ops split the group into runs, and a device's
-    history is trimmed at the end of a run when its seq crossed a multiple of `history`.
+    history is trimmed at the end of a run when its seq crossed a multiple of `trim_step`.
     """
 
     def __init__(self, db: MemoryDatabase, history: int) -> None:
@@ -647,10 +648,10 @@ class _Group:
         return results
 
     def _end_run(self) -> None:
-        history = self._history
+        history, step = self._history, trim_step(self._history)
         for device_id, start in self._run_start.items():
             device = self._db.devices.get(device_id)
-            if device is not None and start // history != device.seq // history:
+            if device is not None and start // step != device.seq // step:
                 self._db.trim(device_id, history)
         self._run_start = {}
 

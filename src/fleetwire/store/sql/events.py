@@ -44,7 +44,7 @@ from fleetwire.store.base import (
     WriteOp,
     WriteResult,
 )
-from fleetwire.store.rules import to_store
+from fleetwire.store.rules import to_store, trim_step
 from fleetwire.store.sql import commands as cmd
 from fleetwire.store.sql import jobs, registry, twin
 from fleetwire.store.sql import telemetry as tm
@@ -256,21 +256,29 @@ async def _write_log(
     if records:
         await tx.copy("telemetry", tm.COLUMNS, records)
         await tm.write_latest(tx, newest)
-    # Amortised O(1) per event: trim a device whenever its seq crosses a multiple of history.
-    crossed = [d for d, seq in last.items() if (seq - counts[d]) // history != seq // history]
+    # Amortised O(1) per event, in small steps: trim a device whenever its seq crosses a
+    # multiple of trim_step (rules.py says why not of `history`).
+    step = trim_step(history)
+    crossed = [d for d, seq in last.items() if (seq - counts[d]) // step != seq // step]
     if crossed:
-        await trim(tx, dialect, crossed, history)
+        await trim(tx, crossed, history)
 
 
-async def trim(tx: Tx, dialect: Dialect, device_ids: Iterable[str], keep: int) -> None:
-    """Delete all but the newest `keep` events of these devices."""
-    await tx.execute(
-        "DELETE FROM events WHERE (device_id, seq) IN (SELECT device_id, seq FROM ("
-        " SELECT device_id, seq, row_number() OVER (PARTITION BY device_id ORDER BY seq DESC) AS rn"
-        f" FROM events WHERE {dialect.ids_in('device_id')}) AS ranked WHERE rn > ?)",
-        dialect.ids_param(device_ids),
-        keep,
-    )
+_TRIM: Final = (
+    "DELETE FROM events WHERE device_id = ? AND seq <= "
+    "(SELECT seq FROM events WHERE device_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)"
+)
+
+
+async def trim(tx: Tx, device_ids: Iterable[str], keep: int) -> None:
+    """Delete all but the newest `keep` events of these devices.
+
+    Per device, by key range: the (keep+1)-th newest seq is an index walk of `keep` entries,
+    and what goes is one contiguous range of the primary key (none when there are fewer).
+    The ranked delete it replaces, `(device_id, seq) IN (row_number() … > keep)`, scanned the
+    whole events table on SQLite: 5-25 ms per trim with 10 devices (measured, issue 12).
+    """
+    await tx.executemany(_TRIM, [(d, d, keep) for d in sorted(device_ids)])
 
 
 async def history(tx: Tx, device_id: str, after_seq: int, limit: int) -> list[Event]:
@@ -312,7 +320,7 @@ async def purge_chunk(
     # A key whose newest point goes has no point left: the latest row goes with it.
     for table in ("telemetry", "telemetry_latest"):
         await tx.execute(f"DELETE FROM {table} WHERE {in_ids} AND ts < ?", param, telemetry_before_ms)
-    await trim(tx, dialect, ids, max(history, 0))
+    await trim(tx, ids, max(history, 0))
     # Final commands live as long as telemetry (issue 13.17); non-final ones are never purged.
     purged = f"{in_ids} AND completed_at IS NOT NULL AND completed_at < ?"
     # A job execution reads its state from its command once dispatched (store/sql/jobs.py):

@@ -52,8 +52,9 @@ class SqlStore:
     """The Store on SQLite or PostgreSQL (see store.base for the contract).
 
     `history` bounds the event history per device between purges: `write` trims a device's
-    events to the newest `history` whenever its seq crosses a multiple of `history`
-    (amortised O(1) per event), and `purge(…, history)` trims exactly.
+    events to the newest `history` whenever its seq crosses a multiple of
+    `rules.trim_step(history)` (amortised O(1) per event, in steps of an eighth), and
+    `purge(…, history)` trims exactly.
     """
 
     def __init__(self, url: str, *, history: int = 1000, pool_size: int = 10) -> None:
