@@ -12,7 +12,7 @@ turns ``1e300`` into a 301-digit integer).
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import sqlalchemy as sa
 
@@ -21,6 +21,15 @@ JSON: Final = sa.JSON(none_as_null=True)
 # Identifiers and telemetry keys compare by code point on both databases (SQLite's BINARY),
 # so that ORDER BY, cursors and Python agree; PostgreSQL's default collation would not.
 ID: Final = sa.Text().with_variant(sa.Text(collation="C"), "postgresql")
+
+COMMAND_PENDING: Final = "state = 'pending'"  # queued for a device that is not connected
+COMMAND_LIVE: Final = "state IN ('pending', 'sent')"  # not final: the expiry sweep's
+
+
+def _where(condition: str) -> dict[str, Any]:
+    """A partial index's condition, the same on both databases."""
+    return {"sqlite_where": sa.text(condition), "postgresql_where": sa.text(condition)}
+
 
 devices: Final = sa.Table(
     "devices",
@@ -107,11 +116,20 @@ commands: Final = sa.Table(
     sa.Column("error", JSON),
     sa.Column("extra", JSON, nullable=False),
     sa.Column("job_id", ID),  # the fleet job this command executes (contract §7), if any
-    sa.Index("ix_commands_device_state", "device_id", "state", "issued_at"),
+    # Partial indexes (revision 0005): each holds only the rows its queries read, so a
+    # command sent to a connected device writes 4 b-trees, not 7. The queries in
+    # store/sql/commands.py spell these conditions exactly (COMMAND_PENDING, COMMAND_LIVE).
     sa.Index("ix_commands_device_id", "device_id", "id"),
-    sa.Index("ix_commands_due", "state", "expires_at"),
-    sa.Index("ix_commands_idempotency", "issuer", "idempotency_key", "issued_at"),
-    sa.Index("ix_commands_job", "job_id", "state"),
+    sa.Index("ix_commands_pending", "device_id", "issued_at", "id", **_where(COMMAND_PENDING)),
+    sa.Index("ix_commands_due", "expires_at", "id", **_where(COMMAND_LIVE)),
+    sa.Index(
+        "ix_commands_idempotency",
+        "issuer",
+        "idempotency_key",
+        "issued_at",
+        **_where("idempotency_key IS NOT NULL"),
+    ),
+    sa.Index("ix_commands_job", "job_id", "state", **_where("job_id IS NOT NULL")),
 )
 
 # Fleet jobs (contract §7). The spec is the validated request as JSON; the lease names the

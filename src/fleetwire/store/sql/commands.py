@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from fleetwire.domain.commands import ALLOWED_FROM, Command, CommandState
+from fleetwire.store.schema import COMMAND_LIVE, COMMAND_PENDING
 from fleetwire.store.sql import rows
 from fleetwire.store.sql.driver import Tx
 from fleetwire.store.sql.engine import dumps
@@ -12,8 +13,6 @@ from fleetwire.store.sql.engine import dumps
 _COLUMNS: Final = rows.COMMAND_COLUMNS
 _SELECT: Final = f"SELECT {_COLUMNS} FROM commands"
 _INSERT: Final = f"INSERT INTO commands ({_COLUMNS}) VALUES ({','.join('?' * len(rows.COMMAND_FIELDS))})"
-_PENDING: Final = CommandState.PENDING.value
-_SENT: Final = CommandState.SENT.value
 
 
 async def insert(tx: Tx, command: Command) -> None:
@@ -88,18 +87,18 @@ async def transition(
 async def pending(tx: Tx, device_id: str, now_ms: int) -> list[Command]:
     return await _all(
         tx,
-        # `+expires_at`: not an index term, so SQLite takes ix_commands_device_state (this
-        # device) instead of ix_commands_due (every pending command of the fleet).
-        "WHERE device_id = ? AND state = ? AND +expires_at > ? ORDER BY issued_at, id",
+        # The conditions of the partial indexes verbatim (schema.py), so that they apply;
+        # `+expires_at`: not an index term, so SQLite takes ix_commands_pending (this
+        # device) instead of ix_commands_due (every live command of the fleet).
+        f"WHERE device_id = ? AND {COMMAND_PENDING} AND +expires_at > ? ORDER BY issued_at, id",
         device_id,
-        _PENDING,
         now_ms,
     )
 
 
 async def devices_with_pending(tx: Tx, now_ms: int) -> set[str]:
     found = await tx.fetch(
-        "SELECT DISTINCT device_id FROM commands WHERE state = ? AND expires_at > ?", _PENDING, now_ms
+        f"SELECT DISTINCT device_id FROM commands WHERE {COMMAND_PENDING} AND +expires_at > ?", now_ms
     )
     return {row[0] for row in found}
 
@@ -119,10 +118,5 @@ async def of_device(
 
 async def due(tx: Tx, now_ms: int, limit: int) -> list[Command]:
     return await _all(
-        tx,
-        "WHERE state IN (?, ?) AND expires_at <= ? ORDER BY expires_at, id LIMIT ?",
-        _PENDING,
-        _SENT,
-        now_ms,
-        limit,
+        tx, f"WHERE {COMMAND_LIVE} AND expires_at <= ? ORDER BY expires_at, id LIMIT ?", now_ms, limit
     )

@@ -82,15 +82,17 @@ async def write(tx: Tx, dialect: Dialect, ops: Sequence[WriteOp], history: int) 
             run_results.append(result)
             continue
         job_op = type(op) is CreateJob or type(op) is DispatchExecution or type(op) is SetJobState
-        # A job op reads no seq and no device a log op could change: the run goes on, so a
-        # rollout step of 500 executions numbers its 500 events in one run, not 500.
-        if run_ops and not job_op:
+        command_op = type(op) is CreateCommand or type(op) is TransitionCommand
+        # A job or command op reads no seq, and nothing a log op could change (a device's
+        # existence, a command, a job): the run goes on, so a rollout step of 500 executions
+        # numbers its 500 events in one run, and a group of commands and results one too.
+        if run_ops and not (job_op or command_op):
             await _write_log(tx, dialect, run_ops, run_results, history)
             run_ops, run_results = [], []
         if job_op:
             follow = await jobs.write_op(tx, cast("JobOp", op), result)
-        elif type(op) is CreateCommand or type(op) is TransitionCommand:
-            follow = await _write_command(tx, op, result)
+        elif command_op:
+            follow = await _write_command(tx, cast("CommandOp", op), result)
         elif type(op) is PatchTwin:
             follow = await twin.patch(tx, op, result)
         else:
