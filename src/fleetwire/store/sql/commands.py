@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Final
 
 from fleetwire.domain.commands import ALLOWED_FROM, Command, CommandState
@@ -54,34 +55,43 @@ async def transition(
 ) -> Command | None:
     """The compare-and-set UPDATE … RETURNING; None if the current state does not allow it
     (or, given `device_id`, the command is another device's)."""
-    allowed = ALLOWED_FROM.get(state)
-    if not allowed:
+    if not ALLOWED_FROM.get(state):
         return None  # nothing ever moves back to pending
-    names = ["state"]
     values: list[Any] = [state.value]
     if state is CommandState.SENT:
-        names.append("sent_at")
         values.append(at_ms)
     if state.final:
-        names.append("completed_at")
         values.append(at_ms)
     if result is not None:
-        names.append("result")
         values.append(dumps(result))
     if error is not None:
-        names.append("error")
         values.append(dumps(error))
-    froms = sorted(s.value for s in allowed)
-    owner = "" if device_id is None else " AND device_id = ?"
-    row = await tx.fetchrow(
-        f"UPDATE commands SET {', '.join(f'{n} = ?' for n in names)}"
-        f" WHERE id = ? AND state IN ({','.join('?' * len(froms))}){owner} RETURNING {_COLUMNS}",
-        *values,
-        command_id,
-        *froms,
-        *(() if device_id is None else (device_id,)),
-    )
+    values.append(command_id)
+    if device_id is not None:
+        values.append(device_id)
+    sql = _transition_sql(state, result is not None, error is not None, device_id is not None)
+    row = await tx.fetchrow(sql, *values)
     return None if row is None else rows.command(row)
+
+
+@functools.cache
+def _transition_sql(state: CommandState, with_result: bool, with_error: bool, owned: bool) -> str:
+    """The UPDATE of `transition`, built once per shape (a handful exist)."""
+    names = ["state"]
+    if state is CommandState.SENT:
+        names.append("sent_at")
+    if state.final:
+        names.append("completed_at")
+    if with_result:
+        names.append("result")
+    if with_error:
+        names.append("error")
+    froms = ", ".join(f"'{s.value}'" for s in sorted(ALLOWED_FROM[state], key=lambda s: s.value))
+    owner = " AND device_id = ?" if owned else ""
+    return (
+        f"UPDATE commands SET {', '.join(f'{n} = ?' for n in names)}"
+        f" WHERE id = ? AND state IN ({froms}){owner} RETURNING {_COLUMNS}"
+    )
 
 
 async def pending(tx: Tx, device_id: str, now_ms: int) -> list[Command]:
