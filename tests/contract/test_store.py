@@ -251,6 +251,72 @@ async def test_revision_0002_migrates_telemetry_of_0001(url: str) -> None:
             await store.close()
 
 
+async def test_revision_0005_keeps_every_command_query_of_0004(url: str) -> None:
+    """Commands stored at 0004 (full indexes) are found the same through the partial indexes
+    of 0005: queued ones per device, live ones by the sweep, by idempotency key, by job."""
+    with anyio.fail_after(LIMIT_S):
+        engine = create_engine(url)
+        commands = [  # id, state, expires_at, idempotency_key, job_id
+            ("c1", "pending", 9000, None, None),
+            ("c2", "sent", 8000, "k1", None),
+            ("c3", "succeeded", 7000, None, "j1"),
+            ("c4", "pending", 6000, None, "j1"),
+        ]
+        try:
+            async with engine.execution_options(fleetwire_write=True).begin() as conn:
+                await conn.run_sync(_upgrade_to("0004"))
+                await conn.execute(
+                    sa.text(
+                        "INSERT INTO devices (id, tags, metadata, disabled, created_at, updated_at, seq)"
+                        " VALUES ('d1', '[]', '{}', false, 1, 1, 0)"
+                    )
+                )
+                for command_id, state, expires_at, key, job_id in commands:
+                    await conn.execute(
+                        sa.text(
+                            "INSERT INTO commands (id, device_id, name, params, state, issued_at,"
+                            " expires_at, timeout_s, issuer, idempotency_key, extra, job_id)"
+                            " VALUES (:id, 'd1', 'reboot', '{}', :state, :issued, :expires, 30,"
+                            " 'op', :key, '{}', :job)"
+                        ),
+                        {
+                            "id": command_id,
+                            "state": state,
+                            "issued": int(command_id[1]),
+                            "expires": expires_at,
+                            "key": key,
+                            "job": job_id,
+                        },
+                    )
+        finally:
+            await engine.dispose()
+        store = SqlStore(url)
+        await store.open()
+        try:
+            assert [c.id for c in await store.pending_commands("d1", 0)] == ["c1", "c4"]
+            assert await store.devices_with_pending(0) == {"d1"}
+            assert [c.id for c in await store.due_commands(10_000, 10)] == ["c4", "c2", "c1"]
+            found = await store.find_command("op", "k1", 0)
+            assert found is not None
+            assert found.id == "c2"
+            assert await store.job_progress("j1") == (0, 1)  # c4 still live; no pending executions
+        finally:
+            await store.close()
+        engine = create_engine(url)
+        try:
+            async with engine.connect() as conn:
+                names = await conn.run_sync(lambda c: {i["name"] for i in sa.inspect(c).get_indexes("commands")})
+        finally:
+            await engine.dispose()
+        assert names == {
+            "ix_commands_device_id",
+            "ix_commands_pending",
+            "ix_commands_due",
+            "ix_commands_idempotency",
+            "ix_commands_job",
+        }
+
+
 async def test_closed_store_is_unavailable(backend: Backend) -> None:
     """After close() every call raises StoreUnavailableError instead of reconnecting."""
     with anyio.fail_after(LIMIT_S):
