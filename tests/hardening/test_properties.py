@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fleetwire.auth.principal import Principal, Role
-from fleetwire.domain import commands, telemetry
+from fleetwire.domain import commands, telemetry, twin
 from fleetwire.domain.close import Close
 from fleetwire.domain.commands import CommandRequest
 from fleetwire.domain.devices import STATUS
@@ -186,6 +186,13 @@ def check_request_value(kind: str, value: Any) -> None:
     elif kind == "status":
         assert isinstance(value, str)
         assert STATUS.match(value)
+    elif kind == "twin_get":
+        assert value is None  # nothing to carry: the sender's twin
+    elif kind in ("twin_report", "twin_update"):
+        assert isinstance(value, twin.TwinWrite)
+        assert isinstance(value.patch, dict)  # the shape only: the service judges the content
+        assert value.if_version is None or 0 <= value.if_version <= twin.MAX_VERSION
+        assert (value.device_id is not None) == (kind == "twin_update")
     else:  # auth, unsubscribe: one bounded string
         assert isinstance(value, str)
         assert 0 < len(value) <= 16384
@@ -232,6 +239,9 @@ REGRESSIONS = [
     {"type": "command_result", "command_id": "c", "ok": True, "result": nested(300)},
     {"type": "command_result", "command_id": "c", "ok": False, "error": {"code": "x", "d": nested(300)}},
     {"type": "telemetry", "data": {"s": "a\x00b"}},
+    {"type": "twin_get"},  # found by CI: its value is None, not a string
+    {"type": "twin_report", "reported": {"a": {"b": 1}}, "if_version": 2**63 - 1},
+    {"type": "twin_update", "device_id": "d1", "desired": {"a": None}},
 ]
 
 
