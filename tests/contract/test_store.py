@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from alembic import command as alembic_command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from fleetwire.domain.clock import format_ms
 from fleetwire.domain.commands import Command, CommandState
@@ -185,6 +185,17 @@ def _upgrade_to(revision: str) -> Callable[[sa.Connection], None]:
     return upgrade
 
 
+async def _old_device(conn: AsyncConnection, device_id: str, seq: int) -> None:
+    """A device row as every revision so far has it (raw SQL: the schema of the test's revision)."""
+    await conn.execute(
+        sa.text(
+            "INSERT INTO devices (id, tags, metadata, disabled, created_at, updated_at, seq)"
+            " VALUES (:id, '[]', '{}', false, 1, 1, :seq)"
+        ),
+        {"id": device_id, "seq": seq},
+    )
+
+
 async def test_revision_0002_migrates_telemetry_of_0001(url: str) -> None:
     """A database at 0001 (one row per record and key, typed columns) keeps every point:
     history, per-key ranges and the latest values read the same after 0002."""
@@ -201,12 +212,7 @@ async def test_revision_0002_migrates_telemetry_of_0001(url: str) -> None:
         try:
             async with engine.execution_options(fleetwire_write=True).begin() as conn:
                 await conn.run_sync(_upgrade_to("0001"))
-                await conn.execute(
-                    sa.text(
-                        "INSERT INTO devices (id, tags, metadata, disabled, created_at, updated_at, seq)"
-                        " VALUES ('d1', '[]', '{}', false, 1, 1, 4)"
-                    )
-                )
+                await _old_device(conn, "d1", seq=4)
                 await conn.execute(
                     sa.text(
                         "INSERT INTO events (device_id, seq, name, at, data) VALUES ('d1', 4, 'e', 4000, '{}')"
@@ -265,12 +271,7 @@ async def test_revision_0005_keeps_every_command_query_of_0004(url: str) -> None
         try:
             async with engine.execution_options(fleetwire_write=True).begin() as conn:
                 await conn.run_sync(_upgrade_to("0004"))
-                await conn.execute(
-                    sa.text(
-                        "INSERT INTO devices (id, tags, metadata, disabled, created_at, updated_at, seq)"
-                        " VALUES ('d1', '[]', '{}', false, 1, 1, 0)"
-                    )
-                )
+                await _old_device(conn, "d1", seq=0)
                 for command_id, state, expires_at, key, job_id in commands:
                     await conn.execute(
                         sa.text(
