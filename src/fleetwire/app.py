@@ -92,7 +92,10 @@ def create_app(
         from fleetwire.store.sql import SqlStore
 
         store = SqlStore(
-            settings.effective_database_url, history=settings.event_history, pool_size=settings.db_pool_size
+            settings.effective_database_url,
+            history=settings.event_history,
+            pool_size=settings.db_pool_size,
+            slow_write_ms=settings.slow_write_ms,
         )
     if broker is None:
         from fleetwire.broker import make_broker

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     write_pipeline: int = Field(default=2, ge=1)
     # PostgreSQL connections per node (the asyncpg pool): reads, and the write pipeline's lanes.
     db_pool_size: int = Field(default=10, ge=1)
+    # A write transaction taking longer than this is logged (a warning with its statements /
+    # COMMIT split on SQLite): every write of the node waits behind it.
+    slow_write_ms: float = Field(default=200.0, ge=0)
     command_sweep_s: float = 1.0
     # Fleet jobs (contract §7; SECURITY.md limits).
     max_job_devices: int = Field(default=100_000, ge=1)  # executions of one job

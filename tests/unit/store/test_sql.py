@@ -271,3 +271,53 @@ async def test_the_postgresql_pool_opens_at_most_pool_size_connections(postgres_
         finally:
             await database.close()
     assert pids[0] == pids[1]
+
+
+def test_slow_write_ms_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="slow_write_ms"):
+        SqlStore("sqlite:////tmp/x.db", slow_write_ms=-1)
+
+
+def _slow_writes(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("slow write transaction")]
+
+
+@pytest.mark.anyio
+async def test_a_write_slower_than_slow_write_ms_is_logged_with_its_commit_apart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FLEETWIRE_SLOW_WRITE_MS: a store whose threshold no write reaches logs nothing, one with
+    a threshold of 0 logs its write (the sentinel that proves the first one was quiet), on
+    SQLite with the statements and the COMMIT apart."""
+    from fleetwire.domain.devices import Device
+    from fleetwire.store.base import RegisterDevice
+
+    caplog.set_level("WARNING", logger="fleetwire.store.sql.driver")
+    with anyio.fail_after(10):
+        for name, threshold in (("quiet", 1e9), ("logged", 0.0)):
+            store = SqlStore(f"sqlite:///{tmp_path / name}.db", slow_write_ms=threshold)
+            await store.open()
+            try:
+                await store.write([RegisterDevice(Device(id="d1"), 1)])
+            finally:
+                await store.close()
+    [message] = _slow_writes(caplog)
+    assert re.fullmatch(r"slow write transaction: [\d.]+ ms \(statements [\d.]+ ms, COMMIT [\d.]+ ms\)", message)
+
+
+@pytest.mark.anyio
+async def test_a_slow_postgresql_write_is_logged(postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="fleetwire.store.sql.driver")
+    database = PostgresDatabase(postgres_url, pool_size=1, slow_write_ms=0)
+
+    async def one(tx: Tx) -> None:
+        await tx.fetchrow("SELECT 1")
+
+    with anyio.fail_after(10):
+        await database.open()
+        try:
+            await database.write(one)
+        finally:
+            await database.close()
+    [message] = _slow_writes(caplog)
+    assert re.fullmatch(r"slow write transaction: [\d.]+ ms", message)

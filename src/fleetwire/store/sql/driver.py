@@ -23,6 +23,7 @@ Rows are tuples by position (sqlite3 tuples, asyncpg Records): columns are named
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import sqlite3
 import threading
@@ -38,6 +39,7 @@ from fleetwire.store.base import StoreUnavailableError
 from fleetwire.store.sql.engine import create_private, sqlite_pragmas
 from fleetwire.store.sql.errors import translate
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Row = Sequence[Any]
 
@@ -201,8 +203,12 @@ def _settle(done: _Done) -> None:
 class SqliteDatabase:
     """Two sqlite3 connections, each owned by its own thread (module docstring)."""
 
-    def __init__(self, path: str, *, synchronous: str, busy_timeout_ms: int) -> None:
+    def __init__(
+        self, path: str, *, synchronous: str, busy_timeout_ms: int, slow_write_ms: float = 200.0
+    ) -> None:
+        """`slow_write_ms`: a write transaction that takes longer is logged (a warning)."""
         self._path = path
+        self._slow_write_s = slow_write_ms / 1000
         self._pragmas = sqlite_pragmas(synchronous, busy_timeout_ms)
         self._busy_timeout_s = busy_timeout_ms / 1000
         self._writer: _Worker | None = None
@@ -273,7 +279,7 @@ class SqliteDatabase:
         if writer is None:
             raise StoreUnavailableError("the store is closed")
         try:
-            return await writer.submit(partial(_run_write, fn=fn))
+            return await writer.submit(partial(_run_write, fn=fn, slow_s=self._slow_write_s))
         except Exception as exc:
             _raise_translated(exc)
 
@@ -288,17 +294,38 @@ def _run_read(conn: sqlite3.Connection, fn: TxFunction[T], snapshot: bool) -> T:
         conn.execute("COMMIT")
 
 
-def _run_write(conn: sqlite3.Connection, fn: TxFunction[T]) -> T:
+def _run_write(conn: sqlite3.Connection, fn: TxFunction[T], slow_s: float) -> T:
     # IMMEDIATE: take the write lock now (one writer at a time, no upgrade deadlock between
     # processes), waiting up to busy_timeout for another process's transaction.
+    started = time.perf_counter()
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = drive(fn(_SqliteTx(conn)))
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    statements = time.perf_counter()
     conn.execute("COMMIT")
+    _log_if_slow(started, slow_s, statements)
     return result
+
+
+def _log_if_slow(started: float, slow_s: float, statements: float | None = None) -> None:
+    """A write transaction over `slow_s` is logged: every write waits behind it (a stall of
+    the event-history trim, 5-25 ms, was found this way: issue 12). `statements`: when the
+    statements ended, so that the COMMIT (the fsync, a checkpoint) shows apart."""
+    ended = time.perf_counter()
+    if ended - started < slow_s:
+        return
+    if statements is None:
+        log.warning("slow write transaction: %.1f ms", (ended - started) * 1000)
+    else:
+        log.warning(
+            "slow write transaction: %.1f ms (statements %.1f ms, COMMIT %.1f ms)",
+            (ended - started) * 1000,
+            (statements - started) * 1000,
+            (ended - statements) * 1000,
+        )
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------
@@ -350,8 +377,11 @@ async def _keep_session(_conn: Any) -> None:
 class PostgresDatabase:
     """An asyncpg pool; statements are prepared and cached per connection by asyncpg."""
 
-    def __init__(self, dsn: str, *, pool_size: int = 10, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, dsn: str, *, pool_size: int = 10, timeout_s: float = 10.0, slow_write_ms: float = 200.0
+    ) -> None:
         self._dsn = dsn
+        self._slow_write_s = slow_write_ms / 1000
         self._pool_size = pool_size
         self._timeout_s = timeout_s
         self._pool: Any = None
@@ -388,8 +418,11 @@ class PostgresDatabase:
         pool = self._pool
         if pool is None:
             raise StoreUnavailableError("the store is closed")
+        started = time.perf_counter()
         try:
             async with pool.acquire(timeout=self._timeout_s) as conn, conn.transaction():
-                return await fn(_PgTx(conn))
+                result = await fn(_PgTx(conn))
         except Exception as exc:
             _raise_translated(exc)
+        _log_if_slow(started, self._slow_write_s)  # waiting for a connection included
+        return result

@@ -57,12 +57,17 @@ class SqlStore:
     `purge(…, history)` trims exactly.
     """
 
-    def __init__(self, url: str, *, history: int = 1000, pool_size: int = 10) -> None:
-        """`pool_size`: PostgreSQL connections (SQLite has one writer and one reader)."""
+    def __init__(
+        self, url: str, *, history: int = 1000, pool_size: int = 10, slow_write_ms: float = 200.0
+    ) -> None:
+        """`pool_size`: PostgreSQL connections (SQLite has one writer and one reader);
+        `slow_write_ms`: write transactions that take longer are logged as warnings."""
         if history < 1:
             raise ValueError("history must be at least 1")
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
+        if slow_write_ms < 0:
+            raise ValueError("slow_write_ms must not be negative")
         self._url = url
         async_url(url)  # refuse a bad URL now, not at open()
         self._database: Database
@@ -71,11 +76,14 @@ class SqlStore:
             path = make_url(url).database
             assert path is not None  # async_url refuses URLs without a file
             self._database = SqliteDatabase(
-                str(Path(path).expanduser()), synchronous=synchronous, busy_timeout_ms=busy_timeout
+                str(Path(path).expanduser()),
+                synchronous=synchronous,
+                busy_timeout_ms=busy_timeout,
+                slow_write_ms=slow_write_ms,
             )
         else:
             dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-            self._database = PostgresDatabase(dsn, pool_size=pool_size)
+            self._database = PostgresDatabase(dsn, pool_size=pool_size, slow_write_ms=slow_write_ms)
         self._dialect = for_url(url)
         self._history = history
         self._open = False
