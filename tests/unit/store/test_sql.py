@@ -236,7 +236,7 @@ def test_pool_size_must_be_positive() -> None:
 async def test_the_postgresql_pool_opens_at_most_pool_size_connections(postgres_url: str) -> None:
     """With two connections both held, a third caller waits and gets the first one back when
     it is let go (the same backend pid), instead of opening a third connection."""
-    database = PostgresDatabase(postgres_url, pool_size=2)
+    database = PostgresDatabase(postgres_url, pool_size=2, slow_write_ms=200)
     held = [asyncio.Event(), asyncio.Event()]
     entered: list[asyncio.Event] = [asyncio.Event(), asyncio.Event()]
     pids: list[int] = []
@@ -302,7 +302,9 @@ async def test_a_write_slower_than_slow_write_ms_is_logged_with_its_commit_apart
             finally:
                 await store.close()
     [message] = _slow_writes(caplog)
-    assert re.fullmatch(r"slow write transaction: [\d.]+ ms \(statements [\d.]+ ms, COMMIT [\d.]+ ms\)", message)
+    assert re.fullmatch(
+        r"slow write transaction: [\d.]+ ms \(statements [\d.]+ ms, COMMIT [\d.]+ ms\)", message
+    )
 
 
 @pytest.mark.anyio

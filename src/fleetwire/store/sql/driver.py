@@ -203,9 +203,7 @@ def _settle(done: _Done) -> None:
 class SqliteDatabase:
     """Two sqlite3 connections, each owned by its own thread (module docstring)."""
 
-    def __init__(
-        self, path: str, *, synchronous: str, busy_timeout_ms: int, slow_write_ms: float = 200.0
-    ) -> None:
+    def __init__(self, path: str, *, synchronous: str, busy_timeout_ms: int, slow_write_ms: float) -> None:
         """`slow_write_ms`: a write transaction that takes longer is logged (a warning)."""
         self._path = path
         self._slow_write_s = slow_write_ms / 1000
@@ -378,7 +376,7 @@ class PostgresDatabase:
     """An asyncpg pool; statements are prepared and cached per connection by asyncpg."""
 
     def __init__(
-        self, dsn: str, *, pool_size: int = 10, timeout_s: float = 10.0, slow_write_ms: float = 200.0
+        self, dsn: str, *, slow_write_ms: float, pool_size: int = 10, timeout_s: float = 10.0
     ) -> None:
         self._dsn = dsn
         self._slow_write_s = slow_write_ms / 1000
