@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Final, Protocol
 
 
 class Timer(Protocol):
@@ -43,21 +43,24 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-# The last second formatted: every record event of a batch carries an `at`, and strftime +
-# gmtime per record was 15 % of the batch-ingest profile (benchmarks/results.md). A tuple is
-# replaced whole, so a reader in another thread sees a consistent pair.
-_last_second: tuple[int, str] = (-1, "")
+# Seconds already formatted: every record event of a batch carries an `at`, and strftime +
+# gmtime per record was 15 % of the batch-ingest profile (benchmarks/results.md). Several
+# entries, not one: a command formats its issue time and its expiry (seconds apart) in turn,
+# and a one-entry cache missed twice per round trip (issue 12). Dict reads and writes are
+# atomic, so the writer thread and the loop share it safely; cleared whole when full.
+_formatted: dict[int, str] = {}
+_FORMATTED_MAX: Final = 256
 
 
 def format_ms(ms: int) -> str:
     """RFC 3339 in UTC with millisecond precision (contract §2.1)."""
-    global _last_second  # a one-entry cache, see above
     seconds, millis = divmod(ms, 1000)
-    cached = _last_second
-    if cached[0] != seconds:
-        cached = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
-        _last_second = cached
-    return f"{cached[1]}.{millis:03d}Z"
+    text = _formatted.get(seconds)
+    if text is None:
+        if len(_formatted) >= _FORMATTED_MAX:
+            _formatted.clear()
+        text = _formatted[seconds] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{text}.{millis:03d}Z"
 
 
 def format_optional(ms: int | None) -> str | None:

@@ -20,8 +20,6 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from fleetwire.broker.base import Published
 from fleetwire.domain.clock import Clock, format_ms
 
@@ -97,12 +95,12 @@ class FleetActivity:
         elif name == "device.connected":
             now = self._clock.now_ms()
             self._current(now).connects += 1
-            node = orjson.loads(event.payload)["data"].get("node")
+            node = event.data.get("node")
             if isinstance(node, str):
                 self._nodes[node] = now
         elif name == "device.disconnected":
             now = self._clock.now_ms()
-            reason = orjson.loads(event.payload)["data"].get("reason")
+            reason = event.data.get("reason")
             self._current(now).reasons[reason if isinstance(reason, str) else "unknown"] += 1
             times = self._disconnects.get(event.device_id)
             if times is None:
@@ -110,7 +108,7 @@ class FleetActivity:
                 self._disconnects[event.device_id] = times
             times.append(now)
         elif name == "command.updated":
-            state = orjson.loads(event.payload)["data"].get("state")
+            state = event.data.get("state")
             minute = self._current(self._clock.now_ms())
             if state in _ISSUED_STATES:
                 minute.issued += 1

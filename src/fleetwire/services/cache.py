@@ -16,8 +16,6 @@ arrives (SessionService.on_event), so the skip never strands a command.
 
 from __future__ import annotations
 
-import orjson
-
 from fleetwire.broker.base import Published
 from fleetwire.domain.devices import Device, DeviceFilter
 from fleetwire.store.base import Store
@@ -81,7 +79,7 @@ class DeviceCache:
         name = event.name
         if name == "device.registered" or name == "device.updated":
             if event.seq >= self._seq.get(event.device_id, -1):
-                self.put(Device.from_public(orjson.loads(event.payload)["data"]), event.seq)
+                self.put(Device.from_public(event.data), event.seq)
         elif name == "device.deleted":
             self.drop(event.device_id)
 
@@ -108,7 +106,7 @@ class PendingIndex:
 
     def on_event(self, event: Published) -> bool:
         """A hub listener; True when a command of the device became pending."""
-        if event.name == "command.updated" and orjson.loads(event.payload)["data"]["state"] == "pending":
+        if event.name == "command.updated" and event.data["state"] == "pending":
             self._maybe.add(event.device_id)
             return True
         return False

@@ -279,7 +279,7 @@ class CommandService:
         """A hub listener: a `command.updated` may end a REST `?wait=true` on this node."""
         if event.name != "command.updated" or not self._waiters:
             return
-        command_id = orjson.loads(event.payload)["data"]["command_id"]
+        command_id = event.data["command_id"]
         for future in self._waiters.pop(command_id, []):
             settle(future, None)
 

@@ -235,7 +235,7 @@ class JobService:
         end the job or change its counts."""
         if event.name != "command.updated":
             return
-        job_id = orjson.loads(event.payload)["data"].get("job_id")
+        job_id = event.data.get("job_id")
         if job_id is None:
             return
         driver = self._drivers.get(job_id)

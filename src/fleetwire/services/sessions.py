@@ -15,8 +15,6 @@ import functools
 import logging
 from dataclasses import dataclass
 
-import orjson
-
 from fleetwire.broker.base import Published
 from fleetwire.domain.clock import Clock
 from fleetwire.domain.close import Close
@@ -279,7 +277,7 @@ class SessionService:
             if local is not None and local.session_id in self._announced:
                 self._tasks.spawn(self._commands.deliver_queued(event.device_id, local.send, recheck=True))
         elif name == "device.connected":
-            session_id = orjson.loads(event.payload)["data"]["session_id"]
+            session_id = event.data["session_id"]
             self._seen_connected[event.device_id] = session_id
             waiter = self._connected_waiters.get(session_id)
             if waiter is not None:
@@ -289,7 +287,7 @@ class SessionService:
         elif name == "device.updated":
             session = self.local.devices.get(event.device_id)
             if session is not None:
-                session.device = Device.from_public(orjson.loads(event.payload)["data"])
+                session.device = Device.from_public(event.data)
 
     # -- periodic work ------------------------------------------------------------------------
     async def heartbeat(self) -> None:

@@ -162,7 +162,7 @@ class TwinService:
             if event.name == "device.deleted":  # its twin went with it
                 self._with_delta.discard(event.device_id)
             return
-        data = orjson.loads(event.payload)["data"]
+        data = event.data
         current: _Told = (data["version"], data["delta"])
         device_id = event.device_id
         if current[1]:
