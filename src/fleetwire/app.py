@@ -223,6 +223,7 @@ def build_services(
         max_queue=settings.write_queue,
         max_batch=settings.write_batch,
         max_pipeline=settings.write_pipeline,
+        overlap_commands=store.concurrent_writes,
     )
     tasks = Tasks(clock)
     local = LocalSessions()

@@ -1370,6 +1370,75 @@ async def test_command_ops_store_the_command_and_its_event_in_one_group(store: S
         ]
 
 
+async def test_a_group_of_many_transitions_moves_each_as_if_alone(store: Store) -> None:
+    """Transitions of different commands in one group (SqlStore runs them as one statement)
+    each move or not exactly as alone: allowed moves take their state, time, result or error
+    and their event at their place in the group's seqs; a move not allowed, another device's
+    command and an unknown id change nothing. A create and a move of it in the same group
+    run in that order."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2")
+        sent = {"state": CommandState.SENT, "sent_at_ms": 1500}
+        await store.write(
+            [
+                CreateCommand(_command("c1", **sent)),
+                CreateCommand(_command("c2", **sent)),
+                CreateCommand(_command("c3", "d2")),
+                CreateCommand(_command("c4", "d2", **sent)),
+                CreateCommand(_command("c5", "d2", **sent)),
+            ]
+        )
+        results = await store.write(
+            [
+                TransitionCommand("d1", "c1", CommandState.SUCCEEDED, 2000, result={"n": 1}),
+                TransitionCommand("d2", "c3", CommandState.SENT, 2010),
+                StatusWrite("d1", "busy", "device", 2015),
+                TransitionCommand("d1", "c2", CommandState.FAILED, 2020, error={"code": "e", "message": "m"}),
+                TransitionCommand("d2", "c4", CommandState.EXPIRED, 2030),  # sent: cannot expire
+                TransitionCommand("d1", "c5", CommandState.SUCCEEDED, 2040),  # d2's command
+                TransitionCommand("d1", "nope", CommandState.SUCCEEDED, 2050),
+                CreateCommand(_command("c6", issued_at_ms=2060)),
+                TransitionCommand("d1", "c6", CommandState.SENT, 2070),
+            ]
+        )
+        moved = [(r.command.id, r.command.state.value) if r.command else None for r in results]
+        assert moved == [
+            ("c1", "succeeded"),
+            ("c3", "sent"),
+            None,
+            ("c2", "failed"),
+            None,
+            None,
+            None,
+            ("c6", "pending"),
+            ("c6", "sent"),
+        ]
+        events = [(e.device_id, e.seq, e.name, e.data.get("state")) for r in results for e in r.events]
+        assert events == [
+            ("d1", 3, "command.updated", "succeeded"),
+            ("d2", 4, "command.updated", "sent"),
+            ("d1", 4, "device.status", None),
+            ("d1", 5, "command.updated", "failed"),
+            ("d1", 6, "command.updated", "pending"),
+            ("d1", 7, "command.updated", "sent"),
+        ]
+        stored = {c: await store.get_command(c) for c in ("c1", "c2", "c3", "c4", "c5", "c6")}
+        fields = {
+            c: (x.state.value, x.sent_at_ms, x.completed_at_ms, x.result, x.error)
+            for c, x in stored.items()
+            if x is not None
+        }
+        assert fields == {
+            "c1": ("succeeded", 1500, 2000, {"n": 1}, None),
+            "c2": ("failed", 1500, 2020, None, {"code": "e", "message": "m"}),
+            "c3": ("sent", 2010, None, None, None),
+            "c4": ("sent", 1500, None, None, None),
+            "c5": ("sent", 1500, None, None, None),
+            "c6": ("sent", 2070, None, None, None),
+        }
+        assert [(e.seq, e.data.get("state")) for e in await store.events("d2", 3, 10)] == [(4, "sent")]
+
+
 # -- jobs (contract §7) ----------------------------------------------------------------------
 
 

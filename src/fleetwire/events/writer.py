@@ -25,10 +25,13 @@ Pipelining (`max_pipeline` > 1; 1 is one group at a time, the writer awaiting ea
   (PostgreSQL: its own pool connection), so the server goes on parsing while the database
   commits. A group holds its slot from its start until it is delivered (below).
 - Only hot-path groups overlap: a group of `TelemetryWrite`, `StatusWrite` and `EventWrite`
-  ops only. A group holding any other op (registry, commands, twin, jobs: never tested with
-  concurrent transactions) starts only when nothing is in flight, and nothing starts while
-  it runs. When groups are in flight, the next group takes log ops up to the first other op
-  in the queue (that op and everything behind it wait their turn, in order).
+  ops, and with `overlap_commands` (a store whose write transactions run concurrently:
+  PostgreSQL) `CreateCommand` and `TransitionCommand` ops too: each touches only its own
+  device's rows (its device row, its commands, its events), which the rule below keeps out
+  of every other group in flight. A group holding any other op (registry, twin, jobs) starts
+  only when nothing is in flight, and nothing starts while it runs. When groups are in
+  flight, the next group takes lane ops up to the first other op in the queue (that op and
+  everything behind it wait their turn, in order).
 - No device is in two groups in flight: an op of a device whose group is in flight stays
   queued (with every later op of that device; ops of other devices behind it may go
   first). Concurrent transactions commit in whatever order the database lets them, so this
@@ -36,7 +39,9 @@ Pipelining (`max_pipeline` > 1; 1 is one group at a time, the writer awaiting ea
   different devices were never ordered among themselves.
 - A group starts beside others only when it is full (`max_batch` ops or `max_records`
   records), or when `max_batch` ops of busy devices stand in front: overlapping pays only
-  under a backlog, and a small group would hold a slot that a full one could use.
+  under a backlog, and a small group would hold a slot that a full one could use. A group
+  holding a command op starts at once: a command round trip waits on it, and commands come
+  a few per group (on PostgreSQL one group at a time held commands to ~600/s, issue 12).
 - Delivery (`on_committed`, then the futures) is in the order the groups started: a group
   that commits first waits for those before it. Each group is its own transaction and its
   own outcome stands: when an earlier group fails (an outage, a poisoned op), a later one
@@ -54,9 +59,11 @@ from typing import Final
 from fleetwire.domain.events import Event
 from fleetwire.store.base import (
     LOG_OPS,
+    CreateCommand,
     Store,
     StoreUnavailableError,
     TelemetryWrite,
+    TransitionCommand,
     WriteOp,
     WriteResult,
 )
@@ -93,6 +100,7 @@ class GroupWriter:
         max_batch: int = 500,
         max_records: int = 10_000,
         max_pipeline: int = 1,
+        overlap_commands: bool = False,
     ) -> None:
         if max_queue < 1 or max_batch < 1 or max_records < 1 or max_pipeline < 1:
             raise ValueError("max_queue, max_batch, max_records and max_pipeline must be at least 1")
@@ -103,6 +111,7 @@ class GroupWriter:
         self._max_batch = max_batch
         self._max_records = max_records
         self._max_pipeline = max_pipeline
+        self._overlap_commands = overlap_commands
         self._inflight: deque[_Group] = deque()  # started, not yet delivered; in start order
         self._busy: set[str] = set()  # devices of the log groups in flight beside others
         self._tasks: set[asyncio.Task[None]] = set()  # group tasks (strong references)
@@ -258,14 +267,15 @@ class GroupWriter:
         devices: set[str] = set()
         if self._max_pipeline > 1:  # the devices matter only if others may start beside
             for op, _ in batch:
-                device = _log_device(op)
+                device = self._lane_device(op)
                 if device is None:  # runs alone: no device to keep others from
                     return _Group(batch, set(), True)
                 devices.add(device)
         return _Group(batch, devices, False)
 
     def _take_beside(self) -> _Group | None:
-        """Log groups are in flight: a full group of log ops of other devices, or None."""
+        """Lane groups are in flight: a full group of lane ops of other devices (or one
+        holding a command op), or None."""
         items, busy = self._items, self._busy
         max_batch, max_records = self._max_batch, self._max_records
         batch: list[_Item] = []
@@ -273,9 +283,10 @@ class GroupWriter:
         skipped: list[_Item] = []
         records = 0
         barrier = False
+        commands = False
         while items and len(batch) < max_batch and records < max_records and len(skipped) < max_batch:
             op = items[0][0]
-            device = _log_device(op)
+            device = self._lane_device(op)
             if device is None:
                 barrier = True  # it and all behind it wait until nothing is in flight
                 break
@@ -286,7 +297,9 @@ class GroupWriter:
             batch.append(item)
             devices.add(device)
             records += _weight(op)
+            commands = commands or type(op) is CreateCommand or type(op) is TransitionCommand
         full = len(batch) >= max_batch or records >= max_records or len(skipped) >= max_batch
+        full = full or commands
         if skipped:
             items.extendleft(reversed(skipped))
         if batch and full:
@@ -296,6 +309,17 @@ class GroupWriter:
         # or at the next delivery; a barrier or a full backlog of busy devices waits for that.
         waiting = len(items)
         self._wake_at = _NEVER if barrier or len(skipped) >= max_batch else waiting + max(1, waiting // 4)
+        return None
+
+    def _lane_device(self, op: WriteOp) -> str | None:
+        """The device of an op that may overlap other groups; None for any other op."""
+        if isinstance(op, LOG_OPS):
+            return op.device_id
+        if self._overlap_commands:
+            if type(op) is CreateCommand:
+                return op.command.device_id
+            if type(op) is TransitionCommand:
+                return op.device_id
         return None
 
     async def _commit(self, group: _Group) -> None:
@@ -395,11 +419,6 @@ class GroupWriter:
 def _weight(op: WriteOp) -> int:
     """What an op counts towards `max_records`."""
     return len(op.records) if type(op) is TelemetryWrite else 1
-
-
-def _log_device(op: WriteOp) -> str | None:
-    """The device of a log op (the ops that may overlap other groups); None for any other."""
-    return op.device_id if isinstance(op, LOG_OPS) else None
 
 
 def _fail(batch: list[_Item], exc: BaseException) -> None:

@@ -245,6 +245,12 @@ class TelemetryPoint:
 
 
 class Store(Protocol):
+    @property
+    def concurrent_writes(self) -> bool:
+        """Several `write` transactions run at once, each on its own connection (PostgreSQL);
+        False where writes take turns (SQLite's one writer, memory). The GroupWriter lets
+        small command groups overlap only then (events/writer.py)."""
+
     async def open(self) -> None:
         """Connect and bring the schema up to date (Alembic)."""
 

@@ -167,6 +167,10 @@ class MemoryStore:
     def dialect(self) -> str:
         return "memory"
 
+    @property
+    def concurrent_writes(self) -> bool:
+        return False
+
     async def open(self) -> None:
         self._open = True
 

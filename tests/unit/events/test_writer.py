@@ -11,17 +11,20 @@ from typing import cast
 import anyio
 import pytest
 
+from fleetwire.domain.commands import Command, CommandState
 from fleetwire.domain.devices import Device
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Record
 from fleetwire.events.writer import GroupWriter
 from fleetwire.store.base import (
+    CreateCommand,
     DeleteDevice,
     EventWrite,
     RegisterDevice,
     Store,
     StoreUnavailableError,
     TelemetryWrite,
+    TransitionCommand,
     WriteOp,
     WriteResult,
 )
@@ -411,6 +414,10 @@ def _committed(op: WriteOp) -> Event:
     """The event a committed op reports (identified by its data; seqs are not this store's job)."""
     if isinstance(op, EventWrite):
         return Event(op.device_id, 0, op.name, op.at_ms, op.data)
+    if isinstance(op, CreateCommand):
+        return Event(op.command.device_id, 0, "command.updated", 0, {"i": op.command.id})
+    if isinstance(op, TransitionCommand):
+        return Event(op.device_id, 0, "command.updated", op.at_ms, {"i": op.command_id})
     assert isinstance(op, RegisterDevice)
     return Event(op.device.id, 0, "device.registered", op.at_ms, {"i": op.device.id})
 
@@ -697,3 +704,51 @@ async def test_pipelined_groups_keep_each_devices_seqs_in_submission_order(store
         assert [e.seq for e in mine] == list(range(1, len(mine) + 1))
         assert _ids(mine) == [op.data["i"] for op in ops if op.device_id == device_id]
     assert [r.events[0].data["i"] for r in results] == list(range(200))
+
+
+def _create(command_id: str, device_id: str) -> CreateCommand:
+    return CreateCommand(
+        Command(command_id, device_id, "reboot", {}, CommandState.SENT, 0, 30_000, "alice", sent_at_ms=0)
+    )
+
+
+async def test_command_groups_overlap_when_the_store_writes_concurrently() -> None:
+    """overlap_commands (PostgreSQL): a command op of another device starts beside the group
+    in flight at once, full or not; one of a device in flight waits for that group, as log
+    ops do, and starts when it is delivered."""
+    store, published = HeldStore(), []
+    writer = _held_writer(store, published.extend, max_pipeline=2, max_batch=10, overlap_commands=True)
+    with anyio.fail_after(LIMIT_S):
+        first = _submit_all(writer, [_create("c1", "a")])
+        await _until(lambda: len(store.calls) == 1)
+        second = _submit_all(writer, [TransitionCommand("b", "c2", CommandState.SUCCEEDED, 5)])
+        await _until(lambda: len(store.calls) == 2)
+        assert store.in_flight == 2
+        third = _submit_all(writer, [TransitionCommand("a", "c1", CommandState.SUCCEEDED, 6)])
+        store.calls[1].commit()  # delivered only after the first: device a stays busy till then
+        store.calls[0].commit()
+        await _until(lambda: len(store.calls) == 3)
+        assert store.ids(2) == ["c1"]
+        store.calls[2].commit()
+        assert await _settled(first + second + third) == ["c1", "c2", "c1"]
+        await writer.stop()
+    assert [store.ids(i) for i in range(3)] == [["c1"], ["c2"], ["c1"]]
+    assert _ids(published) == ["c1", "c2", "c1"]
+
+
+async def test_command_groups_run_alone_when_the_store_writes_in_turn() -> None:
+    """Without overlap_commands (SQLite, memory) a group holding a command op runs alone: the
+    second command waits for the first group, then goes in the next one."""
+    store, published = HeldStore(), []
+    writer = _held_writer(store, published.extend, max_pipeline=2, max_batch=10)
+    with anyio.fail_after(LIMIT_S):
+        first = _submit_all(writer, [_create("c1", "a")])
+        await _until(lambda: len(store.calls) == 1)
+        second = _submit_all(writer, [TransitionCommand("b", "c2", CommandState.SUCCEEDED, 5)])
+        store.calls[0].commit()
+        await _until(lambda: len(store.calls) == 2)
+        store.calls[1].commit()
+        assert await _settled(first + second) == ["c1", "c2"]
+        await writer.stop()
+    assert store.most_in_flight == 1
+    assert _ids(published) == ["c1", "c2"]

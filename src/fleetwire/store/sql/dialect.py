@@ -8,7 +8,7 @@ matching `*_param` method turns the Python value into that parameter.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 from fleetwire.store.sql.driver import Tx
@@ -50,6 +50,13 @@ class Dialect(Protocol):
     async def lock_devices(self, tx: Tx, ids: Iterable[str]) -> dict[str, str | None]:
         """{id: status} of the devices that exist (PostgreSQL locks them in id order)."""
 
+    def rows_from(self, columns: Sequence[tuple[str, str]]) -> str:
+        """A FROM source of rows given as parameters (`rows_params`): `columns` are (name,
+        PostgreSQL type) pairs; the names must differ from the other table's columns (SQLite's
+        RETURNING takes no table prefix)."""
+
+    def rows_params(self, rows: Sequence[Sequence[Any]], width: int) -> list[Any]: ...
+
     async def advance(
         self, tx: Tx, counts: Mapping[str, int], final_status: Mapping[str, tuple[str, int]]
     ) -> dict[str, int]:
@@ -84,6 +91,13 @@ class _Sqlite:
             "SELECT id, status FROM devices WHERE id IN (SELECT value FROM json_each(?))", dumps(sorted(ids))
         )
         return {row[0]: row[1] for row in found}
+
+    def rows_from(self, columns: Sequence[tuple[str, str]]) -> str:
+        picked = ", ".join(f"value ->> {i} AS {name}" for i, (name, _) in enumerate(columns))
+        return f"(SELECT {picked} FROM json_each(?))"
+
+    def rows_params(self, rows: Sequence[Sequence[Any]], width: int) -> list[Any]:
+        return [dumps(rows)]  # one JSON array of row arrays
 
     async def advance(
         self, tx: Tx, counts: Mapping[str, int], final_status: Mapping[str, tuple[str, int]]
@@ -139,6 +153,13 @@ class _Postgresql:
             sorted(ids),
         )
         return {row[0]: row[1] for row in found}
+
+    def rows_from(self, columns: Sequence[tuple[str, str]]) -> str:
+        arrays = ", ".join(f"?::{kind}[]" for _, kind in columns)
+        return f"unnest({arrays}) AS v({', '.join(name for name, _ in columns)})"
+
+    def rows_params(self, rows: Sequence[Sequence[Any]], width: int) -> list[Any]:
+        return [[row[i] for row in rows] for i in range(width)]  # one array per column
 
     async def advance(
         self, tx: Tx, counts: Mapping[str, int], final_status: Mapping[str, tuple[str, int]]

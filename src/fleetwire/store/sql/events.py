@@ -21,11 +21,11 @@ from typing import Any, Final, cast
 import orjson
 
 from fleetwire.domain.clock import format_ms
+from fleetwire.domain.commands import Command
 from fleetwire.domain.events import Event
 from fleetwire.domain.telemetry import Value
 from fleetwire.store.base import (
     LOG_OPS,
-    CommandOp,
     CreateCommand,
     CreateJob,
     DeleteDevice,
@@ -70,11 +70,17 @@ async def write(tx: Tx, dialect: Dialect, ops: Sequence[WriteOp], history: int) 
     if all(type(op) in LOG_OPS for op in ops):  # the ingest hot path: one run
         await _write_log(tx, dialect, cast("Sequence[LogOp]", ops), results, history)
         return results
+    # `locked`: the devices that exist, with their status, as read by the up-front lock and
+    # good until a statement changes them (a registry op, a run's status writes); meanwhile it
+    # answers a create's existence check and the first run's lock (a statement per create
+    # and one per group fewer on PostgreSQL, issue 12).
+    locked: dict[str, str | None] | None = None
     if dialect.locks_every_device:
         # Every device of the group, up front and in id order (see _write_log): the registry
         # statements would otherwise lock rows in op order and could deadlock another node.
-        await dialect.lock_devices(tx, {d for op in ops if (d := device_of(op)) is not None})
-    run_ops: list[LogOp] = []
+        locked = await dialect.lock_devices(tx, {d for op in ops if (d := device_of(op)) is not None})
+    commands = _Commands()
+    run_ops: list[LogOp | None] = []  # None: the event of a transition not yet run
     run_results: list[WriteResult] = []
     for op, result in zip(ops, results, strict=True):
         if type(op) in LOG_OPS:
@@ -87,21 +93,32 @@ async def write(tx: Tx, dialect: Dialect, ops: Sequence[WriteOp], history: int) 
         # existence, a command, a job): the run goes on, so a rollout step of 500 executions
         # numbers its 500 events in one run, and a group of commands and results one too.
         if run_ops and not (job_op or command_op):
-            await _write_log(tx, dialect, run_ops, run_results, history)
-            run_ops, run_results = [], []
-        if job_op:
-            follow = await jobs.write_op(tx, cast("JobOp", op), result)
-        elif command_op:
-            follow = await _write_command(tx, cast("CommandOp", op), result)
-        elif type(op) is PatchTwin:
-            follow = await twin.patch(tx, op, result)
+            await commands.run(tx, dialect, run_ops)
+            await _write_log(tx, dialect, run_ops, run_results, history, locked)
+            run_ops, run_results, locked = [], [], None
+        follow: EventWrite | None
+        if type(op) is CreateCommand:
+            follow = await commands.create(tx, dialect, op, result, locked, run_ops)
+        elif type(op) is TransitionCommand:
+            await commands.move(tx, dialect, op, result, run_ops)
+            run_ops.append(None)
+            run_results.append(result)
+            continue
         else:
-            follow = await _write_registry(tx, cast("RegistryOp", op), result)
+            await commands.run(tx, dialect, run_ops)  # what follows may read the commands
+            if job_op:
+                follow = await jobs.write_op(tx, cast("JobOp", op), result)
+            elif type(op) is PatchTwin:
+                follow = await twin.patch(tx, op, result)
+            else:
+                follow = await _write_registry(tx, cast("RegistryOp", op), result)
+                locked = None
         if follow is not None:  # its event: numbered by the next run like any other
             run_ops.append(follow)
             run_results.append(result)
+    await commands.run(tx, dialect, run_ops)
     if run_ops:
-        await _write_log(tx, dialect, run_ops, run_results, history)
+        await _write_log(tx, dialect, run_ops, run_results, history, locked)
     for op, result in zip(ops, results, strict=True):
         if type(op) is not DeleteDevice and result.device is not None and result.events:
             result.device = replace(result.device, seq=result.events[-1].seq)
@@ -121,23 +138,89 @@ def device_of(op: WriteOp) -> str | None:
     return op.device_id
 
 
-async def _write_command(tx: Tx, op: CommandOp, result: WriteResult) -> EventWrite | None:
-    """A command op's statement; its `command.updated` event to number next, if it moved."""
-    if type(op) is CreateCommand:
+class _Commands:
+    """The command ops of a run whose statements are put off so that they go together: the
+    creates as one executemany INSERT, the transitions as one UPDATE (issue 12: on
+    PostgreSQL each cost a round trip). A transition's event keeps its place in the run (a
+    None there until the batch has run). The batch runs before a second op on a command in
+    it, before anything that may read the commands, and before the run is written."""
+
+    __slots__ = ("_ids", "_inserts", "_moves")
+
+    def __init__(self) -> None:
+        self._inserts: list[Command] = []
+        self._moves: list[tuple[int, TransitionCommand, WriteResult]] = []  # (place in the run, …)
+        self._ids: set[str] = set()
+
+    async def create(
+        self,
+        tx: Tx,
+        dialect: Dialect,
+        op: CreateCommand,
+        result: WriteResult,
+        locked: dict[str, str | None] | None,
+        run_ops: list[LogOp | None],
+    ) -> EventWrite | None:
         command = op.command
         # Checked first: a failed insert would abort the transaction on PostgreSQL.
-        if await tx.fetchrow("SELECT 1 FROM devices WHERE id = ?", command.device_id) is None:
+        if locked is not None:
+            exists = command.device_id in locked
+        else:
+            exists = await tx.fetchrow("SELECT 1 FROM devices WHERE id = ?", command.device_id) is not None
+        if not exists:
             result.missing = True
             return None
-        await cmd.insert(tx, command)
+        if command.id in self._ids:
+            await self.run(tx, dialect, run_ops)
+        self._inserts.append(command)
+        self._ids.add(command.id)
         result.command = command
         return EventWrite(command.device_id, "command.updated", command.issued_at_ms, command.event_data())
-    assert type(op) is TransitionCommand
-    moved = await cmd.transition(tx, op.command_id, op.state, op.at_ms, op.result, op.error, op.device_id)
-    if moved is None:
-        return None
-    result.command = moved
-    return EventWrite(moved.device_id, "command.updated", op.at_ms, moved.event_data())
+
+    async def move(
+        self,
+        tx: Tx,
+        dialect: Dialect,
+        op: TransitionCommand,
+        result: WriteResult,
+        run_ops: list[LogOp | None],
+    ) -> None:
+        """Queue the transition; its event goes where the run is now (`len(run_ops)`)."""
+        if op.command_id in self._ids:
+            await self.run(tx, dialect, run_ops)
+        self._moves.append((len(run_ops), op, result))
+        self._ids.add(op.command_id)
+
+    async def run(self, tx: Tx, dialect: Dialect, run_ops: list[LogOp | None]) -> None:
+        """The statements of the batch; each transition that moved puts its event in its place."""
+        if self._inserts:
+            await cmd.insert_many(tx, self._inserts)
+        moves = self._moves
+        if len(moves) == 1:
+            _, op, _ = moves[0]
+            one = await cmd.transition(
+                tx, op.command_id, op.state, op.at_ms, op.result, op.error, op.device_id
+            )
+            moved = {} if one is None else {one.id: one}
+        elif moves:
+            moved = await cmd.transition_many(
+                tx,
+                dialect,
+                [
+                    (op.command_id, op.device_id, op.state, op.at_ms, op.result, op.error)
+                    for _, op, _ in moves
+                ],
+            )
+        else:
+            moved = {}
+        for place, op, result in moves:
+            command = moved.get(op.command_id)
+            if command is not None:
+                result.command = command
+                run_ops[place] = EventWrite(
+                    command.device_id, "command.updated", op.at_ms, command.event_data()
+                )
+        self._inserts, self._moves, self._ids = [], [], set()
 
 
 async def _write_registry(tx: Tx, op: RegistryOp, result: WriteResult) -> EventWrite | None:
@@ -175,11 +258,20 @@ async def _write_registry(tx: Tx, op: RegistryOp, result: WriteResult) -> EventW
 async def _write_log(
     tx: Tx,
     dialect: Dialect,
-    ops: Sequence[LogOp],
-    results: Sequence[WriteResult],
+    run_ops: Sequence[LogOp | None],
+    run_results: Sequence[WriteResult],
     history: int,
+    locked: dict[str, str | None] | None = None,
 ) -> None:
-    """One run of log ops: a handful of statements whatever its length (module docstring)."""
+    """One run of log ops: a handful of statements whatever its length (module docstring).
+    A None in `run_ops` is a transition that did not move (no event). `locked`: the group's
+    devices as its up-front lock found them, still current (the lock is not taken again)."""
+    ops: list[LogOp] = []
+    results: list[WriteResult] = []
+    for op, result in zip(run_ops, run_results, strict=True):
+        if op is not None:
+            ops.append(op)
+            results.append(result)
     # Events per device before status writes are judged; device order = first appearance.
     counts: dict[str, int] = {}
     status_devices: set[str] = set()
@@ -198,7 +290,10 @@ async def _write_log(
     status_now: dict[str, str | None] = {}
     final_status: dict[str, tuple[str, int]] = {}
     if lock_all or status_devices:
-        known = await dialect.lock_devices(tx, counts.keys() if lock_all else status_devices)
+        if locked is not None:
+            known = locked
+        else:
+            known = await dialect.lock_devices(tx, counts.keys() if lock_all else status_devices)
         for device_id in [d for d in counts if d not in known and (lock_all or d in status_devices)]:
             del counts[device_id]  # missing: nothing of it is written
         status_now = {d: known[d] for d in status_devices if d in known}

@@ -92,6 +92,10 @@ class SqlStore:
     def dialect(self) -> str:
         return self._dialect.name
 
+    @property
+    def concurrent_writes(self) -> bool:
+        return not is_sqlite(self._url)
+
     async def open(self) -> None:
         if self._open:
             return
