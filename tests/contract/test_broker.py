@@ -147,6 +147,9 @@ async def test_publish_reaches_every_node_exactly_once(cluster: Cluster) -> None
         # batch would have arrived before it.
         assert rec.batches == [batch, [marker]]
         assert rec.messages == []
+        # What every hub listener reads: the payload's `data`, decoded once per event.
+        assert [e.data for e in rec.batches[0]] == [{"s": 'ü "q" \\n\x00'}] * 3
+        assert rec.batches[0][0].data is rec.batches[0][0].data
 
 
 @pytest.mark.anyio
