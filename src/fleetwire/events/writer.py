@@ -113,7 +113,7 @@ class GroupWriter:
         self._max_pipeline = max_pipeline
         self._overlap_commands = overlap_commands
         self._inflight: deque[_Group] = deque()  # started, not yet delivered; in start order
-        self._busy: set[str] = set()  # devices of the log groups in flight beside others
+        self._busy: set[str] = set()  # devices of the lane groups in flight beside others
         self._tasks: set[asyncio.Task[None]] = set()  # group tasks (strong references)
         # The writer waits on `_wake`: a submit sets it once the queue holds `_wake_at` ops,
         # a delivery and stop() always. A comparison per submit, not a scan of the queue.
