@@ -324,10 +324,11 @@ class Profiler:
         return self.path
 
 
-def server_cpu_per_op_us(cpu: dict[str, Any], ops: int) -> float:
+def server_cpu_per_op_us(cpu: dict[str, Any], ops: int, part: str = "server_cpu_pct") -> float:
+    """Server CPU µs per operation; `part="server_loop_cpu_pct"`: its event-loop thread only."""
     if ops <= 0:
         return float("nan")
-    busy_s = sum(cpu["server_cpu_pct"].values()) / 100.0 * cpu["wall_s"]
+    busy_s = sum(cpu[part].values()) / 100.0 * cpu["wall_s"]
     return round(float(busy_s) / ops * 1e6, 2)
 
 
@@ -778,6 +779,7 @@ async def run_ingest(spec: Spec, progress: Progress) -> Result:
                 "ack_latency_ms": latency_ms(samples),
                 "server_us_per_point": server_cpu_per_op_us(cpu, points),
                 "server_us_per_message": server_cpu_per_op_us(cpu, messages),
+                "server_loop_us_per_point": server_cpu_per_op_us(cpu, points, "server_loop_cpu_pct"),
                 "unanswered": sum(len(d.inflight) for d in devices),
                 "cpu": cpu,
             }
@@ -1015,6 +1017,7 @@ async def run_commands(spec: Spec, progress: Progress) -> Result:
         "failed_results": st.failed,
         "errors": st.errors,
         "server_us_per_round_trip": server_cpu_per_op_us(cpu, expected),
+        "server_loop_us_per_round_trip": server_cpu_per_op_us(cpu, expected, "server_loop_cpu_pct"),
         "cpu": cpu,
         "server_closes": closes([*devices, *clients]),
     }

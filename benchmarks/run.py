@@ -900,18 +900,22 @@ def report_commands(opts: Options, runs: list[Run]) -> tuple[str, dict[str, Any]
                 _num(r.get("refused_ms", {}).get("p99"), 2),
                 _num(r["missing_results"]),
                 _num(r["server_us_per_round_trip"], 1),
+                _num(r.get("server_loop_us_per_round_trip"), 1),
                 s_cpu,
                 g_cpu,
                 cores,
             ]
         )
     headers = ["target", "round trips/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "ack p50", "refused",
-               "refused p99 ms", "missing", "srv µs/rt", "srv CPU", "gen CPU", "cores 0/1 %"]  # fmt: skip
+               "refused p99 ms", "missing", "srv µs/rt", "loop µs/rt", "srv CPU", "gen CPU",
+               "cores 0/1 %"]  # fmt: skip
     offered = " and ".join(f"{rate:.0f}/s" for rate in opts.params["rates"])
     text = [
         f"commands: client -> device -> result -> client, offered at {offered}, "
         f"{opts.params['clients']} clients, {opts.params['devices']} devices; {opts.duration:.0f} s measured;"
-        " refused: error replies (rate_limited) in the window, and how fast they came",
+        " refused: error replies (rate_limited) in the window, and how fast they came;"
+        " loop µs/rt: the server's event-loop thread (the rest of srv µs/rt is its other threads:"
+        " SQLite's writer and reader)",
         _table(headers, rows),
     ]
     ratios: dict[str, Any] = {}

@@ -39,6 +39,15 @@ def proc_cpu_s(pid: int | str = "self") -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14 and 15)
 
 
+def proc_loop_cpu_s(pid: int | str = "self") -> float:
+    """User + system CPU seconds of a process's main thread: the event loop of a fleetwire
+    node; the rest of `proc_cpu_s` is its other threads (the SQLite writer and reader,
+    libuv's workers), so a figure per operation can say which side it comes from."""
+    if pid == "self":
+        pid = os.getpid()
+    return proc_cpu_s(f"{pid}/task/{pid}")
+
+
 def proc_rss_kb(pid: int | str = "self") -> int:
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
@@ -95,6 +104,7 @@ class CpuWindow:
     services: dict[str, str] = field(default_factory=dict)
     _t0: float = 0.0
     _cpu0: dict[str, float] = field(default_factory=dict)
+    _loop0: dict[str, float] = field(default_factory=dict)
     _self0: float = 0.0
     _cores0: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
     _service0: dict[str, dict[int, float]] = field(default_factory=dict)
@@ -106,6 +116,7 @@ class CpuWindow:
         }
         self._t0 = time.monotonic()
         self._cpu0 = {name: proc_cpu_s(pid) for name, pid in self.pids.items()}
+        self._loop0 = {name: proc_loop_cpu_s(pid) for name, pid in self.pids.items()}
         self._self0 = proc_cpu_s()
         self._cores0 = core_times()
         return self
@@ -114,6 +125,10 @@ class CpuWindow:
         wall = max(time.monotonic() - self._t0, 1e-9)
         processes = {
             name: round(100.0 * (proc_cpu_s(pid) - self._cpu0[name]) / wall, 1)
+            for name, pid in self.pids.items()
+        }
+        loops = {
+            name: round(100.0 * (proc_loop_cpu_s(pid) - self._loop0[name]) / wall, 1)
             for name, pid in self.pids.items()
         }
         cores: dict[str, float] = {}
@@ -132,6 +147,7 @@ class CpuWindow:
         return {
             "wall_s": round(wall, 3),
             "server_cpu_pct": processes,
+            "server_loop_cpu_pct": loops,  # of which the main thread (the event loop)
             "loadgen_cpu_pct": round(100.0 * (proc_cpu_s() - self._self0) / wall, 1),
             "core_busy_pct": cores,  # everything but idle and iowait
             "core_irq_pct": softirq,  # of which interrupts and softirqs (loopback TCP work)
