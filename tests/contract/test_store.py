@@ -1370,6 +1370,37 @@ async def test_command_ops_store_the_command_and_its_event_in_one_group(store: S
         ]
 
 
+async def test_creates_in_one_group_see_the_devices_the_group_deleted_and_registered(store: Store) -> None:
+    """Each create of a group finds its device as the ops before it in the group left it
+    (SqlStore reads the devices of several creates once, and again after a registry op): a
+    device deleted earlier in the group is missing, one registered earlier exists."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1", "d2")
+        results = await store.write(
+            [
+                CreateCommand(_command("c1", "ghost")),
+                CreateCommand(_command("c2", "ghost")),
+                DeleteDevice("d2", 1400),
+                CreateCommand(_command("c3", "d2")),
+                RegisterDevice(Device("ghost"), 1500),
+                CreateCommand(_command("c4", "ghost")),
+                CreateCommand(_command("c5", "d1")),
+            ]
+        )
+        assert [(r.command.id if r.command else None, r.missing) for r in results] == [
+            (None, True),
+            (None, True),
+            (None, False),  # the delete
+            (None, True),
+            (None, False),  # the registration
+            ("c4", False),
+            ("c5", False),
+        ]
+        kept = {c: await store.get_command(c) is not None for c in ("c1", "c2", "c3", "c4", "c5")}
+        assert kept == {"c1": False, "c2": False, "c3": False, "c4": True, "c5": True}
+        assert [e.seq for e in results[5].events] == [2]  # after its device.registered (1)
+
+
 async def test_a_group_of_many_transitions_moves_each_as_if_alone(store: Store) -> None:
     """Transitions of different commands in one group (SqlStore runs them as one statement)
     each move or not exactly as alone: allowed moves take their state, time, result or error

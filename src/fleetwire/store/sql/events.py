@@ -14,7 +14,7 @@ op sees what the ops before it did. A group without registry ops is one run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, Final, cast
 
@@ -79,6 +79,13 @@ async def write(tx: Tx, dialect: Dialect, ops: Sequence[WriteOp], history: int) 
         # Every device of the group, up front and in id order (see _write_log): the registry
         # statements would otherwise lock rows in op order and could deadlock another node.
         locked = await dialect.lock_devices(tx, {d for op in ops if (d := device_of(op)) is not None})
+    # `exists`: the devices known to exist, good as long as `locked` is; without a lock
+    # (SQLite) the devices of several creates are read in one statement, not one each.
+    exists: Container[str] | None = locked
+    if exists is None:
+        creating = [op.command.device_id for op in ops if type(op) is CreateCommand]
+        if len(creating) > 1:
+            exists = await dialect.lock_devices(tx, creating)
     commands = _Commands()
     run_ops: list[LogOp | None] = []  # None: the event of a transition not yet run
     run_results: list[WriteResult] = []
@@ -95,10 +102,10 @@ async def write(tx: Tx, dialect: Dialect, ops: Sequence[WriteOp], history: int) 
         if run_ops and not (job_op or command_op):
             await commands.run(tx, dialect, run_ops)
             await _write_log(tx, dialect, *_with_events(run_ops, run_results), history, locked)
-            run_ops, run_results, locked = [], [], None
+            run_ops, run_results, locked, exists = [], [], None, None
         follow: EventWrite | None
         if type(op) is CreateCommand:
-            follow = await commands.create(tx, dialect, op, result, locked, run_ops)
+            follow = await commands.create(tx, dialect, op, result, exists, run_ops)
         elif type(op) is TransitionCommand:
             await commands.move(tx, dialect, op, result, run_ops)
             run_ops.append(None)
@@ -112,7 +119,7 @@ async def write(tx: Tx, dialect: Dialect, ops: Sequence[WriteOp], history: int) 
                 follow = await twin.patch(tx, op, result)
             else:
                 follow = await _write_registry(tx, cast("RegistryOp", op), result)
-                locked = None
+                locked = exists = None
         if follow is not None:  # its event: numbered by the next run like any other
             run_ops.append(follow)
             run_results.append(result)
@@ -158,16 +165,17 @@ class _Commands:
         dialect: Dialect,
         op: CreateCommand,
         result: WriteResult,
-        locked: dict[str, str | None] | None,
+        exists: Container[str] | None,
         run_ops: list[LogOp | None],
     ) -> EventWrite | None:
+        """`exists`: the devices known to exist (None: ask)."""
         command = op.command
         # Checked first: a failed insert would abort the transaction on PostgreSQL.
-        if locked is not None:
-            exists = command.device_id in locked
+        if exists is not None:
+            found = command.device_id in exists
         else:
-            exists = await tx.fetchrow("SELECT 1 FROM devices WHERE id = ?", command.device_id) is not None
-        if not exists:
+            found = await tx.fetchrow("SELECT 1 FROM devices WHERE id = ?", command.device_id) is not None
+        if not found:
             result.missing = True
             return None
         if command.id in self._ids:
