@@ -1085,6 +1085,41 @@ async def test_latest_telemetry_is_newest_ts_per_key(store: Store) -> None:
         assert await store.latest_telemetry("ghost") == {}
 
 
+async def test_latest_telemetry_of_batches_in_time_order(store: Store) -> None:
+    """Batches whose records come in time order (SqlStore finds each key's newest walking
+    back): a key's newest is its last record, a tie goes to the later record, a key seen only
+    early still counts, and a later batch of the group with older points loses to an earlier
+    one's newer points, per key; a batch out of time order is judged record by record."""
+    with anyio.fail_after(LIMIT_S):
+        await _devices(store, "d1")
+        await store.write(
+            [
+                TelemetryWrite(
+                    "d1",
+                    [
+                        Record(1000, {"a": 1, "b": 1}),
+                        Record(2000, {"a": 2}),
+                        Record(2000, {"a": 3, "c": 1}),
+                        Record(3000, {"b": 2}),
+                    ],
+                ),
+                TelemetryWrite("d1", [Record(1500, {"a": 9, "c": 9, "d": 1}), Record(2500, {"c": 8})]),
+            ]
+        )
+        assert await store.latest_telemetry("d1") == {
+            "a": TelemetryPoint("a", 2000, 3, 3),
+            "b": TelemetryPoint("b", 3000, 4, 2),
+            "c": TelemetryPoint("c", 2500, 6, 8),
+            "d": TelemetryPoint("d", 1500, 5, 1),
+        }
+        # And one batch out of time order: its newest point is not its last.
+        await store.write(
+            [TelemetryWrite("d1", [Record(2000, {"a": 7}), Record(5000, {"e": 1}), Record(4000, {"e": 2})])]
+        )
+        latest = await store.latest_telemetry("d1")
+        assert (latest["a"], latest["e"]) == (TelemetryPoint("a", 2000, 7, 7), TelemetryPoint("e", 5000, 8, 1))
+
+
 # -- commands ------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ import orjson
 from fleetwire.domain.clock import format_ms
 from fleetwire.domain.commands import Command
 from fleetwire.domain.events import Event
-from fleetwire.domain.telemetry import Value
+from fleetwire.domain.telemetry import Record, Value
 from fleetwire.store.base import (
     LOG_OPS,
     CreateCommand,
@@ -339,16 +339,16 @@ async def _write_log(
             continue
         if type(op) is TelemetryWrite:
             out = result.events
+            first, last_ts, ordered = seq, -(1 << 63), True
             for record in op.records:
                 seq += 1
                 ts, values = record.ts_ms, record.values
                 add_record((device_id, seq, ts, encode(values)))
-                for key, value in values.items():
-                    held = newest.get((device_id, key))
-                    if held is None or ts >= held[0]:  # seq grows: a tie goes to the later
-                        newest[(device_id, key)] = (ts, seq, value)
+                ordered = ordered and ts >= last_ts
+                last_ts = ts
                 # == record.event_data(), faster (see Timestamps)
                 out.append(Event(device_id, seq, "device.telemetry", ts, {"ts": stamp(ts), "values": values}))
+            _keep_newest(newest, device_id, op.records, first, ordered)
         elif type(op) is EventWrite:
             seq += 1
             event_rows.append((device_id, seq, op.name, op.at_ms, dumps(op.data)))
@@ -377,6 +377,43 @@ async def _write_log(
     crossed = [d for d, seq in last.items() if (seq - counts[d]) // step != seq // step]
     if crossed:
         await trim(tx, crossed, history)
+
+
+def _keep_newest(
+    newest: dict[tuple[str, str], tuple[int, int, Value]],
+    device_id: str,
+    records: Sequence[Record],
+    first_seq: int,
+    ordered: bool,
+) -> None:
+    """Each key's newest point of `records` (seqs first_seq + 1, …) into `newest`, where the
+    greater (ts, seq) wins (a tie goes to the later seq). Records in time order, as a batch
+    usually is: a key's newest is its last record, found walking back, and a record whose
+    keys were all seen costs one set test, not a comparison per key (measured on batch ingest
+    with 4 keys per record: the per-key loop was a quarter of the writer thread's CPU)."""
+    if ordered:
+        seen: set[str] = set()
+        seq = first_seq + len(records)
+        for record in reversed(records):
+            values = record.values
+            if not seen.issuperset(values):
+                ts = record.ts_ms
+                for key, value in values.items():
+                    if key not in seen:
+                        seen.add(key)
+                        held = newest.get((device_id, key))  # from an earlier op of the group
+                        if held is None or ts >= held[0]:
+                            newest[(device_id, key)] = (ts, seq, value)
+            seq -= 1
+        return
+    seq = first_seq
+    for record in records:
+        seq += 1
+        ts = record.ts_ms
+        for key, value in record.values.items():
+            held = newest.get((device_id, key))
+            if held is None or ts >= held[0]:
+                newest[(device_id, key)] = (ts, seq, value)
 
 
 _TRIM: Final = (
