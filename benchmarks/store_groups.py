@@ -7,8 +7,10 @@ The group runs inline on one sqlite3 connection (no thread, no event loop), exac
 writer thread runs it: `events.write` inside BEGIN IMMEDIATE … COMMIT. Each figure is thread
 CPU (time.thread_time_ns); the run's figure is the minimum over `--runs` runs, the least
 disturbed by other load on the machine. Statements are timed by a sqlite3.Connection
-subclass; what the group costs beyond them is the Python of `events.write` (and of that
-subclass's wrapper, ~1 µs per statement).
+subclass (the call that binds and takes the first step); the rest of the group is the Python
+of `events.write`, the rows of a RETURNING fetched after that first step, and the subclass's
+own wrapper (~1 µs per statement). With every statement answered at once, the Python of a
+command group of 4 ops alone measured 68 µs on the machine of benchmarks/results.md.
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ def measure(
     )
     for sql, (n, ns) in sorted(statements.items(), key=lambda kv: -kv[1][1]):
         print(f"  {ns / groups / unit / 1000:8.2f}  {n / groups:5.1f}/group  {sql}")
-    print(f"  {(best - in_statements) / unit / 1000:8.2f}  Python of events.write (the rest)")
+    print(f"  {(best - in_statements) / unit / 1000:8.2f}  the rest: Python, rows after the first step")
 
 
 def unit_name(name: str) -> str:
