@@ -33,13 +33,22 @@ _MAX_TS_MS: Final = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 Value = float | int | bool | str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Record:
     ts_ms: int
     values: dict[str, Value]
 
+    def __init__(self, ts_ms: int, values: dict[str, Value]) -> None:
+        # Frozen, filled through its slots' setters (one Record per point: see Event.__init__).
+        _SET_TS(self, ts_ms)
+        _SET_VALUES(self, values)
+
     def event_data(self) -> dict[str, Any]:
         return {"ts": format_ms(self.ts_ms), "values": self.values}
+
+
+_SET_TS: Final[Any] = Record.__dict__["ts_ms"].__set__
+_SET_VALUES: Final[Any] = Record.__dict__["values"].__set__
 
 
 def _check_value(value: object) -> str | None:
