@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.sysinfo import CpuWindow, proc_cpu_s, proc_loop_cpu_s
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux's /proc/PID/task (per-thread CPU)")
 
 
 def _burn(cpu_s: float) -> None:
