@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile", type=Path, default=None, metavar="DIR", help="py-spy the fleetwire server"
     )
     infra.add_argument("--profile-seconds", type=float, default=10.0)
+    infra.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="sample only the thread holding the GIL (py-spy --gil): CPU, not GIL waits",
+    )
     infra.add_argument("--keep", action="store_true", help="keep the temp dir (server logs, specs)")
     infra.add_argument(
         "--server-env",
@@ -397,7 +402,13 @@ def profile_spec(opts: Options, prefix: str, phases: list[str]) -> dict[str, Any
         return None
     directory = opts.args.profile.resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    return {"dir": str(directory), "prefix": prefix, "seconds": opts.args.profile_seconds, "phases": phases}
+    return {
+        "dir": str(directory),
+        "prefix": prefix,
+        "seconds": opts.args.profile_seconds,
+        "phases": phases,
+        "gil": opts.args.profile_gil,
+    }
 
 
 # --------------------------------------------------------------------------------------------

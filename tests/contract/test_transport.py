@@ -125,14 +125,28 @@ class RecHandler:
 
 class RecApp:
     """Accepts any path; `?deny=<status>` refuses; `/hang` never answers; `/slow` waits for
-    `release`; `/crash` raises."""
+    `release`; `/crash` raises. `decide_now` (the optional synchronous decision) answers
+    `?now=` (accept) and `?now=<status>` (refuse) itself; `?now=wait` and the rest it leaves
+    to `__call__`."""
 
     def __init__(self) -> None:
         self.handlers: list[RecHandler] = []
         self.requests: list[UpgradeRequest] = []
+        self.decided_now: list[UpgradeRequest] = []
         self.release = asyncio.Event()
         self.cancelled = asyncio.Event()
         self.requested = asyncio.Event()
+
+    def decide_now(self, request: UpgradeRequest) -> RecHandler | Refusal | None:
+        now = request.query.get("now")
+        if now is None or now == "wait":
+            return None
+        self.decided_now.append(request)
+        if now:
+            return Refusal(int(now), "forbidden", "refused at once")
+        handler = RecHandler(request)
+        self.handlers.append(handler)
+        return handler
 
     async def __call__(self, request: UpgradeRequest) -> RecHandler | Refusal:
         self.requests.append(request)
@@ -395,6 +409,24 @@ async def test_accept_echo_and_peer_close(serve: Serve) -> None:
         assert request.headers["origin"] == "http://x"
         assert request.peer is not None
         assert request.peer.startswith("127.0.0.1:")
+
+
+async def test_a_decision_taken_at_once_is_answered_like_an_awaited_one(serve: Serve) -> None:
+    """The app's `decide_now` accepts (101, then frames flow) or refuses (the JSON HTTP
+    answer) without the app being awaited; None from it falls back to awaiting the app."""
+    async with serve() as srv:
+        async with connect(srv.url("/echo?now="), open_timeout=T) as ws:
+            await ws.send("hello")
+            assert await asyncio.wait_for(ws.recv(), T) == "hello"
+        with pytest.raises(InvalidStatus) as caught:
+            await connect(srv.url("/echo?now=403"), open_timeout=T)
+        assert caught.value.response.status_code == 403
+        assert json.loads(bytes(caught.value.response.body))["message"] == "refused at once"
+        assert ([r.query["now"] for r in srv.app.decided_now], srv.app.requests) == (["", "403"], [])
+        async with connect(srv.url("/echo?now=wait"), open_timeout=T) as ws:
+            await ws.send("awaited")
+            assert await asyncio.wait_for(ws.recv(), T) == "awaited"
+        assert [r.query["now"] for r in srv.app.requests] == ["wait"]
 
 
 async def test_server_close_with_code(serve: Serve) -> None:

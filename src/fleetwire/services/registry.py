@@ -115,6 +115,11 @@ class RegistryService:
             raise unavailable(exc) from exc
 
     # -- reads ------------------------------------------------------------------------------
+    def find_now(self, device_id: str) -> Device | None:
+        """`find` without I/O: the cached record while storage is healthy, else None (not
+        "no such device": then `find` asks the store)."""
+        return self._cache.get(device_id) if self._writer.healthy else None
+
     async def find(self, device_id: str) -> Device | None:
         """The registry record for a handshake: from the cache once it is filled. During a
         database outage a new session could not be announced: StoreUnavailableError (503)

@@ -7,7 +7,10 @@ behind uvicorn's `ws` hook, REST and WebSocket on one port, built by `transport/
 Life of a connection:
 1. The transport parses the upgrade request and awaits `WebSocketApp(request)` BEFORE
    answering: a `Refusal` becomes that HTTP response (JSON body, `Connection: close`);
-   a `Handler` gets a 101, then `on_open(socket)`.
+   a `Handler` gets a 101, then `on_open(socket)`. An app may also offer
+   `decide_now(request) -> Handler | Refusal | None`, the same decision when it needs no
+   I/O, else None; the transport asks it first and awaits the app only on None (no task
+   per handshake).
 2. Complete messages (continuation frames reassembled, at most `max_message_bytes`) reach
    `on_message`. Text is checked to be UTF-8 first (else close 1007). Pongs reach `on_pong`.
 3. `on_closed(code)` runs exactly once, whoever closed and however: the code the SERVER sent
@@ -110,6 +113,7 @@ class Handler(Protocol):
     def on_closed(self, code: int | None) -> None: ...
 
 
+# The decision on an upgrade request (see 1. above; `decide_now`, optional, is not typed here).
 WebSocketApp = Callable[[UpgradeRequest], Awaitable["Handler | Refusal"]]
 
 

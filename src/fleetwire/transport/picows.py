@@ -6,8 +6,9 @@ protocol, so once upgraded every frame takes picows' own buffered, Cython path. 
 about frames, messages and closes is `transport/rfc6455.py`'s; this module maps picows'
 callbacks onto it and does the I/O.
 
-Handshake: the head is parsed into an `UpgradeRequest`, reading is paused and the (async)
-`WebSocketApp` is awaited in a task, bounded by `handshake_timeout_s`. A `Refusal` (or a
+Handshake: the head is parsed into an `UpgradeRequest` and the app's `decide_now`, if it has
+one, is asked at once; a decision it cannot take without I/O (None) is awaited from the (async)
+`WebSocketApp` in a task, with reading paused, bounded by `handshake_timeout_s`. A `Refusal` (or a
 transport-level refusal: 400/426/431) is written as an HTTP response with a JSON body, then the
 TCP connection is closed. A `Handler` gets a 101 from picows: a minimal, canonical upgrade head is
 fed into picows' read buffer and its (synchronous) listener factory returns the `_Connection`
@@ -613,9 +614,10 @@ class _BridgeProtocol(_WSProtocol):  # type: ignore[misc]  # picows' WSProtocol 
     not forwarded (a client must wait for the 101, RFC 6455 §4.1). For graceful shutdown:
     membership in `server_state.connections` and a `shutdown()` method."""
 
-    __slots__ = ("_decision", "_fw_log", "_handshake", "_server_state", "_uv_transport")
+    __slots__ = ("_begun", "_decision", "_fw_log", "_handshake", "_server_state", "_uv_transport")
 
     _fw_app: WebSocketApp
+    _fw_decide_now: Callable[[UpgradeRequest], Handler | Refusal | None] | None
     _fw_limits: TransportLimits
 
     def __init__(self, *, config: Any = None, server_state: Any = None, app_state: Any = None) -> None:
@@ -626,7 +628,8 @@ class _BridgeProtocol(_WSProtocol):  # type: ignore[misc]  # picows' WSProtocol 
             self, self._decision.take, self._fw_log, limits.max_message_bytes, limits.read_buffer_size
         )
         self._server_state = server_state
-        self._handshake: asyncio.Task[None] | None = None
+        self._begun = False  # the head came: a second one is refused
+        self._handshake: asyncio.Task[None] | None = None  # a decision that has to wait
         self._uv_transport: asyncio.Transport | None = None
 
     # asyncio protocol
@@ -641,12 +644,12 @@ class _BridgeProtocol(_WSProtocol):  # type: ignore[misc]  # picows' WSProtocol 
         """Called once, by uvicorn, with the rebuilt request head."""
         transport = self._uv_transport
         assert transport is not None
-        transport.pause_reading()
-        if self._handshake is not None or isinstance(self.listener, _Connection):
+        if self._begun or isinstance(self.listener, _Connection):
             # A second head (uvicorn never sends one): refuse rather than guess.
             transport.abort()
             return
-        self._handshake = asyncio.get_running_loop().create_task(self._run_handshake(head))
+        self._begun = True
+        self._begin_handshake(transport, head)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._server_state is not None:
@@ -675,9 +678,11 @@ class _BridgeProtocol(_WSProtocol):  # type: ignore[misc]  # picows' WSProtocol 
 
     # handshake
 
-    async def _run_handshake(self, head: bytes) -> None:
-        transport = self._uv_transport
-        assert transport is not None
+    def _begin_handshake(self, transport: asyncio.Transport, head: bytes) -> None:
+        """Parse and check the head, then ask the app: its `decide_now` first, which takes
+        nearly every decision without I/O, so that a handshake costs no task, no timer and
+        no pause of reading (issue 12); only a decision that must wait is awaited, in a task,
+        bounded by `handshake_timeout_s`."""
         limits = self._fw_limits
         peer = _format_peer(transport.get_extra_info("peername"))
         if len(head) > limits.max_header_bytes:
@@ -692,6 +697,21 @@ class _BridgeProtocol(_WSProtocol):  # type: ignore[misc]  # picows' WSProtocol 
         if refusal is not None:
             self._refuse(refusal, parsed.target, peer)
             return
+        decide_now = self._fw_decide_now
+        if decide_now is not None:
+            try:
+                decision = decide_now(parsed.request)
+            except Exception:
+                logger.exception("WebSocketApp failed for %s", parsed.request.path)
+                decision = Refusal(500, "internal", "internal error")
+            if decision is not None:
+                self._conclude(decision, parsed, paused=False)
+                return
+        transport.pause_reading()  # nothing is read until the decision
+        self._handshake = asyncio.get_running_loop().create_task(self._finish_handshake(parsed))
+
+    async def _finish_handshake(self, parsed: ParsedHead) -> None:
+        limits = self._fw_limits
         try:
             async with asyncio.timeout(limits.handshake_timeout_s):
                 decision = await self._fw_app(parsed.request)
@@ -703,17 +723,22 @@ class _BridgeProtocol(_WSProtocol):  # type: ignore[misc]  # picows' WSProtocol 
         except Exception:
             logger.exception("WebSocketApp failed for %s", parsed.request.path)
             decision = Refusal(500, "internal", "internal error")
+        self._handshake = None  # over: a finished task held for the connection's life was ~1 KB
+        self._conclude(decision, parsed, paused=True)
+
+    def _conclude(self, decision: Handler | Refusal, parsed: ParsedHead, *, paused: bool) -> None:
+        transport = self._uv_transport
+        assert transport is not None
         if transport.is_closing():  # the peer left meanwhile: no on_open, no on_closed
             return
         if isinstance(decision, Refusal):
-            self._refuse(decision, parsed.target, peer)
+            self._refuse(decision, parsed.target, parsed.request.peer)
             return
-        self._handshake = None  # over: a finished task held for the connection's life was ~1 KB
-        self._accept(decision, parsed, peer)
+        self._accept(decision, parsed, parsed.request.peer)
+        if paused and not transport.is_closing():
+            transport.resume_reading()
 
     def _accept(self, handler: Handler, parsed: ParsedHead, peer: str | None) -> None:
-        transport = self._uv_transport
-        assert transport is not None
         self._decision.listener = _Connection(handler, self._fw_limits, asyncio.get_running_loop())
         key = parsed.request.headers["sec-websocket-key"]
         canonical = (
@@ -723,8 +748,6 @@ class _BridgeProtocol(_WSProtocol):  # type: ignore[misc]  # picows' WSProtocol 
         self._log_access(peer, parsed.target, 101)
         self._feed(canonical)  # picows answers 101, then on_ws_connected -> Handler.on_open
         self._decision.listener = None
-        if not transport.is_closing():
-            transport.resume_reading()
 
     def _feed(self, data: bytes) -> None:
         """Hand bytes to picows through its public BufferedProtocol methods."""
@@ -760,10 +783,12 @@ class _BridgeProtocol(_WSProtocol):  # type: ignore[misc]  # picows' WSProtocol 
 
 def make_ws_protocol(app: WebSocketApp, limits: TransportLimits | None = None) -> type[asyncio.Protocol]:
     """The class to pass as uvicorn's `Config(ws=...)`: picows serving `app`, within `limits`."""
+    decide_now = getattr(app, "decide_now", None)  # optional: see transport.base.WebSocketApp
     namespace: dict[str, Any] = {
         "__slots__": (),
         "__module__": __name__,
         "_fw_app": staticmethod(app),
+        "_fw_decide_now": None if decide_now is None else staticmethod(decide_now),
         "_fw_limits": limits or TransportLimits(),
     }
     cls = type("FleetwireWSProtocol", (_BridgeProtocol,), namespace)

@@ -527,3 +527,4 @@ def test_picows_parser_error_log_is_recognised() -> None:
     assert _picows_parser_error(PICOWS_PARSER_ERROR_LOG, args) == (1009, "frame too big")
     assert _picows_parser_error("WS parser failure, initiate disconnect", ()) is None
     assert _picows_parser_error(PICOWS_PARSER_ERROR_LOG, ("not a tuple",)) is None
+
