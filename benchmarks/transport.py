@@ -11,7 +11,10 @@ this process. Scenarios, each `--runs` times, median reported:
   the handler counts them (one reply at the end);
 - echo:   the same, every message sent back;
 - fanout: the server sends `--messages / 10` pre-framed events (`text_frame`, `send_frame`) to
-  each of the `--conns` connections.
+  each of the `--conns` connections;
+- handshake: `--handshakes` connections opened, `--conns` at a time, and held until all are
+  open (then closed): server CPU per opening handshake of the transport alone, no
+  authentication and no session (`fleetwire bench connections` has those).
 "Server CPU" is user + system time of the server process (/proc/PID/stat, 10 ms ticks: keep
 `--messages` large) over the scenario, divided by the messages delivered. Needs Linux.
 `--sansio` instead times websockets' `ServerProtocol` (after a real opening handshake) parsing
@@ -74,8 +77,11 @@ async def fan():
     for s in list(sockets):
         s.send_frame(end)
 
-async def app(request):
-    return H(request.path)
+class App:  # a WebSocketApp that decides at once (decide_now), as fleetwire's Handshake does
+    def decide_now(self, request): return H(request.path)
+    async def __call__(self, request): return H(request.path)
+
+app = App()
 
 async def main():
     server = build_server(FastAPI(), app, port=0, log_level="warning", access_log=False,
@@ -162,6 +168,8 @@ async def scenario(port: int, pid: int, kind: str, conns: int, messages: int) ->
                     self.finished.set_result(None)
 
     path = "/echo" if kind == "echo" else "/ingest"
+    if kind == "handshake":
+        return await handshakes(port, pid, conns, messages)
     clients = [await ws_connect(Client, f"ws://127.0.0.1:{port}{path}") for _ in range(conns)]
     start_cpu, start = cpu_seconds(pid), time.perf_counter()
     if kind == "fanout":
@@ -180,6 +188,28 @@ async def scenario(port: int, pid: int, kind: str, conns: int, messages: int) ->
     return cpu / total * 1e6, total / elapsed
 
 
+async def handshakes(port: int, pid: int, in_flight: int, count: int) -> tuple[float, float]:
+    """(server CPU µs per handshake, handshakes per second): `count` connections opened,
+    `in_flight` at a time, all held until the last is open."""
+    from picows import WSListener, ws_connect
+
+    gate = asyncio.Semaphore(in_flight)
+    opened: list[Any] = []
+
+    async def one() -> None:
+        async with gate:
+            transport, _ = await ws_connect(WSListener, f"ws://127.0.0.1:{port}/ingest")
+            opened.append(transport)
+
+    start_cpu, start = cpu_seconds(pid), time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(one() for _ in range(count))), 300)
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds(pid) - start_cpu
+    for transport in opened:
+        transport.disconnect()
+    await asyncio.sleep(0.5)  # let the server close them before the next run (not measured)
+    return cpu / count * 1e6, count / elapsed
+
+
 async def run_target(name: str, program: str, args: argparse.Namespace) -> None:
     rounds = args.messages // 10
     code = f"EVENT = {EVENT!r}\n" + program
@@ -196,6 +226,7 @@ async def run_target(name: str, program: str, args: argparse.Namespace) -> None:
             "ingest": args.messages // args.conns,
             "echo": args.messages // args.conns,
             "fanout": rounds,
+            "handshake": args.handshakes,
         }
         for kind, per_conn in plans.items():
             if kind not in args.scenarios:
@@ -257,10 +288,11 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--conns", type=int, default=50)
+    parser.add_argument("--handshakes", type=int, default=3000, help="connections per handshake run")
     parser.add_argument("--targets", nargs="+", default=["fleetwire", "bare"], choices=["fleetwire", "bare"])
     parser.add_argument("--sansio", action="store_true", help="time websockets' sans-I/O Protocol only")
     parser.add_argument(
-        "--scenarios", nargs="+", default=["ingest", "echo", "fanout"], choices=["ingest", "echo", "fanout"]
+        "--scenarios", nargs="+", default=["ingest", "echo", "fanout"], choices=["ingest", "echo", "fanout", "handshake"]
     )
     parser.add_argument("--label", help="name printed for the target")
     parser.add_argument("--src", help="import fleetwire from this directory (before/after comparisons)")

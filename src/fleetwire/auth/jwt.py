@@ -39,7 +39,8 @@ Decisions where the contract is silent:
 from __future__ import annotations
 
 import asyncio
-import base64
+import binascii
+import hmac
 import logging
 import math
 import re
@@ -104,7 +105,15 @@ MIN_REFRESH_INTERVAL_S = 10.0
 MAX_JWKS_BYTES = 1 << 20
 MAX_JWKS_KEYS = 100
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
-_ROLES = frozenset(r.value for r in Role)
+# What a canonical base64url segment may end with (RFC 4648 §3.5: the bits left over after the
+# last whole byte are zero), by its length mod 4: 2 chars carry 1 byte, 3 carry 2.
+_CANONICAL_LAST = {0: None, 2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
+# HS* by one-shot hmac.digest (OpenSSL, no PyJWT call): a handshake verifies a token.
+_HMAC_DIGESTS = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
+_ROLE_OF = {r.value: r for r in Role}
+# base64url to the standard alphabet, for binascii (base64.urlsafe_b64decode is 3 Python calls).
+_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _JWKS_HEADERS = {"Accept": "application/jwk-set+json, application/json"}
 
 
@@ -112,16 +121,25 @@ _JWKS_HEADERS = {"Accept": "application/jwk-set+json, application/json"}
 
 
 def _b64encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode("ascii")
+
+
+def _canonical(segment: str) -> bool:
+    """Whether `segment` is base64url as an encoder writes it: the alphabet, no padding, zero
+    trailing bits, so that one value has one spelling (checked by rule, not by re-encoding)."""
+    if not _B64URL.fullmatch(segment):
+        return False
+    rest = len(segment) % 4
+    if rest == 1:
+        return False
+    last = _CANONICAL_LAST[rest]
+    return last is None or segment[-1] in last
 
 
 def _b64decode(segment: str) -> bytes:
-    if len(segment) % 4 == 1:
+    if not _canonical(segment):
         raise AuthError("malformed token")
-    data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    if _b64encode(data) != segment:  # non-canonical trailing bits
-        raise AuthError("malformed token")
-    return data
+    return binascii.a2b_base64(segment.encode("ascii").translate(_TO_STANDARD) + b"=" * (-len(segment) % 4))
 
 
 def _json_object(data: bytes) -> dict[str, Any]:
@@ -448,10 +466,11 @@ class JwtVerifier:
         if len(token) > MAX_TOKEN_CHARS:
             raise AuthError("token too large")
         parts = token.split(".")
-        if len(parts) != 3 or not all(_B64URL.fullmatch(p) for p in parts):
+        if len(parts) != 3 or not _B64URL.fullmatch(parts[1]):  # the others: _canonical
             raise AuthError("malformed token")
         header = _json_object(_b64decode(parts[0]))
-        signature = _b64decode(parts[2])
+        if not _canonical(parts[2]):
+            raise AuthError("malformed token")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise AuthError("algorithm not allowed")
@@ -461,9 +480,19 @@ class JwtVerifier:
         if kid is not None and not isinstance(kid, str):
             raise AuthError("malformed token")
         signing_input = f"{parts[0]}.{parts[1]}".encode("ascii")
-        algorithm = _ALGORITHMS[alg]
-        if not any(_signature_ok(algorithm, signing_input, k, signature) for k in self._keys_for(alg, kid)):
-            raise AuthError("signature invalid")
+        digest = _HMAC_DIGESTS.get(alg)
+        if digest is not None:
+            assert self._hmac_key is not None  # an allowed HS* algorithm requires the secret
+            # Compared encoded: both spellings are canonical, so equal text is equal bytes.
+            expected = _b64encode(hmac.digest(self._hmac_key, signing_input, digest))
+            if not hmac.compare_digest(expected, parts[2]):
+                raise AuthError("signature invalid")
+        else:
+            signature = _b64decode(parts[2])
+            algorithm = _ALGORITHMS[alg]
+            keys = self._keys_for(alg, kid)
+            if not any(_signature_ok(algorithm, signing_input, k, signature) for k in keys):
+                raise AuthError("signature invalid")
         return self._principal(_json_object(_b64decode(parts[1])))
 
     async def refresh_keys(self) -> bool:
@@ -557,9 +586,9 @@ class JwtVerifier:
         if not isinstance(sub, str) or not sub:
             raise AuthError("invalid sub claim")
         role_value = claims.get("role")
-        if not isinstance(role_value, str) or role_value not in _ROLES:
+        role = _ROLE_OF.get(role_value) if isinstance(role_value, str) else None
+        if role is None:
             raise AuthError("invalid role claim")
-        role = Role(role_value)
         patterns: tuple[str, ...] | None = None
         if role is not Role.DEVICE and "devices" in claims:
             devices = claims["devices"]

@@ -480,3 +480,46 @@ def test_refusal_messages_never_contain_the_token(hs: JwtVerifier) -> None:
     assert str(info.value) == "signature invalid"
     assert "secret-subject" not in repr(info.value)
     assert token.split(".")[2] not in repr(info.value)
+
+
+# ---------------------------------------------------------------- one spelling per token
+
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _respellings(text: str) -> list[str]:
+    """Every other spelling of a base64url segment that decodes to the same bytes (its last
+    character differing only in the unused trailing bits)."""
+    unused = {2: 4, 3: 2}.get(len(text) % 4, 0)
+    index = _ALPHABET.index(text[-1])
+    return [
+        text[:-1] + _ALPHABET[(index & ~((1 << unused) - 1)) | bits]
+        for bits in range(1, 1 << unused)
+    ]
+
+
+def _token_with_leftover_bits() -> str:
+    """A valid HS256 token each of whose three segments ends with unused bits (len % 4 of 2
+    or 3; the 32-byte signature always does)."""
+    for header_pad in range(3):
+        for payload_pad in range(3):
+            token = sign("HS256", KEY, {**claims(), "pad": "x" * payload_pad}, kid="k" * header_pad)
+            if all(len(p) % 4 in (2, 3) for p in token.split(".")):
+                return token
+    raise AssertionError("no padding gives every segment leftover bits")
+
+
+@pytest.mark.parametrize("part", [0, 1, 2])
+def test_a_non_canonical_spelling_of_any_part_is_malformed(part: int, hs: JwtVerifier) -> None:
+    """Each segment has one spelling: the same bytes with non-zero trailing bits are refused,
+    `malformed token` for the header and the signature (which the HS* path compares as
+    text); a payload's other spelling is text the signature does not cover."""
+    token = _token_with_leftover_bits()
+    hs.verify(token)  # the canonical spelling is accepted
+    parts = token.split(".")
+    others = _respellings(parts[part])
+    assert len(others) in (3, 15)
+    for other in others:
+        assert base64.urlsafe_b64decode(other + "==") == base64.urlsafe_b64decode(parts[part] + "==")
+        spelled = ".".join(other if i == part else p for i, p in enumerate(parts))
+        assert refusal(hs, spelled) == ("signature invalid" if part == 1 else "malformed token")
