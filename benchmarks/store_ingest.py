@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fleetwire.domain.devices import Device
-from fleetwire.domain.events import Event
+from fleetwire.domain.events import Event, RecordRun
 from fleetwire.domain.telemetry import Record
 from fleetwire.events.writer import GroupWriter
 from fleetwire.store.base import TelemetryWrite, WriteOp, WriteResult
@@ -74,9 +74,9 @@ async def _scenario(
 ) -> None:
     published = 0
 
-    def on_committed(events: list[Event]) -> None:
+    def on_committed(events: list[Event | RecordRun]) -> None:
         nonlocal published
-        published += len(events)
+        published += sum(len(e.records) if isinstance(e, RecordRun) else 1 for e in events)
 
     writer = GroupWriter(store, on_committed)
     writer.start()

@@ -292,7 +292,10 @@ async def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["fleetwire", "bare"], choices=["fleetwire", "bare"])
     parser.add_argument("--sansio", action="store_true", help="time websockets' sans-I/O Protocol only")
     parser.add_argument(
-        "--scenarios", nargs="+", default=["ingest", "echo", "fanout"], choices=["ingest", "echo", "fanout", "handshake"]
+        "--scenarios",
+        nargs="+",
+        default=["ingest", "echo", "fanout"],
+        choices=["ingest", "echo", "fanout", "handshake"],
     )
     parser.add_argument("--label", help="name printed for the target")
     parser.add_argument("--src", help="import fleetwire from this directory (before/after comparisons)")

@@ -304,7 +304,8 @@ def build_services(
         window_minutes=settings.activity_window_minutes,
         flapping_disconnects=settings.flapping_disconnects,
     )
-    hub.listen(activity.on_event, telemetry=True)  # counts records per minute
+    hub.listen(activity.on_event)
+    hub.count_records(activity.on_records)  # records per minute, without an Event each
     return Services(
         node_id=node_id,
         clock=clock,

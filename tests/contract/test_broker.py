@@ -24,9 +24,11 @@ import orjson
 import pytest
 
 from fleetwire.broker import make_broker
-from fleetwire.broker.base import Broker, BrokerUnavailableError, EncodedEvent, Published
+from fleetwire.broker.base import Broker, BrokerUnavailableError, EncodedEvent, Publishable, Published
 from fleetwire.broker.memory import MemoryBroker
 from fleetwire.broker.redis import RedisBroker, decode_batch, encode_batch
+from fleetwire.domain.events import RecordRun
+from fleetwire.domain.telemetry import Record
 from tests.conftest import missing
 
 BOUND = 10.0  # seconds any single wait in this module may take
@@ -41,9 +43,11 @@ class Recorder:
         self.messages: list[dict[str, Any]] = []
         self._changed = asyncio.Event()
 
-    def on_events(self, batch: Sequence[Published]) -> None:
-        self.batches.append(list(batch))
-        self.events.extend(batch)
+    def on_events(self, batch: Sequence[Publishable]) -> None:
+        """A run of record events is kept as its events (a node's own may arrive as the run)."""
+        events = [e for item in batch for e in (item.events() if isinstance(item, RecordRun) else [item])]
+        self.batches.append(events)
+        self.events.extend(events)
         self._changed.set()
 
     def on_message(self, message: dict[str, Any]) -> None:
@@ -150,6 +154,30 @@ async def test_publish_reaches_every_node_exactly_once(cluster: Cluster) -> None
         # What every hub listener reads: the payload's `data`, decoded once per event.
         assert [e.data for e in rec.batches[0]] == [{"s": 'ü "q" \\n\x00'}] * 3
         assert rec.batches[0][0].data is rec.batches[0][0].data
+
+
+@pytest.mark.anyio
+async def test_a_run_of_records_reaches_every_node_as_its_events(cluster: Cluster) -> None:
+    """A RecordRun (a telemetry write's events, not yet made) is published like the events it
+    stands for: every node gets them, in order, with the payload an Event would have."""
+    a, rec_a = await cluster.node("a")
+    _, rec_b = await cluster.node("b")
+    device = unique("d")
+    run = RecordRun(
+        device, 4, [Record(1_700_000_000_000, {"t": 1.5}), Record(1_700_000_000_001, {"on": True})]
+    )
+    marker = EncodedEvent(unique("marker"), 0, "device.status", "status", b"{}")
+    with anyio.fail_after(BOUND):
+        await a.publish([run])
+        await a.publish([marker])
+    for rec in (rec_a, rec_b):
+        await rec.wait_until(functools.partial(rec.has_event, marker.device_id))
+        got = [e for e in rec.events if e.device_id == device]
+        assert [(e.seq, e.name, e.event_class) for e in got] == [
+            (5, "device.telemetry", "telemetry"),
+            (6, "device.telemetry", "telemetry"),
+        ]
+        assert [orjson.loads(e.payload) for e in got] == [e.public() for e in run.events()]
 
 
 @pytest.mark.anyio

@@ -29,7 +29,7 @@ from fleetwire.domain.clock import format_ms
 from fleetwire.domain.commands import Command, CommandState
 from fleetwire.domain.devices import Device, DeviceFilter
 from fleetwire.domain.errors import ErrorCode
-from fleetwire.domain.events import Event
+from fleetwire.domain.events import Event, RecordRun
 from fleetwire.domain.jobs import ExecutionState, Job, JobSpec, JobState
 from fleetwire.domain.telemetry import Record
 from fleetwire.domain.twin import Section, Twin, TwinLimits
@@ -103,6 +103,12 @@ async def store(backend: Backend) -> AsyncIterator[Store]:
     finally:
         with anyio.fail_after(LIMIT_S):
             await opened.close()
+
+
+def published(result: WriteResult) -> list[Event]:
+    """The events a write published: its events, and its records' events (a TelemetryWrite's
+    come as one RecordRun)."""
+    return result.events + (result.records.events() if result.records is not None else [])
 
 
 async def _devices(store: Store, *ids: str) -> None:
@@ -252,7 +258,7 @@ async def test_revision_0002_migrates_telemetry_of_0001(url: str) -> None:
                 (1000, 1, 21.5),
             ]
             [result] = await store.write([TelemetryWrite("d1", [Record(5000, {"t": 1.0})])])
-            assert result.events[0].seq == 5  # the counter carried over
+            assert published(result)[0].seq == 5  # the counter carried over
         finally:
             await store.close()
 
@@ -583,14 +589,13 @@ async def test_register_device_writes_the_row_and_its_event_together(store: Stor
         assert results == [
             WriteResult(events=[registered], device=replace(inserted, seq=1)),
             WriteResult(events=[Event("d1", 2, "device.connected", 6000, {})]),
-            WriteResult(
-                events=[
-                    Event("d1", 3, "device.telemetry", 7000, {"ts": format_ms(7000), "values": {"t": 1.5}})
-                ]
-            ),
+            WriteResult(records=RecordRun("d1", 2, [Record(7000, {"t": 1.5})])),
+        ]
+        assert published(results[2]) == [
+            Event("d1", 3, "device.telemetry", 7000, {"ts": format_ms(7000), "values": {"t": 1.5}})
         ]
         assert await store.get_device("d1") == replace(inserted, seq=3)
-        assert await store.events("d1", 0, 10) == [e for r in results for e in r.events]
+        assert await store.events("d1", 0, 10) == [e for r in results for e in published(r)]
         kept = Device("d2", created_at_ms=1, updated_at_ms=2)
         [result] = await store.write([RegisterDevice(kept, 9000)])
         assert result.device == replace(kept, seq=1)  # given timestamps are kept
@@ -707,7 +712,7 @@ async def test_delete_device_returns_its_last_event_and_keeps_nothing(store: Sto
                 device=replace(reborn, seq=1),
             ),
         ]
-        assert await store.events("d1", 0, 10) == results[3].events
+        assert await store.events("d1", 0, 10) == published(results[3])
         assert await store.telemetry("d1", key=None, from_ms=None, to_ms=None, limit=10) == []
         assert await store.get_command("c1") is None
         assert await store.get_device("d2") == Device("d2", created_at_ms=1000, updated_at_ms=1000)
@@ -740,9 +745,10 @@ async def test_write_numbers_a_mixed_group_strictly_plus_one(store: Store) -> No
     """Seqs follow op order per device, +1 each, also across groups; results mirror ops."""
     with anyio.fail_after(LIMIT_S):
         await _devices(store, "d1", "d2")
+        telemetry = TelemetryWrite("d1", [Record(100, {"t": 1.5}), Record(101, {"t": 2.5, "ok": True})])
         results = await store.write(
             [
-                TelemetryWrite("d1", [Record(100, {"t": 1.5}), Record(101, {"t": 2.5, "ok": True})]),
+                telemetry,
                 EventWrite("d2", "device.connected", 7, {"session_id": "s1", "node": "n1"}),
                 StatusWrite("d1", "online", "device", 8),
                 StatusWrite("d1", "online", "device", 9),
@@ -750,19 +756,12 @@ async def test_write_numbers_a_mixed_group_strictly_plus_one(store: Store) -> No
                 TelemetryWrite("d2", []),
             ]
         )
+        assert published(results[0]) == [
+            Event("d1", 1, "device.telemetry", 100, {"ts": format_ms(100), "values": {"t": 1.5}}),
+            Event("d1", 2, "device.telemetry", 101, {"ts": format_ms(101), "values": {"t": 2.5, "ok": True}}),
+        ]
         assert results == [
-            WriteResult(
-                events=[
-                    Event("d1", 1, "device.telemetry", 100, {"ts": format_ms(100), "values": {"t": 1.5}}),
-                    Event(
-                        "d1",
-                        2,
-                        "device.telemetry",
-                        101,
-                        {"ts": format_ms(101), "values": {"t": 2.5, "ok": True}},
-                    ),
-                ]
-            ),
+            WriteResult(records=RecordRun("d1", 0, telemetry.records)),
             WriteResult(events=[Event("d2", 1, "device.connected", 7, {"session_id": "s1", "node": "n1"})]),
             WriteResult(
                 events=[
@@ -778,16 +777,16 @@ async def test_write_numbers_a_mixed_group_strictly_plus_one(store: Store) -> No
             ),
             WriteResult(),
             WriteResult(events=[Event("d1", 4, "command.updated", 10, {"command_id": "c1"})]),
-            WriteResult(),
+            WriteResult(),  # no records: no run
         ]
         second = await store.write(
             [EventWrite("d1", "device.disconnected", 11, {}), EventWrite("d2", "x", 12, {})]
         )
-        assert [e.seq for r in second for e in r.events] == [5, 2]
+        assert [e.seq for r in second for e in published(r)] == [5, 2]
         d1 = await store.get_device("d1")
         assert d1 is not None
         assert (d1.seq, d1.status, d1.status_at_ms) == (5, "online", 8)
-        d1_events = [e for r in results for e in r.events if e.device_id == "d1"] + second[0].events
+        d1_events = [e for r in results for e in published(r) if e.device_id == "d1"] + published(second[0])
         assert await store.events("d1", 0, 100) == d1_events
 
 
@@ -804,11 +803,11 @@ async def test_status_writes_apply_in_order(store: Store) -> None:
             ]
         )
         assert [r.changed for r in results] == [False, True, False, True]
-        assert [e.data for r in results for e in r.events] == [
+        assert [e.data for r in results for e in published(r)] == [
             {"status": "b", "previous_status": "a", "source": "api"},
             {"status": "a", "previous_status": "b", "source": "device"},
         ]
-        assert [e.seq for r in results for e in r.events] == [1, 2]
+        assert [e.seq for r in results for e in published(r)] == [1, 2]
         device = await store.get_device("d1")
         assert device is not None
         assert (device.status, device.status_at_ms, device.seq) == ("a", 13, 2)
@@ -833,8 +832,8 @@ async def test_missing_devices_change_nothing_and_the_rest_commits(store: Store)
             ]
         )
         assert [r.missing for r in results] == [True, True, True, False, False]
-        assert [r.events for r in results[:3]] == [[], [], []]
-        assert [e.seq for r in results for e in r.events] == [1, 2]
+        assert [published(r) for r in results[:3]] == [[], [], []]
+        assert [e.seq for r in results for e in published(r)] == [1, 2]
         assert await store.get_device("ghost") is None
         assert await store.events("ghost", 0, 10) == []
         assert await store.write([]) == []
@@ -859,7 +858,7 @@ async def test_concurrent_writers_share_one_counter(backend: Backend) -> None:
                             TelemetryWrite("d1", [Record(i, {"v": i}), Record(i + 1, {"v": i})]),
                         ]
                     )
-                    out += [e for r in results for e in r.events]
+                    out += [e for r in results for e in published(r)]
                 return out
 
             events = [
@@ -885,7 +884,7 @@ async def test_events_merge_history_and_telemetry_in_seq_order(store: Store) -> 
             [TelemetryWrite("d1", [Record(3, {"z": False})])],  # an older ts, a newer seq
             [EventWrite("d1", "device.disconnected", 9, {"reason": "closed"})],
         ):
-            written += [e for r in await store.write(group) for e in r.events]
+            written += [e for r in await store.write(group) for e in published(r)]
         assert [e.seq for e in written] == [1, 2, 3, 4, 5, 6]
         assert await store.events("d1", 0, 100) == written
         assert await store.events("d1", 0, 3) == written[:3]
@@ -919,7 +918,7 @@ async def test_telemetry_values_round_trip_exactly(store: Store) -> None:
         }
         [result] = await store.write([TelemetryWrite("d1", [Record(1000, values)])])
         [event] = await store.events("d1", 0, 10)
-        assert event == result.events[0]
+        assert event == published(result)[0]
         for key, value in event.data["values"].items():
             assert type(value) is type(values[key]), key
             assert value == values[key], key
@@ -1371,11 +1370,11 @@ async def test_command_ops_store_the_command_and_its_event_in_one_group(store: S
         )
         assert created.command is not None
         assert created.command.state is CommandState.PENDING
-        assert [(e.seq, e.name, e.data["state"]) for e in created.events] == [
+        assert [(e.seq, e.name, e.data["state"]) for e in published(created)] == [
             (1, "command.updated", "pending")
         ]
-        assert [e.seq for e in status.events] == [2]
-        assert (missing.missing, missing.events, missing.command) == (True, [], None)
+        assert [e.seq for e in published(status)] == [2]
+        assert (missing.missing, published(missing), missing.command) == (True, [], None)
         sent, succeeded, late = await store.write(
             [
                 TransitionCommand("d1", "c1", CommandState.SENT, 1200),
@@ -1383,11 +1382,11 @@ async def test_command_ops_store_the_command_and_its_event_in_one_group(store: S
                 TransitionCommand("d1", "c1", CommandState.TIMED_OUT, 1400),
             ]
         )
-        assert [(e.seq, e.data["state"]) for e in sent.events + succeeded.events] == [
+        assert [(e.seq, e.data["state"]) for e in published(sent) + published(succeeded)] == [
             (3, "sent"),
             (4, "succeeded"),
         ]
-        assert (late.command, late.events) == (None, [])
+        assert (late.command, published(late)) == (None, [])
         stored = await store.get_command("c1")
         assert stored is not None
         assert (stored.state, stored.result, stored.completed_at_ms) == (
@@ -1433,7 +1432,7 @@ async def test_creates_in_one_group_see_the_devices_the_group_deleted_and_regist
         ]
         kept = {c: await store.get_command(c) is not None for c in ("c1", "c2", "c3", "c4", "c5")}
         assert kept == {"c1": False, "c2": False, "c3": False, "c4": True, "c5": True}
-        assert [e.seq for e in results[5].events] == [2]  # after its device.registered (1)
+        assert [e.seq for e in published(results[5])] == [2]  # after its device.registered (1)
 
 
 async def test_a_group_of_many_transitions_moves_each_as_if_alone(store: Store) -> None:
@@ -1479,7 +1478,7 @@ async def test_a_group_of_many_transitions_moves_each_as_if_alone(store: Store) 
             ("c6", "pending"),
             ("c6", "sent"),
         ]
-        events = [(e.device_id, e.seq, e.name, e.data.get("state")) for r in results for e in r.events]
+        events = [(e.device_id, e.seq, e.name, e.data.get("state")) for r in results for e in published(r)]
         assert events == [
             ("d1", 3, "command.updated", "succeeded"),
             ("d2", 4, "command.updated", "sent"),
@@ -1555,7 +1554,7 @@ async def test_a_transition_moves_only_its_own_devices_command(store: Store) -> 
         await _devices(store, "d1", "d2")
         await store.write([CreateCommand(_command("c1", state=CommandState.SENT))])
         (foreign,) = await store.write([TransitionCommand("d2", "c1", CommandState.SUCCEEDED, 1300)])
-        assert (foreign.command, foreign.events) == (None, [])
+        assert (foreign.command, published(foreign)) == (None, [])
         stored = await store.get_command("c1")
         assert stored is not None
         assert stored.state is CommandState.SENT
@@ -1584,11 +1583,11 @@ async def test_dispatch_is_a_compare_and_set_with_its_command_and_event(store: S
             ]
         )
         assert (first.applied, first.command) == (True, sent)
-        assert [(e.name, e.data["job_id"], e.data["state"]) for e in first.events] == [
+        assert [(e.name, e.data["job_id"], e.data["state"]) for e in published(first)] == [
             ("command.updated", "j1", "sent")
         ]
-        assert (skipped.applied, skipped.command, skipped.events) == (True, None, [])
-        assert (again.applied, again.command, again.events) == (False, None, [])
+        assert (skipped.applied, skipped.command, published(skipped)) == (True, None, [])
+        assert (again.applied, again.command, published(again)) == (False, None, [])
         assert await store.get_command("other") is None
         assert third.applied
         assert await store.next_executions("j1", 10) == []
@@ -1719,17 +1718,17 @@ async def test_patch_twin_merges_and_records_its_event_in_the_same_group(store: 
             ]
         )
         assert (first.changed, first.refused) == (True, None)
-        assert [(e.seq, e.name) for e in first.events + status.events + second.events] == [
+        assert [(e.seq, e.name) for e in published(first) + published(status) + published(second)] == [
             (1, "twin.updated"),
             (2, "device.status"),
             (3, "twin.updated"),
         ]
-        assert first.events[0].data == {
+        assert published(first)[0].data == {
             "version": 2,
             "desired": {"led": {"on": True, "rgb": [1, 2, 3]}, "fan": 2},
             "delta": {"led": {"on": True, "rgb": [1, 2, 3]}, "fan": 2},
         }
-        assert second.events[0].data == {
+        assert published(second)[0].data == {
             "version": 3,
             "desired": {"led": {"rgb": [9], "on": None}, "fan": None},
             "delta": {"led": {"rgb": [9]}},
@@ -1745,7 +1744,7 @@ async def test_patch_twin_merges_and_records_its_event_in_the_same_group(store: 
         (reported,) = await store.write(
             [PatchTwin("d1", Section.REPORTED, {"led": {"rgb": [9]}, "x": 1}, 1300)]
         )
-        assert reported.events[0].data == {
+        assert published(reported)[0].data == {
             "version": 4,
             "reported": {"led": {"rgb": [9]}, "x": 1},
             "delta": {},
@@ -1782,10 +1781,10 @@ async def test_patch_twin_refusals_and_no_ops_change_nothing(store: Store) -> No
         assert too_big.refused is not None
         assert too_big.refused.code is ErrorCode.TOO_LARGE
         for refused in (conflict, too_big, same):
-            assert (refused.changed, refused.events, refused.twin) == (False, [], base.twin)
+            assert (refused.changed, published(refused), refused.twin) == (False, [], base.twin)
         assert same.refused is None
-        assert (missing.missing, missing.events, missing.twin) == (True, [], None)
-        assert [(e.seq, e.data["version"]) for e in ok.events] == [(2, 3)]
+        assert (missing.missing, published(missing), missing.twin) == (True, [], None)
+        assert [(e.seq, e.data["version"]) for e in published(ok)] == [(2, 3)]
         twin = await store.twin("d1")
         assert twin is not None
         assert (twin.version, twin.desired, twin.reported, twin.delta) == (3, {"a": 1}, {"a": 1}, {})
@@ -1863,6 +1862,6 @@ async def test_migration_gives_every_existing_device_a_twin(url: str) -> None:
             assert await opened.twin("old1") == Twin.empty("old1")
             assert await opened.twin("old2") == Twin.empty("old2")
             (result,) = await opened.write([PatchTwin("old1", Section.DESIRED, {"a": 1}, 1000)])
-            assert [(e.seq, e.data["version"]) for e in result.events] == [(6, 2)]
+            assert [(e.seq, e.data["version"]) for e in published(result)] == [(6, 2)]
         finally:
             await opened.close()

@@ -2,7 +2,8 @@
 
 Contract of every implementation:
 - `publish(batch)` hands the batch to the `on_events` handler of every started node,
-  this one included, at most once. Batches from one publishing node arrive in publish
+  this one included, at most once. A `RecordRun` in it stands for its events: a handler
+  gets either the run (the memory broker) or its events, in its place (Redis). Batches from one publishing node arrive in publish
   order, and each batch in its own order; nothing is promised across publishers (the
   hub restores per-device `seq` order).
 - `send(node, message)` hands a JSON-able dict to `on_message` of that one node, if it is
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
+
+from fleetwire.domain.events import RecordRun
 
 
 class BrokerUnavailableError(Exception):
@@ -78,14 +81,18 @@ class EncodedEvent:
         return data
 
 
-EventsHandler = Callable[[Sequence[Published]], None]
+# What a node publishes: its committed events, and its telemetry record events as runs, made
+# into events only where they are read (domain.events.RecordRun). Another node's arrive as
+# EncodedEvents, one per record.
+Publishable = Published | RecordRun
+EventsHandler = Callable[[Sequence[Publishable]], None]
 MessageHandler = Callable[[dict[str, Any]], None]
 
 
 class Broker(Protocol):
     async def start(self, node_id: str, on_events: EventsHandler, on_message: MessageHandler) -> None: ...
 
-    async def publish(self, batch: Sequence[Published]) -> None: ...
+    async def publish(self, batch: Sequence[Publishable]) -> None: ...
 
     async def send(self, node_id: str, message: dict[str, Any]) -> None: ...
 

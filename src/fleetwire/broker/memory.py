@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from fleetwire.broker.base import EventsHandler, MessageHandler, Published
+from fleetwire.broker.base import EventsHandler, MessageHandler, Publishable
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ class MemoryBroker:
     async def start(self, node_id: str, on_events: EventsHandler, on_message: MessageHandler) -> None:
         self._nodes[node_id] = (on_events, on_message)
 
-    async def publish(self, batch: Sequence[Published]) -> None:
+    async def publish(self, batch: Sequence[Publishable]) -> None:
         for on_events, _ in list(self._nodes.values()):
             try:
                 on_events(batch)

@@ -59,8 +59,10 @@ from fleetwire.broker.base import (
     EncodedEvent,
     EventsHandler,
     MessageHandler,
+    Publishable,
     Published,
 )
+from fleetwire.domain.events import RecordRun
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,15 @@ def key_prefix(url: str) -> str:
     return f"fleetwire:{db}"
 
 
-def encode_batch(batch: Sequence[Published]) -> bytes:
-    """One batch as it travels on the events channel (see the module docstring)."""
+def encode_batch(published: Sequence[Publishable]) -> bytes:
+    """One batch as it travels on the events channel (see the module docstring): a run of
+    record events travels as its events, one by one."""
+    batch: list[Published] = []
+    for item in published:
+        if isinstance(item, RecordRun):
+            batch += item.events()
+        else:
+            batch.append(item)
     header = orjson.dumps([[p.device_id, p.seq, p.name, p.event_class, len(p.payload)] for p in batch])
     return b"".join([_MAGIC, len(header).to_bytes(4, "big"), header, *(p.payload for p in batch)])
 
@@ -187,7 +196,7 @@ class RedisBroker:
         if not self._connected:
             log.warning("redis broker not reachable at start; retrying in the background")
 
-    async def publish(self, batch: Sequence[Published]) -> None:
+    async def publish(self, batch: Sequence[Publishable]) -> None:
         if not batch:
             return
         await self._submit(self._events_channel, encode_batch(batch))

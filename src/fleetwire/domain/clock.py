@@ -82,3 +82,25 @@ def from_datetime(value: datetime) -> int:
         value = value.replace(tzinfo=UTC)
     # Whole seconds from timestamp() are exact; sub-second digits are truncated to milliseconds.
     return (int(value.replace(microsecond=0).timestamp())) * 1000 + value.microsecond // 1000
+
+
+class Timestamps:
+    """format_ms with the seconds part cached: the same text, without a strftime per record.
+
+    Records of one batch mostly share their second; format_ms costs ~4 µs a call, a third of
+    the Python work per record on the ingest path (measured with py-spy). Not thread-safe: one
+    per thread (a write group, a run of record events made into Events).
+    """
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, ms: int) -> str:
+        second, millis = divmod(ms, 1000)
+        if second != self._second:
+            self._prefix = format_ms(second * 1000)[:-5]  # drop ".000Z"
+            self._second = second
+        return f"{self._prefix}.{millis:03d}Z"

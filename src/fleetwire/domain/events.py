@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from fleetwire.domain.clock import format_ms
+from fleetwire.domain.clock import Timestamps, format_ms
+
+if TYPE_CHECKING:
+    from fleetwire.domain.telemetry import Record
 
 # Event name -> the subscription class that receives it (contract §2.3).
 EVENT_CLASS: Final[dict[str, str]] = {
@@ -94,3 +99,44 @@ class Event:
 _FILL: Final[tuple[Any, ...]] = tuple(
     Event.__dict__[name].__set__ for name in ("device_id", "seq", "name", "at_ms", "data", "_payload")
 )
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRun:
+    """The `device.telemetry` events of one telemetry write, as the write committed them: its
+    records, numbered `first_seq + 1` onwards. They become Events (`events()`) only for a
+    reader: a subscriber of the device's telemetry, a listener that asks for telemetry, the
+    Redis broker. With nobody reading, the hub only moves the device's seq past the run:
+    building an Event per record and walking the hub with each was a third of batch ingest's
+    CPU (issue 12, benchmarks/results.md)."""
+
+    device_id: str
+    first_seq: int  # the device's seq before the run's first record
+    records: Sequence[Record]
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.records)
+
+    def events(self) -> list[Event]:
+        stamp = _thread_stamp()
+        device_id, seq = self.device_id, self.first_seq
+        made: list[Event] = []
+        for record in self.records:
+            seq += 1
+            ts = record.ts_ms
+            data = {"ts": stamp(ts), "values": record.values}  # == record.event_data(), faster
+            made.append(Event(device_id, seq, "device.telemetry", ts, data))
+        return made
+
+
+_STAMPS = threading.local()
+
+
+def _thread_stamp() -> Timestamps:
+    """This thread's Timestamps: its cached second serves run after run (one per run would
+    pay a whole format_ms for each single-record message), and no two threads share one."""
+    stamp: Timestamps | None = getattr(_STAMPS, "stamp", None)
+    if stamp is None:
+        stamp = _STAMPS.stamp = Timestamps()
+    return stamp

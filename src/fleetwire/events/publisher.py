@@ -8,8 +8,8 @@ import logging
 from collections import deque
 from collections.abc import Iterable
 
-from fleetwire.broker.base import Broker, BrokerUnavailableError, Published
-from fleetwire.domain.events import Event
+from fleetwire.broker.base import Broker, BrokerUnavailableError, Publishable
+from fleetwire.domain.events import Event, RecordRun
 
 log = logging.getLogger(__name__)
 
@@ -19,14 +19,15 @@ class EventPublisher:
 
     The writer calls `submit` synchronously after each commit, so the outbox order is the
     commit order. One task drains it in batches. Overflow policy: when more than
-    `max_pending` events wait (the broker is down or slower than the writer), the oldest are
+    `max_pending` entries wait (an event, or the run of one telemetry write's records: bounded
+    by the batch limits) because the broker is down or slower than the writer, the oldest are
     dropped and counted; they stay in the store's history, where `resume` and
     `GET /devices/{id}/events` find them.
     """
 
     def __init__(self, broker: Broker, max_pending: int = 100_000, batch: int = 1000) -> None:
         self._broker = broker
-        self._outbox: deque[Published] = deque()
+        self._outbox: deque[Publishable] = deque()
         self._max_pending = max_pending
         self._batch = batch
         self._wakeup = asyncio.Event()
@@ -36,15 +37,14 @@ class EventPublisher:
         self.dropped = 0
         self.published = 0
 
-    def submit(self, events: Iterable[Event]) -> None:
+    def submit(self, events: Iterable[Event | RecordRun]) -> None:
         outbox = self._outbox
-        outbox.extend(events)  # Events are Published: their payload is encoded if read
+        outbox.extend(events)  # Events are Published (their payload is encoded if read); runs stay runs
         overflow = len(outbox) - self._max_pending
         if overflow > 0:
-            for _ in range(overflow):
-                outbox.popleft()
-            self.dropped += overflow
-            log.warning("event outbox full: dropped %d events (kept in history)", overflow)
+            dropped = sum(_events_in(outbox.popleft()) for _ in range(overflow))
+            self.dropped += dropped
+            log.warning("event outbox full: dropped %d events (kept in history)", dropped)
         if outbox:
             self._drained.clear()
             self._wakeup.set()
@@ -72,7 +72,7 @@ class EventPublisher:
             backoff = 0.05
             for _ in range(count):
                 outbox.popleft()
-            self.published += count
+            self.published += sum(_events_in(entry) for entry in batch)
             if not outbox:
                 self._drained.set()
 
@@ -85,3 +85,8 @@ class EventPublisher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+
+
+def _events_in(entry: Publishable) -> int:
+    """What an outbox entry counts for in the published and dropped events."""
+    return len(entry.records) if isinstance(entry, RecordRun) else 1

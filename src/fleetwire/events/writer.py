@@ -12,7 +12,8 @@ Contract:
 - The writer takes everything queued (up to `max_batch` ops and about `max_records`
   telemetry records) and writes it as ONE `store.write` call, so a burst of concurrent
   submitters costs one transaction, one fsync.
-- `on_committed(events)` is called with all events of a group, in order, synchronously,
+- `on_committed(events)` is called with all events of a group, in order (a telemetry op's as
+  one RecordRun), synchronously,
   after the commit and BEFORE any future of the group resolves: events are published in
   commit order, and an acknowledgement never overtakes its event.
 - The queue is bounded (`max_queue` ops). Overflow policy: `submit` waits for space
@@ -56,7 +57,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final
 
-from fleetwire.domain.events import Event
+from fleetwire.domain.events import Event, RecordRun
 from fleetwire.store.base import (
     LOG_OPS,
     CreateCommand,
@@ -94,7 +95,7 @@ class GroupWriter:
     def __init__(
         self,
         store: Store,
-        on_committed: Callable[[list[Event]], None],
+        on_committed: Callable[[list[Event | RecordRun]], None],
         *,
         max_queue: int = 10_000,
         max_batch: int = 500,
@@ -405,7 +406,11 @@ class GroupWriter:
         if len(results) != len(batch):  # a broken Store; never ack what may not be stored
             _fail(batch, RuntimeError(f"store.write returned {len(results)} results for {len(batch)} ops"))
             return
-        committed = [event for result in results for event in result.events]
+        committed: list[Event | RecordRun] = []
+        for result in results:
+            committed += result.events
+            if result.records is not None:  # an op has events or records, never both
+                committed.append(result.records)
         if committed:
             try:
                 self._on_committed(committed)

@@ -11,7 +11,7 @@ disconnected at least `flapping_disconnects` times within the window is *flappin
 Memory is bounded: `window_minutes` buckets, and per device its latest 50 (or
 `flapping_disconnects`, if more) disconnect times; devices with none in the window are
 forgotten when a bucket rolls over. Only presence and `command.updated` payloads
-are decoded (telemetry is counted by the event's name alone).
+are decoded (telemetry records are counted, by `Hub.count_records`, never made into events).
 """
 
 from __future__ import annotations
@@ -87,12 +87,15 @@ class FleetActivity:
         """The start of the oldest minute still in the window."""
         return now_ms - now_ms % _MINUTE_MS - (self._window - 1) * _MINUTE_MS
 
+    def on_records(self, device_id: str, count: int) -> None:
+        """A hub record counter (`Hub.count_records`): `count` telemetry records delivered."""
+        self._current(self._clock.now_ms()).telemetry += count
+
     def on_event(self, event: Published) -> None:
-        """A hub listener (called for every event of the cluster, in each device's seq order)."""
+        """A hub listener (every event of the cluster but telemetry records, in each device's
+        seq order)."""
         name = event.name
-        if name == "device.telemetry":
-            self._current(self._clock.now_ms()).telemetry += 1
-        elif name == "device.connected":
+        if name == "device.connected":
             now = self._clock.now_ms()
             self._current(now).connects += 1
             node = event.data.get("node")

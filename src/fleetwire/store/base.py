@@ -37,7 +37,7 @@ from typing import Any, Final, Protocol
 from fleetwire.domain.commands import Command, CommandState
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
 from fleetwire.domain.errors import FleetwireError
-from fleetwire.domain.events import Event
+from fleetwire.domain.events import Event, RecordRun
 from fleetwire.domain.jobs import Execution, ExecutionState, Job, JobState
 from fleetwire.domain.telemetry import Record, Value
 from fleetwire.domain.twin import DEFAULT_LIMITS, Section, Twin, TwinLimits
@@ -63,7 +63,8 @@ class EventWrite:
 
 @dataclass(frozen=True, slots=True)
 class TelemetryWrite:
-    """Store records; each becomes one `device.telemetry` event."""
+    """Store records; each becomes one `device.telemetry` event, handed over as ONE
+    WriteResult.records (a RecordRun), not in WriteResult.events."""
 
     device_id: str
     records: Sequence[Record]
@@ -225,6 +226,7 @@ LOG_OPS: Final = (EventWrite, TelemetryWrite, StatusWrite)
 @dataclass(slots=True)
 class WriteResult:
     events: list[Event] = field(default_factory=list)
+    records: RecordRun | None = None  # TelemetryWrite: its record events, as one run
     missing: bool = False  # the device does not exist; nothing was written
     changed: bool = False  # StatusWrite: the status differed from the stored one
     duplicate: bool = False  # RegisterDevice: the id exists already; nothing was written

@@ -27,7 +27,7 @@ import orjson
 from fleetwire.domain.clock import format_ms, now_ms
 from fleetwire.domain.commands import ALLOWED_FROM, Command, CommandState
 from fleetwire.domain.devices import Device, DeviceChanges, DeviceFilter
-from fleetwire.domain.events import Event
+from fleetwire.domain.events import Event, RecordRun
 from fleetwire.domain.jobs import (
     STORED_CANCELED,
     STORED_DISPATCHED,
@@ -679,18 +679,11 @@ class _Group:
         if type(op) is TelemetryWrite:
             kept = db.telemetry.setdefault(op.device_id, [])
             seq = device.seq
-            for (ts, values), record in zip(data, op.records, strict=True):
+            for ts, values in data:
                 seq += 1
                 kept.append(_Record(seq, ts, values))
-                result.events.append(
-                    Event(
-                        op.device_id,
-                        seq,
-                        "device.telemetry",
-                        ts,
-                        {"ts": format_ms(ts), "values": record.values},
-                    )
-                )
+            if op.records:
+                result.records = RecordRun(op.device_id, device.seq, op.records)
             db.devices[op.device_id] = replace(device, seq=seq)
         elif type(op) is EventWrite:
             result.events.append(self._event(op.device_id, op.name, op.at_ms, op.data, data))

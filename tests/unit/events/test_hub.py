@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import orjson
 
 from fleetwire.auth.principal import Principal, Role
 from fleetwire.broker.base import EncodedEvent, Published
-from fleetwire.domain.events import Event
+from fleetwire.domain.events import Event, RecordRun
+from fleetwire.domain.telemetry import Record
 from fleetwire.events.hub import Hub, Subscription
 from fleetwire.transport.base import text_frame
 from tests.clock import ManualClock
@@ -164,3 +167,74 @@ def test_an_event_nobody_subscribes_to_is_never_encoded() -> None:
     assert recorder.frames == [text_frame(read.payload)]
     assert read.payload is read.payload  # encoded once, then shared
     assert orjson.loads(read.payload) == read.public()
+
+
+# -- runs of record events (RecordRun): events made only for a reader --------------------------
+
+
+class CountingRun(RecordRun):
+    """A RecordRun that counts how often its events are made."""
+
+    made: ClassVar[list[int]] = []
+
+    def events(self) -> list[Event]:
+        CountingRun.made.append(self.first_seq)
+        return RecordRun.events(self)
+
+
+def _run(first_seq: int, count: int) -> RecordRun:
+    return CountingRun("d1", first_seq, [Record(1_700_000_000_000 + i, {"t": i}) for i in range(count)])
+
+
+def _counted_hub() -> tuple[Hub, list[tuple[str, int]]]:
+    hub = Hub(ManualClock(0))
+    counted: list[tuple[str, int]] = []
+    hub.count_records(lambda device_id, n: counted.append((device_id, n)))
+    CountingRun.made.clear()
+    return hub, counted
+
+
+def test_a_run_nobody_reads_moves_the_seq_without_making_events() -> None:
+    """No telemetry subscriber or listener: the device's seq moves past the run (the next
+    event is delivered, not held as a gap), the counter gets the run's size, and not one
+    Event is made; a subscriber of other classes changes nothing."""
+    hub, counted = _counted_hub()
+    recorder = Recorder()
+    hub.add(recorder, Subscription("sub-1", frozenset({"d1"}), (), frozenset({"status"})))
+    hub.on_events([_run(0, 3), _run(3, 2)])
+    hub.on_events([published(6, "device.status", "status", {})])
+    assert (recorder.seqs, counted, CountingRun.made) == ([6], [("d1", 3), ("d1", 2)], [])
+
+
+def test_a_telemetry_subscriber_gets_each_record_of_a_run_in_one_write() -> None:
+    hub, counted = _counted_hub()
+    recorder = Recorder()
+    hub.add(recorder, Subscription("sub-1", frozenset({"d1"}), (), frozenset({"telemetry"})))
+    run = _run(0, 3)
+    hub.on_events([run])
+    assert (recorder.seqs, recorder.writes, counted) == ([1, 2, 3], [3], [("d1", 1)] * 3)
+    assert recorder.frames == [text_frame(e.payload) for e in run.events()]
+
+
+def test_a_run_out_of_order_goes_event_by_event() -> None:
+    """A run after a gap is held until the gap fills; a run overlapping what was delivered
+    has its repeats dropped: the same as its events one by one."""
+    hub, counted = _counted_hub()
+    recorder = Recorder()
+    hub.add(recorder, Subscription("sub-1", frozenset({"d1"}), (), frozenset({"status"})))
+    hub.on_events([published(1, "device.status", "status", {})])
+    hub.on_events([_run(2, 2)])  # seqs 3-4: 2 is missing
+    assert recorder.seqs == [1]
+    hub.on_events([published(2, "device.status", "status", {})])  # fills it: 3 and 4 released
+    hub.on_events([_run(3, 2)])  # seqs 4-5: 4 is a repeat
+    hub.on_events([published(6, "device.status", "status", {})])
+    assert (recorder.seqs, counted) == ([1, 2, 6], [("d1", 1), ("d1", 1), ("d1", 1)])
+    assert CountingRun.made == [2, 3]
+
+
+def test_a_telemetry_listener_gets_every_record_of_a_run() -> None:
+    hub, counted = _counted_hub()
+    seen: list[int] = []
+    hub.listen(lambda e: seen.append(e.seq), telemetry=True)
+    hub.on_events([_run(0, 2), published(3, "device.status", "status", {})])
+    assert (seen, counted) == ([1, 2, 3], [("d1", 1), ("d1", 1)])

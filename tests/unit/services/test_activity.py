@@ -28,8 +28,8 @@ def test_counts_per_minute_with_quiet_minutes_as_zero_rows() -> None:
     clock = ManualClock(START)
     activity = FleetActivity(clock, window_minutes=5)
     activity.on_event(event("device.connected", node="n1"))
-    activity.on_event(event("device.telemetry"))
-    activity.on_event(event("device.telemetry"))
+    activity.on_records("d1", 1)
+    activity.on_records("d2", 1)
     activity.on_event(event("command.updated", state="sent"))
     activity.on_event(event("command.updated", state="pending"))
     activity.on_event(event("device.status", status="ok"))  # not counted

@@ -14,14 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetwire.domain.clock import format_ms
+from fleetwire.domain.clock import Timestamps, format_ms
 from fleetwire.domain.telemetry import Record
 from fleetwire.store.base import DuplicateError, StoreUnavailableError
 from fleetwire.store.sql import SqlStore, async_url
 from fleetwire.store.sql.driver import PostgresDatabase, Tx, drive, numbered
 from fleetwire.store.sql.errors import translate
 from fleetwire.store.sql.globs import glob_regex, glob_sqlite
-from fleetwire.store.sql.telemetry import Timestamps, decode, decode_value, encode, encode_value
+from fleetwire.store.sql.telemetry import decode, decode_value, encode, encode_value
 
 ID_CHARS = "abAB09_.:-"
 PATTERN_CHARS = ID_CHARS + "*?[]!^\\"

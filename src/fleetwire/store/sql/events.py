@@ -22,7 +22,7 @@ import orjson
 
 from fleetwire.domain.clock import format_ms
 from fleetwire.domain.commands import Command
-from fleetwire.domain.events import Event
+from fleetwire.domain.events import Event, RecordRun
 from fleetwire.domain.telemetry import Record, Value
 from fleetwire.store.base import (
     LOG_OPS,
@@ -328,7 +328,6 @@ async def _write_log(
     event_rows: list[tuple[Any, ...]] = []
     records: list[tuple[Any, ...]] = []
     newest: dict[tuple[str, str], tuple[int, int, Value]] = {}
-    stamp = tm.Timestamps()
     encode = tm.encode  # local names in the per-record loop
     add_record = records.append
     for op, result in zip(ops, results, strict=True):
@@ -338,16 +337,15 @@ async def _write_log(
             result.missing = True
             continue
         if type(op) is TelemetryWrite:
-            out = result.events
             first, last_ts, ordered = seq, -(1 << 63), True
             for record in op.records:
                 seq += 1
-                ts, values = record.ts_ms, record.values
-                add_record((device_id, seq, ts, encode(values)))
+                ts = record.ts_ms
+                add_record((device_id, seq, ts, encode(record.values)))
                 ordered = ordered and ts >= last_ts
                 last_ts = ts
-                # == record.event_data(), faster (see Timestamps)
-                out.append(Event(device_id, seq, "device.telemetry", ts, {"ts": stamp(ts), "values": values}))
+            if op.records:  # made into Events only for a reader (RecordRun)
+                result.records = RecordRun(device_id, first, op.records)
             _keep_newest(newest, device_id, op.records, first, ordered)
         elif type(op) is EventWrite:
             seq += 1
