@@ -224,6 +224,8 @@ def build_services(
         max_batch=settings.write_batch,
         max_pipeline=settings.write_pipeline,
         overlap_commands=store.concurrent_writes,
+        linger_turns=settings.write_linger_turns,
+        linger_ops=settings.write_linger_ops,
     )
     tasks = Tasks(clock)
     local = LocalSessions()

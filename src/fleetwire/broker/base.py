@@ -3,9 +3,9 @@
 Contract of every implementation:
 - `publish(batch)` hands the batch to the `on_events` handler of every started node,
   this one included, at most once. A `RecordRun` in it stands for its events: a handler
-  gets either the run (the memory broker) or its events, in its place (Redis). Batches from one publishing node arrive in publish
-  order, and each batch in its own order; nothing is promised across publishers (the
-  hub restores per-device `seq` order).
+  gets either the run (the memory broker) or its events, in its place (Redis). Batches
+  from one publishing node arrive in publish order, and each batch in its own order;
+  nothing is promised across publishers (the hub restores per-device `seq` order).
 - `send(node, message)` hands a JSON-able dict to `on_message` of that one node, if it is
   running, at most once; to an absent node it is dropped (callers own retries/timeouts).
 - Handlers run on the node's event loop and must not block; a handler exception is

@@ -391,6 +391,58 @@ def test_limits_must_be_positive(tmp_path: Path) -> None:
             GroupWriter(store, lambda events: None, **kwargs)
 
 
+def test_linger_limits_are_checked(tmp_path: Path) -> None:
+    store = SqlStore(f"sqlite:///{tmp_path / 'x.db'}")
+    for kwargs in ({"linger_turns": -1}, {"linger_ops": 0}):
+        with pytest.raises(ValueError, match="linger_turns must be at least 0"):
+            GroupWriter(store, lambda events: None, **kwargs)
+
+
+async def _submit_over_turns(writer: GroupWriter, turns: int) -> list[WriteResult]:
+    """One op per loop turn, from a task that yields between submits (connections whose
+    requests arrive in successive turns of a busy loop)."""
+
+    async def one_per_turn() -> list[asyncio.Future[WriteResult]]:
+        futures = []
+        for i in range(turns):
+            future = writer.submit_nowait(_event(i, "d1" if i % 2 else "d2"))
+            assert future is not None
+            futures.append(future)
+            await asyncio.sleep(0)
+        return futures
+
+    return list(await asyncio.gather(*await one_per_turn()))
+
+
+@pytest.mark.parametrize("linger_turns", [0, 8])
+async def test_lingering_turns_gather_the_ops_of_the_next_turns(store: GatedStore, linger_turns: int) -> None:
+    """With lingering, ops submitted over the next few loop turns share one transaction;
+    without, the first turn's op starts a group of its own at once. Counted in turns, never
+    in time."""
+    writer = GroupWriter(store, lambda events: None, linger_turns=linger_turns)
+    writer.start()
+    with anyio.fail_after(LIMIT_S):
+        results = await _submit_over_turns(writer, 6)
+        await writer.stop()
+    assert [r.events[0].data["i"] for r in results] == list(range(6))
+    groups = [len(call) for call in store.calls]
+    assert (groups[0], sum(groups)) == ((6, 6) if linger_turns else (1, 6))
+
+
+async def test_lingering_ends_when_the_turns_are_spent_or_enough_ops_wait(store: GatedStore) -> None:
+    """A lone op is written after `linger_turns` turns (nothing else comes); a queue of
+    `linger_ops` starts its group at once."""
+    writer = GroupWriter(store, lambda events: None, linger_turns=3, linger_ops=4)
+    writer.start()
+    with anyio.fail_after(LIMIT_S):
+        alone = await writer.submit(_event(0))
+        burst = await asyncio.gather(*(writer.submit(_event(i)) for i in range(1, 9)))
+        await writer.stop()
+    assert alone.events[0].seq == 1
+    assert [r.events[0].seq for r in burst] == list(range(2, 10))
+    assert [len(call) for call in store.calls] == [1, 8]
+
+
 # -- pipelining (max_pipeline > 1) ------------------------------------------------------------
 # A Store whose write() calls each wait until the test commits or fails them: which groups
 # are in flight at once, and in which order they finish, is the test's choice, not timing's.
