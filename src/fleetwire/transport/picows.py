@@ -734,18 +734,18 @@ class _BridgeProtocol(_WSProtocol):  # type: ignore[misc]  # picows' WSProtocol 
         if isinstance(decision, Refusal):
             self._refuse(decision, parsed.target, parsed.request.peer)
             return
-        self._accept(decision, parsed, parsed.request.peer)
+        self._accept(decision, parsed)
         if paused and not transport.is_closing():
             transport.resume_reading()
 
-    def _accept(self, handler: Handler, parsed: ParsedHead, peer: str | None) -> None:
+    def _accept(self, handler: Handler, parsed: ParsedHead) -> None:
         self._decision.listener = _Connection(handler, self._fw_limits, asyncio.get_running_loop())
         key = parsed.request.headers["sec-websocket-key"]
         canonical = (
             b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n"
             b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key.encode("ascii") + b"\r\n\r\n"
         )
-        self._log_access(peer, parsed.target, 101)
+        self._log_access(parsed.request.peer, parsed.target, 101)
         self._feed(canonical)  # picows answers 101, then on_ws_connected -> Handler.on_open
         self._decision.listener = None
 
